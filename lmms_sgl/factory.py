@@ -1,0 +1,319 @@
+"""Offline model factory: deterministic small InternVL and LLaVA checkpoints built from code.
+
+Model hubs are unreachable on our machines, yet tests and the demo must exercise the real
+transformers classes end to end (``from_pretrained``, ``AutoProcessor``, chat templates, dynamic
+tiling). This module builds such checkpoints from nothing: a byte-level BPE tokenizer trained on a
+fixed corpus, the family's real image processor and processor, and a randomly initialised model
+seeded per spec, saved with ``save_pretrained``. Two builds are byte-identical.
+
+For each family there is a *guide* (fewer, narrower layers) and a *large* model (more, wider layers)
+with the same visual-token layout for the same image, which is what SGL needs:
+
+* InternVL (``InternVLForConditionalGeneration``, Qwen2 text model): 448 px tiles, patch 14, pixel
+  shuffle 0.5, so 256 tokens per tile; dynamic tiling up to ``max_patches`` tiles plus a thumbnail.
+* LLaVA (``LlavaForConditionalGeneration``, CLIP vision + Llama text): 224 px, patch 14, 256 tokens.
+
+Command line: ``lmms-sgl-build-models --out models/`` (``--help`` lists the specs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from loguru import logger
+
+# Words the tokenizer learns as whole tokens: templates, task prompts (lmms-eval's GQA prompt among
+# them) and answer words. Anything else still tokenizes, byte by byte.
+_CORPUS_WORDS = """
+the a an of and or to in on at is are what which who how many much color colour shape size
+question answer answer the question using single word phrase with yes no left right top bottom
+middle center image picture there object objects small large big tiny red green blue yellow
+purple orange black white gray grey brown pink cyan circle square triangle star cross ring
+diamond one two three four five six seven eight nine ten zero count number please describe
+""".split()
+
+_CORPUS_LINES = [
+    "Answer the question using a single word or phrase.",
+    "What color is the circle?",
+    "What shape is the red object?",
+    "How many blue objects are there?",
+    "Is there a green square in the image?",
+    "USER: ASSISTANT:",
+    "<|im_start|>system\n<|im_end|>\n<|im_start|>user\n<|im_start|>assistant\n",
+]
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+
+
+@dataclass(frozen=True)
+class VisionSpec:
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One small checkpoint: its family, its role in an SGL pair and its sizes."""
+
+    name: str
+    family: str  # "internvl" or "llava"
+    role: str  # "guide" or "large"
+    text: TextSpec
+    vision: VisionSpec
+    seed: int
+    max_patches: int = 6  # InternVL dynamic tiling: tiles besides the thumbnail
+
+    @property
+    def description(self) -> str:
+        return (
+            f"{self.family} {self.role}: text {self.text.num_hidden_layers}x{self.text.hidden_size} "
+            f"({self.text.num_attention_heads} heads, {self.text.num_key_value_heads} kv), "
+            f"vision {self.vision.num_hidden_layers}x{self.vision.hidden_size}"
+        )
+
+
+SPECS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec(
+            "internvl-guide",
+            "internvl",
+            "guide",
+            TextSpec(64, 2, 4, 2, 128),
+            VisionSpec(32, 1, 2, 64),
+            seed=11,
+        ),
+        ModelSpec(
+            "internvl-large",
+            "internvl",
+            "large",
+            TextSpec(128, 4, 8, 2, 256),
+            VisionSpec(64, 2, 4, 128),
+            seed=12,
+        ),
+        ModelSpec(
+            "llava-guide",
+            "llava",
+            "guide",
+            TextSpec(64, 2, 4, 2, 128),
+            VisionSpec(32, 1, 2, 64),
+            seed=21,
+        ),
+        ModelSpec(
+            "llava-large",
+            "llava",
+            "large",
+            TextSpec(128, 4, 8, 2, 256),
+            VisionSpec(64, 2, 4, 128),
+            seed=22,
+        ),
+    )
+}
+
+INTERNVL_SPECIAL = {
+    "bos": None,
+    "eos": "<|im_end|>",
+    "pad": "<|endoftext|>",
+    "extra": ["<|im_start|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"],
+}
+LLAVA_SPECIAL = {"bos": "<s>", "eos": "</s>", "pad": "<pad>", "extra": ["<image>"]}
+
+INTERNVL_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\\n' }}"
+    "{% elif content['type'] == 'video' %}{{ '<video>\\n' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] + ' ' }}"
+    "{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}"
+    "{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' ' }}{% endfor %}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def build_tokenizer(family: str):
+    """A byte-level BPE tokenizer trained on a fixed corpus: deterministic, offline, lossless."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = INTERNVL_SPECIAL if family == "internvl" else LLAVA_SPECIAL
+    special_tokens = [t for t in (special["bos"], special["eos"], special["pad"]) if t] + special["extra"]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = _CORPUS_LINES + [" ".join(_CORPUS_WORDS)] + [f" {w}" for w in _CORPUS_WORDS] * 4
+    backend.train_from_iterator(corpus, trainer=trainer)
+    kwargs: dict = {
+        "tokenizer_object": backend,
+        "eos_token": special["eos"],
+        "pad_token": special["pad"],
+        "padding_side": "left",
+        "model_max_length": 8192,
+    }
+    if special["bos"]:
+        kwargs["bos_token"] = special["bos"]
+    if family == "internvl":
+        kwargs["extra_special_tokens"] = {
+            "start_image_token": "<img>",
+            "end_image_token": "</img>",
+            "context_image_token": "<IMG_CONTEXT>",
+            "video_token": "<video>",
+        }
+    else:
+        kwargs["extra_special_tokens"] = {"image_token": "<image>"}
+    return PreTrainedTokenizerFast(**kwargs)
+
+
+def build_processor(spec: ModelSpec):
+    """The family's real processor around our tokenizer."""
+    tokenizer = build_tokenizer(spec.family)
+    if spec.family == "internvl":
+        from transformers import GotOcr2ImageProcessor, InternVLProcessor, InternVLVideoProcessor
+
+        image_processor = GotOcr2ImageProcessor(
+            size={"height": 448, "width": 448},
+            crop_to_patches=True,
+            min_patches=1,
+            max_patches=spec.max_patches,
+        )
+        return InternVLProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=InternVLVideoProcessor(),
+            image_seq_length=256,
+            chat_template=INTERNVL_CHAT_TEMPLATE,
+        )
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+
+
+def build_config(spec: ModelSpec, tokenizer):
+    vocab_size = len(tokenizer)
+    text = asdict(spec.text)
+    common_text = {
+        "vocab_size": vocab_size,
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        **text,
+    }
+    vision = asdict(spec.vision)
+    if spec.family == "internvl":
+        from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config
+
+        return InternVLConfig(
+            vision_config=InternVLVisionConfig(image_size=448, patch_size=14, **vision),
+            text_config=Qwen2Config(**common_text),
+            image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+            image_seq_length=256,
+            downsample_ratio=0.5,
+            tie_word_embeddings=False,
+        )
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    return LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            image_size=224, patch_size=14, projection_dim=vision["hidden_size"], **vision
+        ),
+        text_config=LlamaConfig(**common_text),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        image_seq_length=256,
+        tie_word_embeddings=False,
+    )
+
+
+def build_model(spec: ModelSpec):
+    """Return ``(model, processor)`` for a spec; weights depend only on ``spec.seed``."""
+    from transformers import AutoModelForImageTextToText
+
+    processor = build_processor(spec)
+    config = build_config(spec, processor.tokenizer)
+    torch.manual_seed(spec.seed)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    return model.eval(), processor
+
+
+def save_checkpoint(spec: ModelSpec, out_dir: Path) -> Path:
+    """Build one spec and write it to ``out_dir/spec.name`` with ``save_pretrained``."""
+    model, processor = build_model(spec)
+    target = out_dir / spec.name
+    target.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(target, safe_serialization=True)
+    processor.save_pretrained(target)
+    (target / "lmms_sgl_spec.json").write_text(json.dumps(asdict(spec), indent=2, sort_keys=True) + "\n")
+    return target
+
+
+def build_all(out_dir: Path, names: list[str] | None = None) -> dict[str, Path]:
+    unknown = sorted(set(names or []) - set(SPECS))
+    if unknown:
+        raise ValueError(f"unknown model spec(s) {unknown}; allowed: {sorted(SPECS)}")
+    built = {}
+    for name in names or list(SPECS):
+        built[name] = save_checkpoint(SPECS[name], Path(out_dir))
+        logger.info(f"built {name} ({SPECS[name].description}) -> {built[name]}")
+    return built
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="directory that receives one folder per spec")
+    parser.add_argument("--only", nargs="*", default=None, help=f"subset of {sorted(SPECS)}")
+    args = parser.parse_args(argv)
+    build_all(args.out, args.only)
+
+
+if __name__ == "__main__":
+    main()
