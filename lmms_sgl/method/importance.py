@@ -1,0 +1,202 @@
+"""SGP importance: attention the guide's queries pay to each visual token, summed, without N x N maps.
+
+The paper's score for visual token v (sgl-method.md section 1.2) is
+
+    A[v] = sum_layers sum_heads ( sum_{prompt rows r >= last visual} attn[r, v]
+                                 + sum_{generated tokens fed back} attn[t, v] )
+
+with attn the post-softmax probabilities over *all* keys (causal mask applied, no renormalisation
+over the visual subset). Like the official code, the prompt rows start at the last visual token
+(inclusive) and the decode rows are the generated tokens as they are fed back, so the final
+generated token (usually EOS) never contributes.
+
+How it is recorded: the text model runs with the attention implementation ``ATTENTION_NAME``,
+registered in transformers' ``AttentionInterface``. It returns the ordinary SDPA output, and while a
+:class:`AttentionRecorder` is active it also computes softmax probabilities for the selected query
+rows only (cost heads x rows x N per layer, fp32) and adds their visual-key columns into an fp32
+buffer. Nothing of size N x N is ever kept, and ``output_attentions`` is never used.
+
+Batches are supported: each decode step is kept as a separate ``[B, P]`` row, so that after
+generation every sample counts exactly the steps that fed one of *its* tokens (samples that
+finish early keep receiving padding in a batch; those steps are dropped in :meth:`finalize`).
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+ATTENTION_NAME = "sgl_sdpa_record"
+
+_ACTIVE: contextvars.ContextVar[AttentionRecorder | None] = contextvars.ContextVar(
+    "sgl_recorder", default=None
+)
+
+
+def recording_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """SDPA attention that also feeds the active :class:`AttentionRecorder`, if any."""
+    recorder = _ACTIVE.get()
+    if recorder is not None:
+        recorder.observe(module.layer_idx, query, key, attention_mask, scaling)
+    return sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+    )
+
+
+def register_attention() -> str:
+    """Register the recording attention (and SDPA's mask format for it); idempotent."""
+    AttentionInterface.register(ATTENTION_NAME, recording_sdpa_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
+    return ATTENTION_NAME
+
+
+register_attention()
+
+
+def additive_mask_rows(
+    attention_mask: torch.Tensor | None, rows: slice, q_len: int, kv_len: int, device: torch.device
+) -> torch.Tensor:
+    """The mask for query ``rows`` as an additive fp32 tensor broadcastable to ``[B, H, rows, kv]``.
+
+    ``None`` means causal without padding (SDPA's ``is_causal``): query i of a block of ``q_len``
+    queries ending at key ``kv_len - 1`` sees keys ``<= kv_len - q_len + i``.
+    """
+    if attention_mask is None:
+        query_pos = torch.arange(q_len, device=device)[rows] + (kv_len - q_len)
+        allowed = torch.arange(kv_len, device=device)[None, :] <= query_pos[:, None]
+        return torch.zeros(allowed.shape, device=device).masked_fill(~allowed, float("-inf"))[None, None]
+    mask = attention_mask[:, :, rows, :kv_len]
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, device=device).masked_fill(~mask, float("-inf"))
+    return mask.float()
+
+
+def attention_probabilities(
+    query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, rows: slice, scaling: float
+) -> torch.Tensor:
+    """Softmax probabilities ``[B, H, rows, kv]`` in fp32 for the selected query rows over all keys.
+
+    Grouped-query attention is handled by grouping query heads over their shared key head, which is
+    what ``repeat_kv`` does, without materialising the repeated keys.
+    """
+    batch, heads, q_len, head_dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    q = query[:, :, rows].float().reshape(batch, kv_heads, heads // kv_heads, -1, head_dim)
+    scores = torch.einsum("bgrqd,bgkd->bgrqk", q, key.float()).reshape(batch, heads, -1, kv_len) * scaling
+    scores = scores + additive_mask_rows(attention_mask, rows, q_len, kv_len, query.device)
+    return torch.softmax(scores, dim=-1).nan_to_num(0.0)  # fully masked (padding) rows -> 0
+
+
+@dataclass
+class AttentionRecorder:
+    """Accumulates attention mass on prompt keys for one batched ``generate`` (or forward) call.
+
+    Args:
+        prompt_rows: ``[B, P]`` bool, the prefill query rows that count (per sample).
+        layers: decoder layers to record (``None`` = all).
+        record_decode: also record the single query row of each decode step.
+    """
+
+    prompt_rows: torch.Tensor
+    layers: frozenset[int] | None = None
+    record_decode: bool = True
+    prefill: torch.Tensor = field(init=False)
+    decode_steps: list[torch.Tensor] = field(init=False, default_factory=list)
+    _prefill_layers: set[int] = field(init=False, default_factory=set)
+    _decode_calls: dict[int, int] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.prompt_rows = self.prompt_rows.bool()
+        self.prefill = torch.zeros(
+            self.prompt_rows.shape, dtype=torch.float32, device=self.prompt_rows.device
+        )
+
+    @property
+    def prompt_length(self) -> int:
+        return self.prompt_rows.shape[1]
+
+    @contextmanager
+    def active(self) -> Iterator[AttentionRecorder]:
+        token = _ACTIVE.set(self)
+        try:
+            yield self
+        finally:
+            _ACTIVE.reset(token)
+
+    def observe(self, layer_idx: int, query, key, attention_mask, scaling) -> None:
+        if self.layers is not None and layer_idx not in self.layers:
+            return
+        q_len = query.shape[2]
+        prompt = self.prompt_length
+        if layer_idx not in self._prefill_layers:
+            if q_len != prompt:
+                raise RuntimeError(
+                    f"importance recording expects a prefill of {prompt} tokens first; "
+                    f"layer {layer_idx} got {q_len} queries"
+                )
+            self._prefill_layers.add(layer_idx)
+            row_weights = self.prompt_rows.to(query.device)
+            counted = row_weights.any(0).nonzero()
+            if counted.numel() == 0:
+                return
+            rows = slice(int(counted[0]), prompt)
+            probs = attention_probabilities(query, key, attention_mask, rows, scaling)
+            mass = torch.einsum("bhqk,bq->bk", probs[..., :prompt], row_weights[:, rows].float())
+            self.prefill += mass.to(self.prefill.device)
+            return
+        if q_len != 1:
+            raise RuntimeError(f"importance recording expects single-token decode steps, got {q_len} queries")
+        if not self.record_decode:
+            return
+        step = self._decode_calls.get(layer_idx, 0)
+        self._decode_calls[layer_idx] = step + 1
+        if step == len(self.decode_steps):
+            self.decode_steps.append(torch.zeros_like(self.prefill))
+        probs = attention_probabilities(query, key, attention_mask, slice(0, 1), scaling)
+        self.decode_steps[step] += probs[..., :prompt].sum(dim=(1, 2)).to(self.prefill.device)
+
+    def finalize(self, fed_tokens: torch.Tensor | list[int] | None = None) -> torch.Tensor:
+        """Attention mass per prompt key, ``[B, P]`` fp32.
+
+        ``fed_tokens[b]`` is how many decode steps belong to sample b: its generated tokens that were
+        fed back, i.e. its answer length (EOS included) minus one. ``None`` counts every step.
+        """
+        total = self.prefill.clone()
+        if not self.decode_steps:
+            return total
+        steps = torch.stack(self.decode_steps)  # [S, B, P]
+        if fed_tokens is None:
+            return total + steps.sum(0)
+        fed = torch.as_tensor(fed_tokens, device=steps.device).clamp(min=0)
+        use = torch.arange(steps.shape[0], device=steps.device)[:, None] < fed[None, :]  # [S, B]
+        return total + (steps * use[..., None]).sum(0)
+
+
+def prompt_rows_from_last_visual(visual_mask: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Rows from each sample's last visual token (inclusive, as the official code) to the prompt end.
+
+    Samples without visual tokens get no rows (their importance is empty anyway).
+    """
+    positions = torch.arange(visual_mask.shape[1], device=visual_mask.device)
+    last_visual = torch.where(visual_mask, positions, -1).max(dim=1).values  # [B]
+    rows = positions[None, :] >= last_visual[:, None]
+    return rows & (last_visual[:, None] >= 0) & attention_mask.bool()
+
+
+def last_prompt_row(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Only the final prompt row of each sample (FastV's query); left padding keeps it last."""
+    rows = torch.zeros(attention_mask.shape, dtype=torch.bool, device=attention_mask.device)
+    rows[:, -1] = True
+    return rows
+
+
+def visual_scores(mass: torch.Tensor, visual_mask: torch.Tensor) -> list[torch.Tensor]:
+    """Split ``[B, P]`` attention mass into one vector per sample over its visual tokens, in order."""
+    return [mass[b][visual_mask[b]] for b in range(mass.shape[0])]

@@ -1,0 +1,209 @@
+"""Drop visual tokens inside a decoder from layer K on (SGP in the large model, FastV, consistency).
+
+Layers ``0..K-1`` see every token; layers ``K..L-1`` see only the kept ones, in prefill and in every
+decode step. It is done with forward *pre*-hooks (``register_forward_pre_hook(with_kwargs=True)``)
+on decoder layers ``>= K``; transformers' code is neither patched nor copied:
+
+* at layer K in prefill, the hook gathers the kept rows of ``hidden_states``; every layer >= K gets
+  the kept rows of ``position_embeddings`` (cos, sin) and ``position_ids``, so kept tokens keep their
+  *original* RoPE positions, and a causal mask over the kept (left re-padded) tokens;
+* in decode, layers >= K hold a shorter KV cache (P' + t entries instead of P + t), so the hook
+  gives them a mask of that length. Position embeddings need no change: generate numbers new tokens
+  after the full prompt, as the official code does.
+
+Each sample of a batch may keep a different number of tokens: the kept tokens are re-packed with
+left padding to the longest, and the padding is masked. The model-level ``attention_mask`` and
+``position_ids`` keep their full, unpruned meaning throughout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lmms_sgl.method.selection import KeepPlan
+
+PlanSource = KeepPlan | Callable[[], KeepPlan]
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+def decoder_layers(text_model: nn.Module) -> nn.ModuleList:
+    layers = getattr(text_model, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise TypeError(f"{type(text_model).__name__} has no `layers` ModuleList of decoder layers")
+    return layers
+
+
+def mask_kind(layer: nn.Module) -> str:
+    """``"additive"`` for eager attention, ``"bool"`` for SDPA-style (SDPA and our recording SDPA)."""
+    implementation = layer.self_attn.config._attn_implementation
+    if implementation == "eager":
+        return "additive"
+    if implementation == "sdpa" or implementation.startswith("sgl_sdpa"):
+        return "bool"
+    raise ValueError(
+        f"visual-token pruning supports attn_implementation in {SUPPORTED_ATTENTION}, got {implementation!r}"
+    )
+
+
+def format_mask(allowed: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
+    """``allowed`` [B, 1, Q, K] bool -> the tensor the attention implementation expects."""
+    if kind == "bool":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
+
+
+def pruned_prefill_mask(valid: torch.Tensor) -> torch.Tensor:
+    """Causal mask over re-packed kept tokens; padding keys hidden, padding queries see themselves."""
+    width = valid.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=valid.device).tril()
+    allowed = causal[None] & valid[:, None, :]
+    allowed |= torch.eye(width, dtype=torch.bool, device=valid.device)[None]  # no all-masked rows
+    return allowed[:, None]
+
+
+@dataclass
+class _ForwardState:
+    plan: KeepPlan
+    pruned_kwargs: dict
+    decoding: bool
+
+
+class VisualTokenPruner:
+    """Installs pre-hooks on decoder layers ``>= layer_k`` of ``text_model``; arm it per batch.
+
+    Usage::
+
+        with VisualTokenPruner(model.model.language_model, layer_k).installed() as pruner:
+            pruner.arm(plan)                 # or a callable returning the plan at layer K (FastV)
+            model.generate(...)
+    """
+
+    def __init__(self, text_model: nn.Module, layer_k: int):
+        layers = decoder_layers(text_model)
+        if not 0 <= layer_k < len(layers):
+            raise ValueError(
+                f"layer_k={layer_k} is outside [0, {len(layers)}) for a {len(layers)}-layer model"
+            )
+        self.text_model = text_model
+        self.layer_k = layer_k
+        self._layers = layers
+        self._handles: list = []
+        self._source: PlanSource | None = None
+        self._state: _ForwardState | None = None
+
+    @contextmanager
+    def installed(self) -> Iterator[VisualTokenPruner]:
+        self.install()
+        try:
+            yield self
+        finally:
+            self.remove()
+
+    def install(self) -> VisualTokenPruner:
+        if self._handles:
+            return self
+        for index in range(self.layer_k, len(self._layers)):
+            hook = self._make_hook(index)
+            self._handles.append(self._layers[index].register_forward_pre_hook(hook, with_kwargs=True))
+        return self
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.disarm()
+
+    def arm(self, source: PlanSource) -> None:
+        """Prune the next prefill (and its decode steps) with ``source``."""
+        self._source = source
+        self._state = None
+
+    def disarm(self) -> None:
+        self._source = None
+        self._state = None
+
+    @property
+    def plan(self) -> KeepPlan | None:
+        return self._state.plan if self._state else None
+
+    def _make_hook(self, index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict):
+            if self._source is None:
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if index == self.layer_k:
+                self._begin(module, hidden, kwargs)
+            if self._state is None:
+                raise RuntimeError("pruning state missing: layer K did not run before a later layer")
+            kwargs = {**kwargs, **self._state.pruned_kwargs}
+            if index == self.layer_k and not self._state.decoding:
+                plan = self._state.plan
+                gather = plan.index[:, :, None].expand(-1, -1, hidden.shape[-1])
+                hidden = hidden.gather(1, gather)
+            if args:
+                args = (hidden, *args[1:])
+            else:
+                kwargs["hidden_states"] = hidden
+            return args, kwargs
+
+        return hook
+
+    def _begin(self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> None:
+        """At layer K: start a prefill (compute the pruned kwargs) or a decode step (its mask)."""
+        q_len = hidden.shape[1]
+        kind = mask_kind(layer)
+        if self._state is None or q_len > 1:  # a (new) prefill
+            plan = self._source() if callable(self._source) else self._source
+            plan = plan.to(hidden.device)
+            if q_len != plan.prompt_length:
+                raise RuntimeError(
+                    f"pruning plan is for a prompt of {plan.prompt_length} tokens, prefill has {q_len}"
+                )
+            cos, sin = kwargs["position_embeddings"]
+            batch = hidden.shape[0]
+
+            def gather_rows(t: torch.Tensor) -> torch.Tensor:
+                t = t.expand(batch, *t.shape[1:])
+                index = plan.index.view(*plan.index.shape, *([1] * (t.dim() - 2))).expand(
+                    -1, -1, *t.shape[2:]
+                )
+                return t.gather(1, index)
+
+            pruned = {"position_embeddings": (gather_rows(cos), gather_rows(sin))}
+            if kwargs.get("position_ids") is not None:
+                pruned["position_ids"] = gather_rows(kwargs["position_ids"])
+            if kind == "bool" and bool(plan.valid.all()):
+                pruned["attention_mask"] = None  # SDPA's is_causal, as the model itself would do
+            else:
+                pruned["attention_mask"] = format_mask(pruned_prefill_mask(plan.valid), kind, hidden.dtype)
+            self._state = _ForwardState(plan, pruned, decoding=False)
+            return
+        if q_len != 1:
+            raise RuntimeError(f"pruned decoding expects one new token per step, got {q_len}")
+        plan = self._state.plan
+        cache = kwargs.get("past_key_values")
+        if cache is None:
+            raise RuntimeError("pruned decoding needs the KV cache (use_cache=True)")
+        kv_len = cache.layers[self.layer_k].get_seq_length() + 1
+        generated = kv_len - plan.pruned_length
+        allowed = torch.cat(
+            [
+                plan.valid,
+                torch.ones(plan.valid.shape[0], generated, dtype=torch.bool, device=plan.valid.device),
+            ],
+            dim=1,
+        )[:, None, None, :]
+        mask = None if kind == "bool" and bool(plan.valid.all()) else format_mask(allowed, kind, hidden.dtype)
+        self._state = _ForwardState(plan, {"attention_mask": mask}, decoding=True)
+
+
+def original_positions(plan: KeepPlan) -> torch.Tensor:
+    """Original position of each pruned slot (for mapping logits back); padding slots -> -1."""
+    return torch.where(plan.valid, plan.index, torch.full_like(plan.index, -1))
