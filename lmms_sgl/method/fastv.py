@@ -1,0 +1,33 @@
+"""FastV baseline through the same machinery: the large model ranks visual tokens by its *own*
+attention from the last prompt token at layer K-1, then prunes at layer K (FastV, ECCV 2024).
+
+Only the single last prompt row of one layer is recorded (through the recording attention), and
+the keep plan is computed lazily when layer K starts, in the same prefill.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from lmms_sgl.method.importance import AttentionRecorder, last_prompt_row, visual_scores
+from lmms_sgl.method.selection import KeepPlan, plan_from_scores
+
+
+def fastv_recorder(attention_mask: torch.Tensor, layer_k: int) -> AttentionRecorder:
+    if layer_k < 1:
+        raise ValueError(f"FastV ranks tokens at layer K-1, so it needs K >= 1; got K={layer_k}")
+    return AttentionRecorder(
+        last_prompt_row(attention_mask), layers=frozenset({layer_k - 1}), record_decode=False
+    )
+
+
+def fastv_plan_source(
+    recorder: AttentionRecorder, visual_mask: torch.Tensor, attention_mask: torch.Tensor, keep_ratio: float
+) -> Callable[[], KeepPlan]:
+    def plan() -> KeepPlan:
+        scores = visual_scores(recorder.prefill, visual_mask.to(recorder.prefill.device))
+        return plan_from_scores(scores, visual_mask, attention_mask, keep_ratio)
+
+    return plan

@@ -1,0 +1,100 @@
+"""SGL knobs, validated up front so that a bad value fails before any weights load."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from lmms_sgl.method.cost import PAPER_PRESETS, prune_layer_index, token_ratio
+
+METHODS = ("sgl", "fastv", "random", "large_only", "guide_only")
+
+
+def _check_range(name: str, value: float, low: float, high: float, low_open: bool, high_open: bool) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
+        raise ValueError(f"{name}={value!r} must be a number")
+    below = value <= low if low_open else value < low
+    above = value >= high if high_open else value > high
+    if below or above:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{name}={value!r} is outside the allowed range {interval}")
+
+
+@dataclass(frozen=True)
+class SGLSettings:
+    """What the large model keeps and when the guide's answer is final.
+
+    Attributes:
+        method: ``sgl`` (guide-ranked pruning + optional exit), ``fastv`` (the large model's own
+            last-token attention at layer K-1), ``random`` (seeded), ``large_only`` (no pruning, no
+            guide) or ``guide_only`` (always the guide's answer).
+        prune_layer: K = int(L * prune_layer), in [0, 1).
+        keep_ratio: fraction of visual tokens kept from layer K on, in (0, 1].
+        exit_threshold: exit when (confidence + consistency) / 2 >= threshold, in [0, 1];
+            ``None`` never exits.
+        consistency_ratio: visual tokens kept in the consistency pass, in (0, 1].
+        seed: seed of the ``random`` baseline.
+    """
+
+    method: str = "sgl"
+    prune_layer: float = 0.2
+    keep_ratio: float = 0.2
+    exit_threshold: float | None = None
+    consistency_ratio: float = 0.05
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is not one of {METHODS}")
+        _check_range("prune_layer", self.prune_layer, 0.0, 1.0, low_open=False, high_open=True)
+        _check_range("keep_ratio", self.keep_ratio, 0.0, 1.0, low_open=True, high_open=False)
+        _check_range("consistency_ratio", self.consistency_ratio, 0.0, 1.0, low_open=True, high_open=False)
+        if self.exit_threshold is not None:
+            _check_range("exit_threshold", self.exit_threshold, 0.0, 1.0, low_open=False, high_open=False)
+            if self.method != "sgl":
+                raise ValueError(f"exit_threshold applies to method='sgl' only, got method={self.method!r}")
+
+    @classmethod
+    def from_token_ratio(cls, token_ratio_preset: float, **kwargs) -> SGLSettings:
+        """The paper's presets: 0.64 / 0.35 / 0.09 -> (prune_layer, keep_ratio) (0.4, 0.4) / (0.2, 0.2) /
+        (0.05, 0.05)."""
+        for preset, (prune_layer, keep_ratio) in PAPER_PRESETS.items():
+            if math.isclose(token_ratio_preset, preset):
+                return cls(prune_layer=prune_layer, keep_ratio=keep_ratio, **kwargs)
+        raise ValueError(
+            f"token_ratio={token_ratio_preset!r} is not a preset; allowed: {sorted(PAPER_PRESETS)}"
+        )
+
+    @property
+    def prunes(self) -> bool:
+        return self.method in ("sgl", "fastv", "random")
+
+    @property
+    def uses_guide(self) -> bool:
+        return self.method in ("sgl", "guide_only")
+
+    def layer_k(self, num_layers: int) -> int:
+        k = prune_layer_index(num_layers, self.prune_layer)
+        if self.method == "fastv" and k < 1:
+            raise ValueError(
+                f"method='fastv' ranks at layer K-1 and needs K >= 1; "
+                f"prune_layer={self.prune_layer} gives K=0 for {num_layers} layers"
+            )
+        return k
+
+    def expected_token_ratio(self, num_layers: int) -> float:
+        if not self.prunes:
+            return 1.0
+        return token_ratio(self.layer_k(num_layers), num_layers, self.keep_ratio)
+
+
+def check_same_visual_counts(guide_counts: list[int], large_counts: list[int]) -> None:
+    """SGL transfers importance by visual-token index: both models must see equally many tokens."""
+    from lmms_sgl.method.selection import LayoutMismatchError
+
+    for index, (guide, large) in enumerate(zip(guide_counts, large_counts, strict=True)):
+        if guide != large:
+            raise LayoutMismatchError(
+                f"sample {index}: guide has {guide} visual tokens, large model has {large}; they must be "
+                "equal (same tile size, patch size, pixel shuffle, thumbnail and max tiles)"
+            )
