@@ -156,3 +156,14 @@ def vit_flops(shape: TransformerShape, tokens: int, patch_size: int, patches: in
 def mlp_chain_flops(tokens: int, widths: list[int]) -> int:
     """A chain of linear layers ``widths[0] -> widths[1] -> ...`` applied to ``tokens`` rows."""
     return sum(2 * tokens * a * b for a, b in zip(widths[:-1], widths[1:], strict=False))
+
+
+def recording_flops(shape: TransformerShape, prompt: int, rows: int, fed_steps: int) -> int:
+    """Extra work of the recording attention: ``QK^T`` for the recorded rows in every layer.
+
+    Prefill: ``rows`` query rows over ``prompt`` keys; decode: one row over ``prompt + t`` keys for
+    each of the ``fed_steps`` steps. Softmax and sums are elementwise and not counted.
+    """
+    per_row_key = 2 * shape.heads * shape.head_dim * shape.num_layers
+    decode_keys = sum(prompt + step for step in range(1, fed_steps + 1))
+    return per_row_key * (rows * prompt + decode_keys)

@@ -70,9 +70,10 @@ def pruned_prefill_mask(valid: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class _ForwardState:
-    plan: KeepPlan
+    plan: KeepPlan  # as applied (rows repeated for beam search)
     pruned_kwargs: dict
     decoding: bool
+    armed: KeepPlan  # as given (one row per sample)
 
 
 class VisualTokenPruner:
@@ -131,7 +132,7 @@ class VisualTokenPruner:
 
     @property
     def plan(self) -> KeepPlan | None:
-        return self._state.plan if self._state else None
+        return self._state.armed if self._state else None
 
     def _make_hook(self, index: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict):
@@ -160,8 +161,14 @@ class VisualTokenPruner:
         q_len = hidden.shape[1]
         kind = mask_kind(layer)
         if self._state is None or q_len > 1:  # a (new) prefill
-            plan = self._source() if callable(self._source) else self._source
-            plan = plan.to(hidden.device)
+            armed = self._source() if callable(self._source) else self._source
+            plan = armed.to(hidden.device)
+            if hidden.shape[0] != plan.index.shape[0]:
+                if hidden.shape[0] % plan.index.shape[0]:
+                    raise RuntimeError(
+                        f"batch of {hidden.shape[0]} rows for a plan of {plan.index.shape[0]} samples"
+                    )
+                plan = plan.repeat_rows(hidden.shape[0] // plan.index.shape[0])
             if q_len != plan.prompt_length:
                 raise RuntimeError(
                     f"pruning plan is for a prompt of {plan.prompt_length} tokens, prefill has {q_len}"
@@ -183,7 +190,7 @@ class VisualTokenPruner:
                 pruned["attention_mask"] = None  # SDPA's is_causal, as the model itself would do
             else:
                 pruned["attention_mask"] = format_mask(pruned_prefill_mask(plan.valid), kind, hidden.dtype)
-            self._state = _ForwardState(plan, pruned, decoding=False)
+            self._state = _ForwardState(plan, pruned, decoding=False, armed=armed)
             return
         if q_len != 1:
             raise RuntimeError(f"pruned decoding expects one new token per step, got {q_len}")
@@ -201,7 +208,7 @@ class VisualTokenPruner:
             dim=1,
         )[:, None, None, :]
         mask = None if kind == "bool" and bool(plan.valid.all()) else format_mask(allowed, kind, hidden.dtype)
-        self._state = _ForwardState(plan, {"attention_mask": mask}, decoding=True)
+        self._state = _ForwardState(plan, {"attention_mask": mask}, decoding=True, armed=self._state.armed)
 
 
 def original_positions(plan: KeepPlan) -> torch.Tensor:

@@ -33,6 +33,16 @@ class KeepPlan:
     def pruned_length(self) -> int:
         return self.index.shape[1]
 
+    def repeat_rows(self, times: int) -> KeepPlan:
+        """Each row repeated ``times`` times, as ``generate`` expands a batch for beam search."""
+        return KeepPlan(
+            self.index.repeat_interleave(times, dim=0),
+            self.valid.repeat_interleave(times, dim=0),
+            self.prompt_length,
+            tuple(k for k in self.kept_visual for _ in range(times)),
+            tuple(t for t in self.total_visual for _ in range(times)),
+        )
+
     def to(self, device: torch.device) -> KeepPlan:
         return KeepPlan(
             self.index.to(device),

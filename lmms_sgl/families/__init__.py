@@ -1,0 +1,14 @@
+"""Model families: thin adapters that know processors, templates and layouts (not lmms-eval)."""
+
+from lmms_sgl.families.base import CheckpointError, HFVisionLanguageFamily, LoadedVLM, Prompt
+from lmms_sgl.families.internvl import InternVLFamily
+from lmms_sgl.families.llava import LlavaFamily
+
+__all__ = [
+    "CheckpointError",
+    "HFVisionLanguageFamily",
+    "InternVLFamily",
+    "LlavaFamily",
+    "LoadedVLM",
+    "Prompt",
+]

@@ -1,0 +1,174 @@
+"""What a model family must tell SGL: how to load, prompt and batch it, and what its vision costs.
+
+A family knows processors, chat templates, where the text model and the image tokens are, and the
+layout compatibility of two checkpoints. It knows nothing of lmms-eval. Families for
+transformers-native checkpoints differ only in a few facts, kept as overrides of
+:class:`HFVisionLanguageFamily`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+from lmms_sgl.method.cost import TransformerShape
+
+
+@dataclass
+class Prompt:
+    """One request as the family sees it: the task's text and its images, in order."""
+
+    text: str
+    images: list[Image.Image] = field(default_factory=list)
+
+
+@dataclass
+class LoadedVLM:
+    family: HFVisionLanguageFamily
+    model: nn.Module
+    processor: object
+    path: str
+
+    @property
+    def text_model(self) -> nn.Module:
+        return self.family.text_model(self.model)
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def image_token_id(self) -> int:
+        return self.model.config.image_token_id
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.text_config.num_hidden_layers
+
+    @property
+    def text_shape(self) -> TransformerShape:
+        return TransformerShape.from_text_config(self.model.config.text_config)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        eos = self.model.generation_config.eos_token_id
+        ids = eos if isinstance(eos, list) else [eos]
+        if self.tokenizer.eos_token_id is not None:
+            ids = [*ids, self.tokenizer.eos_token_id]
+        return sorted({i for i in ids if i is not None})
+
+
+class CheckpointError(ValueError):
+    """A checkpoint this family cannot serve; the message says what is supported."""
+
+
+class HFVisionLanguageFamily:
+    """A transformers-native VLM family (``AutoModelForImageTextToText`` + ``AutoProcessor``)."""
+
+    name = "base"
+    model_types: tuple[str, ...] = ()
+    supported = ""
+
+    def __init__(self, max_tiles: int | None = None):
+        self.max_tiles = max_tiles
+
+    # -- loading ---------------------------------------------------------------------------
+    def check_checkpoint(self, path: str, argument: str):
+        """Read only the config (cheap) and fail fast on a checkpoint we cannot serve."""
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except (OSError, ValueError) as error:
+            if "trust_remote_code" in str(error) or "auto_map" in str(error):
+                raise CheckpointError(self._remote_code_message(argument, path)) from error
+            local = Path(path).exists()
+            hint = "" if local else " (not a local folder; with HF_HUB_OFFLINE=1 it must be in the hub cache)"
+            raise CheckpointError(
+                f"{argument}={path!r} could not be read as a checkpoint{hint}: {error}"
+            ) from error
+        if getattr(config, "auto_map", None) and config.model_type not in self.model_types:
+            raise CheckpointError(self._remote_code_message(argument, path))
+        if config.model_type not in self.model_types:
+            raise CheckpointError(
+                f"{argument}={path!r} is a {config.model_type!r} checkpoint; the {self.name} family serves "
+                f"model types {self.model_types} ({self.supported})"
+            )
+        return config
+
+    def _remote_code_message(self, argument: str, path: str) -> str:
+        return (
+            f"{argument}={path!r} is a remote-code checkpoint (trust_remote_code), "
+            "which lmms-sgl does not run; "
+            f"the {self.name} family serves transformers-native checkpoints: {self.supported}"
+        )
+
+    def load(
+        self,
+        path: str,
+        *,
+        dtype: torch.dtype,
+        device_map: str | dict | None,
+        text_attention: str,
+    ) -> LoadedVLM:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        model = AutoModelForImageTextToText.from_pretrained(
+            path,
+            dtype=dtype,
+            device_map=device_map,
+            attn_implementation={"text_config": text_attention, "vision_config": "sdpa"},
+        ).eval()
+        processor = AutoProcessor.from_pretrained(path)
+        processor.tokenizer.padding_side = "left"  # the method's batching assumes left padding
+        return LoadedVLM(self, model, processor, str(path))
+
+    # -- prompting -------------------------------------------------------------------------
+    def text_model(self, model: nn.Module) -> nn.Module:
+        return model.model.language_model
+
+    def messages(self, prompt: Prompt) -> list[dict]:
+        """The user turn lmms-eval's chat models build: one image entry per image, then the text."""
+        content = [{"type": "image"} for _ in prompt.images] + [{"type": "text", "text": prompt.text}]
+        return [{"role": "user", "content": content}]
+
+    def prompt_text(self, loaded: LoadedVLM, prompt: Prompt) -> str:
+        return loaded.processor.apply_chat_template(
+            self.messages(prompt), tokenize=False, add_generation_prompt=True
+        )
+
+    def processor_kwargs(self) -> dict:
+        return {}
+
+    def encode(self, loaded: LoadedVLM, texts: list[str], images: list[Image.Image]) -> dict:
+        """Tokenize a batch (left padding) with its images, moved to the model's device and dtype."""
+        inputs = loaded.processor(
+            images=images or None,
+            text=texts,
+            return_tensors="pt",
+            padding=True,
+            **(self.processor_kwargs() if images else {}),
+        )
+        dtype = loaded.model.dtype
+        return {
+            key: value.to(loaded.device, dtype) if value.is_floating_point() else value.to(loaded.device)
+            for key, value in inputs.items()
+        }
+
+    def build_batch(self, loaded: LoadedVLM, prompts: list[Prompt]) -> dict:
+        texts = [self.prompt_text(loaded, p) for p in prompts]
+        images = [image for p in prompts for image in p.images]
+        return self.encode(loaded, texts, images)
+
+    # -- cost ------------------------------------------------------------------------------
+    def vision_flops(self, loaded: LoadedVLM, inputs: dict, n_visual: list[int]) -> list[int]:
+        """Vision tower + projector FLOPs per sample of a batch."""
+        raise NotImplementedError

@@ -1,0 +1,1 @@
+"""lmms-eval adapters: ``sgl_internvl2`` and ``sgl_llava`` (entry-point targets)."""

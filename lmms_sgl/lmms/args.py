@@ -1,0 +1,135 @@
+"""``--model_args`` for the SGL models: coerced from lmms-eval's strings and validated up front.
+
+lmms-eval types values heuristically (``"0.35"`` -> float, ``"true"`` -> bool, ``"none"`` stays a
+string), so every argument is coerced here, and every error names the argument, the value and
+what is allowed, before any weights load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from lmms_sgl.method.settings import METHODS, SGLSettings
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LARGE_ATTENTION = ("sdpa", "eager")
+
+
+def _none(value) -> bool:
+    return value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null"))
+
+
+def as_float(name: str, value, allow_none: bool = False) -> float | None:
+    if allow_none and _none(value):
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} must be a number")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        allowed = "a number or 'none'" if allow_none else "a number"
+        raise ValueError(f"{name}={value!r} must be {allowed}") from None
+
+
+def as_int(name: str, value, minimum: int | None = None, allow_none: bool = False) -> int | None:
+    if allow_none and _none(value):
+        return None
+    try:
+        number = float(value)
+        if isinstance(value, bool) or number != int(number):
+            raise ValueError
+        number = int(number)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r} must be a whole number") from None
+    if minimum is not None and number < minimum:
+        raise ValueError(f"{name}={number} must be >= {minimum}")
+    return number
+
+
+def as_choice(name: str, value, choices: tuple[str, ...]) -> str:
+    text = str(value).strip()
+    if text not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {choices}")
+    return text
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    pretrained: str
+    guide: str | None
+    settings: SGLSettings
+    device: str | None
+    device_map: str | None
+    dtype: str
+    attn_implementation: str
+    max_tiles: int | None
+    batch_size: int
+
+    @property
+    def settings_dict(self) -> dict:
+        return {f.name: getattr(self.settings, f.name) for f in fields(self.settings)}
+
+
+def parse_model_args(
+    pretrained=None,
+    guide=None,
+    method="sgl",
+    token_ratio=None,
+    prune_layer=None,
+    keep_ratio=None,
+    exit_threshold=None,
+    consistency_ratio=0.05,
+    device=None,
+    device_map=None,
+    dtype="auto",
+    attn_implementation="sdpa",
+    max_tiles=12,
+    seed=0,
+    batch_size=1,
+    max_batch_size=None,
+    **unknown,
+) -> ModelArgs:
+    """Validate everything the SGL models accept; see the README's table for meanings and defaults."""
+    if unknown:
+        allowed = sorted(parse_model_args.__code__.co_varnames[: parse_model_args.__code__.co_argcount])
+        raise ValueError(f"unknown model argument(s) {sorted(unknown)}; allowed: {allowed}")
+    if _none(pretrained):
+        raise ValueError("pretrained=<large model path or hub id> is required")
+    method = as_choice("method", method, METHODS)
+    if method in ("sgl", "guide_only") and _none(guide):
+        raise ValueError(f"method={method!r} needs guide=<small model path or hub id>")
+    settings_kwargs = {
+        "method": method,
+        "exit_threshold": as_float("exit_threshold", exit_threshold, allow_none=True),
+        "consistency_ratio": as_float("consistency_ratio", consistency_ratio),
+        "seed": as_int("seed", seed),
+    }
+    if not _none(token_ratio):
+        if not (_none(prune_layer) and _none(keep_ratio)):
+            raise ValueError(
+                f"token_ratio={token_ratio!r} is a preset for prune_layer and keep_ratio; give either "
+                f"token_ratio or prune_layer/keep_ratio, not both "
+                f"(got prune_layer={prune_layer!r}, keep_ratio={keep_ratio!r})"
+            )
+        settings = SGLSettings.from_token_ratio(as_float("token_ratio", token_ratio), **settings_kwargs)
+    else:
+        defaults = SGLSettings()
+        settings = SGLSettings(
+            prune_layer=defaults.prune_layer if _none(prune_layer) else as_float("prune_layer", prune_layer),
+            keep_ratio=defaults.keep_ratio if _none(keep_ratio) else as_float("keep_ratio", keep_ratio),
+            **settings_kwargs,
+        )
+    batch = str(batch_size).strip()
+    if batch.startswith("auto"):
+        raise ValueError(f"batch_size={batch_size!r}: automatic batch sizes are not supported; give a number")
+    return ModelArgs(
+        pretrained=str(pretrained),
+        guide=None if _none(guide) or method in ("large_only", "fastv", "random") else str(guide),
+        settings=settings,
+        device=None if _none(device) else str(device),
+        device_map=None if _none(device_map) else str(device_map),
+        dtype=as_choice("dtype", dtype, DTYPES),
+        attn_implementation=as_choice("attn_implementation", attn_implementation, LARGE_ATTENTION),
+        max_tiles=as_int("max_tiles", max_tiles, minimum=1, allow_none=True),
+        batch_size=as_int("batch_size", batch, minimum=1),
+    )

@@ -1,0 +1,237 @@
+"""The lmms-eval model shared by ``sgl_internvl2`` and ``sgl_llava``; each only names its family.
+
+It is a *simple* lmms-eval model (``is_simple = True``) because lmms-eval builds log-likelihood
+(multiple-choice) requests only for simple models. Prompts are built exactly as lmms-eval's chat
+models do (one image entry per image, then the task text, through the checkpoint's chat template),
+so with ``method=large_only`` answers equal those of ``internvl_hf`` / ``llava_hf`` (see README).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+
+import torch
+from accelerate import Accelerator
+from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
+from lmms_eval.api.model import lmms
+from loguru import logger
+from PIL import Image
+from tqdm import tqdm
+
+from lmms_sgl.families.base import HFVisionLanguageFamily, Prompt
+from lmms_sgl.lmms.args import ModelArgs, parse_model_args
+from lmms_sgl.method.importance import ATTENTION_NAME
+from lmms_sgl.pipeline import GenerationSettings, Sample, SampleRecord, SGLPipeline
+from lmms_sgl.stats import RunStats
+from lmms_sgl.tracking import print_summary, report_to_lmms_eval, report_to_wandb
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class SGLTokenCounts(TokenCounts):
+    """lmms-eval's per-sample token counts plus our per-sample record (lands in the samples log)."""
+
+    def __init__(self, output_tokens: int, sgl: dict):
+        super().__init__(output_tokens=output_tokens)
+        self.sgl = sgl
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "sgl": self.sgl}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype | str:
+    """``auto``: bfloat16 on GPUs (as the paper and lmms-eval's InternVL model), float32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+class SGLModel(lmms):
+    is_simple = True
+    family_class: type[HFVisionLanguageFamily] = HFVisionLanguageFamily
+
+    def __init__(self, **model_args) -> None:
+        super().__init__()
+        self.args: ModelArgs = parse_model_args(**model_args)
+        self.family = self.family_class(max_tiles=self.args.max_tiles)
+        self.family.check_checkpoint(self.args.pretrained, "pretrained")  # fail fast: configs only
+        if self.args.guide is not None:
+            self.family.check_checkpoint(self.args.guide, "guide")
+        self.accelerator = Accelerator()
+        self._rank = self.accelerator.process_index
+        self._world_size = self.accelerator.num_processes
+        self._device, device_map = self._placement()
+        dtype = resolve_dtype(self.args.dtype, self._device)
+        settings = self.args.settings
+        large_attention = ATTENTION_NAME if settings.method == "fastv" else self.args.attn_implementation
+        logger.info(f"SGL {settings} | large={self.args.pretrained} guide={self.args.guide} on {device_map}")
+        large = self.family.load(
+            self.args.pretrained, dtype=dtype, device_map=device_map, text_attention=large_attention
+        )
+        guide = None
+        if self.args.guide is not None:
+            guide = self.family.load(
+                self.args.guide, dtype=dtype, device_map=str(large.device), text_attention=ATTENTION_NAME
+            )
+        self.pipeline = SGLPipeline(large, guide, settings)
+        self._records: list[dict] = []
+        self._seconds = 0.0
+
+    # -- placement -------------------------------------------------------------------------
+    def _placement(self) -> tuple[torch.device, str | dict]:
+        """One model copy per process on its own device; ``device_map=auto`` spreads the large model
+        over the GPUs of this process (all of them when single-process)."""
+        args = self.args
+        if self._world_size > 1:
+            device = self.accelerator.device
+            if args.device_map == "auto" and device.type == "cuda":
+                per_rank = torch.cuda.device_count() // self.accelerator.num_processes
+                first = self.accelerator.local_process_index * per_rank
+                gpus = range(first, first + max(per_rank, 1))
+                memory = {i: torch.cuda.get_device_properties(i).total_memory for i in gpus}
+                return torch.device(f"cuda:{first}"), {"device_map": "auto", "max_memory": memory}
+            return device, str(device)
+        default = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(args.device or default)
+        return device, args.device_map or str(device)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def batch_size(self) -> int:
+        return self.args.batch_size
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._world_size
+
+    # -- requests --------------------------------------------------------------------------
+    def _sample(self, request: Instance) -> Sample:
+        context, _, doc_to_visual, doc_id, task, split = request.args[:6]
+        doc = self.task_dict[task][split][doc_id]
+        visuals = doc_to_visual(doc) if doc_to_visual is not None else []
+        images = []
+        for visual in visuals or []:
+            if not isinstance(visual, Image.Image):
+                raise ValueError(
+                    f"{task}/{doc_id}: visual of type {type(visual).__name__} is not supported (images only)"
+                )
+            images.append(visual.convert("RGB"))
+        return Sample(task, doc_id, Prompt(context, images))
+
+    def _keep(self, record: SampleRecord) -> dict:
+        data = record.as_dict()
+        self._records.append(data)
+        return data
+
+    def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
+        results: list[GenerationResult | None] = [None] * len(requests)
+        groups: dict[str, list[int]] = defaultdict(list)
+        for index, request in enumerate(requests):
+            if request.metadata.get("__padding_only__"):
+                results[index] = GenerationResult(text="")  # padding clones are discarded by lmms-eval
+                continue
+            groups[json.dumps(request.args[1], sort_keys=True, default=str)].append(index)
+        progress = tqdm(total=sum(map(len, groups.values())), disable=self.rank != 0, desc="SGL responding")
+        for indices in groups.values():
+            gen = GenerationSettings.from_gen_kwargs(requests[indices[0]].args[1])
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start : start + self.batch_size]
+                samples, ready = [], []
+                for index in chunk:
+                    try:
+                        samples.append(self._sample(requests[index]))
+                        ready.append(index)
+                    except Exception as error:  # noqa: BLE001 -- counted as failed, the run goes on
+                        _, _, _, doc_id, task, _ = requests[index].args[:6]
+                        record = SampleRecord(task, doc_id, fallback=f"{type(error).__name__}: {error}")
+                        record.extra["failed"] = True
+                        logger.error(f"{task}/{doc_id}: {record.fallback}")
+                        results[index] = GenerationResult(
+                            text="", token_counts=SGLTokenCounts(0, self._keep(record))
+                        )
+                if samples:
+                    begin = time.perf_counter()
+                    records = self.pipeline.generate(samples, gen)
+                    self._seconds += time.perf_counter() - begin
+                    for index, record in zip(ready, records, strict=True):
+                        counts = SGLTokenCounts(record.output_tokens, self._keep(record))
+                        results[index] = GenerationResult(text=record.answer, token_counts=counts)
+                progress.update(len(chunk))
+        progress.close()
+        return results
+
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        results = []
+        for request in tqdm(requests, disable=self.rank != 0, desc="SGL log-likelihood"):
+            context, target, doc_to_visual, doc_id, task, split = request.args[:6]
+            doc = self.task_dict[task][split][doc_id]
+            continuation = target(doc) if callable(target) else target
+            sample = self._sample(
+                Instance(
+                    request_type=request.request_type,
+                    arguments=(context, None, doc_to_visual, doc_id, task, split),
+                    idx=request.idx,
+                    metadata=request.metadata,
+                )
+            )
+            begin = time.perf_counter()
+            (logprob, greedy), record = self.pipeline.loglikelihood(sample, str(continuation))
+            self._seconds += time.perf_counter() - begin
+            if not request.metadata.get("__padding_only__"):
+                self._keep(record)
+            results.append((logprob, greedy))
+        return results
+
+    def generate_until_multi_round(self, requests) -> list[str]:
+        raise NotImplementedError(
+            f"{type(self).__name__} does not support multi-round generation; use a single-round task"
+        )
+
+    # -- end of run ------------------------------------------------------------------------
+    def run_statistics(self) -> tuple[RunStats, list[dict]]:
+        """Statistics and records merged over all ranks (every rank must call this)."""
+        payload = {
+            "stats": self._local_stats().as_payload(),
+            "records": self._records,
+            "seconds": self._seconds,
+        }
+        parts = [payload]
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and self.world_size > 1:
+            parts = [None] * self.world_size
+            torch.distributed.all_gather_object(parts, payload)
+        stats = RunStats.from_payloads([p["stats"] for p in parts])
+        records = [r for p in parts for r in p["records"]]
+        self._seconds_all = max(p["seconds"] for p in parts)
+        return stats, records
+
+    def _local_stats(self) -> RunStats:
+        stats = RunStats.empty()
+        for record in self._records:
+            stats.add(record)
+        return stats
+
+    def clean(self) -> None:
+        stats, records = self.run_statistics()
+        if self.rank == 0 and stats.overall.samples:
+            summary = stats.summary()
+            report_to_lmms_eval(summary, stats.overall.output_tokens, self._seconds_all)
+            print_summary(summary)
+            config = {
+                **self.args.settings_dict,
+                "pretrained": self.args.pretrained,
+                "guide": self.args.guide,
+                "layer_k": self.pipeline.layer_k,
+                "large_layers": self.pipeline.large.num_layers,
+            }
+            report_to_wandb(config, summary, records)
+        self.pipeline = None
+        super().clean()

@@ -1,0 +1,453 @@
+"""One batch through SGL: guide -> maybe exit -> large model with the keep set applied from layer K.
+
+The pipeline composes the method (``lmms_sgl.method``) with two loaded models of one family
+(``lmms_sgl.families``) and returns one :class:`SampleRecord` per sample: the answer, whether the
+guide's answer was final, what the large model kept, exit scores, FLOPs and seconds. It knows
+nothing of lmms-eval.
+
+Robustness: if a batch fails, its samples are retried one by one; a sample that still fails on the
+SGL path is answered by the unpruned large model and marked as a fallback with the reason, so one
+bad sample never loses the rest of an evaluation.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+
+import torch
+from loguru import logger
+
+from lmms_sgl.families.base import LoadedVLM, Prompt
+from lmms_sgl.method import cost
+from lmms_sgl.method.early_exit import exit_score, should_exit
+from lmms_sgl.method.fastv import fastv_plan_source, fastv_recorder
+from lmms_sgl.method.guide import answer_lengths, consistency_pass, run_guide
+from lmms_sgl.method.importance import AttentionRecorder, prompt_rows_from_last_visual, visual_scores
+from lmms_sgl.method.pruning import VisualTokenPruner
+from lmms_sgl.method.selection import keep_count, plan_from_scores, random_scores
+from lmms_sgl.method.settings import SGLSettings
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """The task's generation kwargs, validated (lmms-eval's HF models use the same defaults)."""
+
+    max_new_tokens: int = 1024
+    until: tuple[str, ...] = ()
+    temperature: float = 0.0
+    top_p: float | None = None
+    num_beams: int = 1
+
+    @classmethod
+    def from_gen_kwargs(cls, gen_kwargs: dict) -> GenerationSettings:
+        kwargs = dict(gen_kwargs)  # never mutate the request's dict
+        until = kwargs.pop("until", ())
+        until = (until,) if isinstance(until, str) else tuple(until or ())
+        settings = cls(
+            max_new_tokens=int(kwargs.pop("max_new_tokens", 1024)),
+            until=until,
+            temperature=float(kwargs.pop("temperature", 0.0) or 0.0),
+            top_p=kwargs.pop("top_p", None),
+            num_beams=int(kwargs.pop("num_beams", 1) or 1),
+        )
+        kwargs.pop("do_sample", None)  # implied by temperature, as in lmms-eval's HF models
+        if settings.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={settings.max_new_tokens} must be >= 1")
+        return settings
+
+    @property
+    def do_sample(self) -> bool:
+        return self.temperature > 0
+
+    def large_kwargs(self) -> dict:
+        kwargs = {
+            "max_new_tokens": self.max_new_tokens,
+            "num_beams": self.num_beams,
+            "do_sample": self.do_sample,
+        }
+        if self.do_sample:
+            kwargs["temperature"] = self.temperature
+            if self.top_p is not None:
+                kwargs["top_p"] = self.top_p
+        return kwargs
+
+
+@dataclass
+class Sample:
+    task: str
+    doc_id: int | str
+    prompt: Prompt
+
+    @property
+    def key(self) -> int:
+        """Stable per-sample key (seeds the random baseline independently of batching and ranks)."""
+        return zlib.crc32(f"{self.task}/{self.doc_id}".encode())
+
+
+@dataclass
+class SampleRecord:
+    task: str
+    doc_id: int | str
+    answer: str = ""
+    guide_answer: str | None = None
+    exited: bool = False
+    reached_large: bool = False
+    confidence: float | None = None
+    consistency: float | None = None
+    exit_score: float | None = None
+    kept_visual: int | None = None
+    total_visual: int | None = None
+    layer_k: int | None = None
+    num_layers: int | None = None
+    token_ratio: float | None = None
+    flops: float = 0.0
+    flops_large_alone: float = 0.0
+    guide_seconds: float = 0.0
+    large_seconds: float = 0.0
+    output_tokens: int = 0
+    fallback: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def truncate_at(text: str, until: tuple[str, ...]) -> str:
+    for stop in until:
+        if stop:
+            text = text.split(stop)[0]
+    return text
+
+
+class SGLPipeline:
+    """Guide, prune, maybe exit, for batches of samples sharing generation settings."""
+
+    def __init__(self, large: LoadedVLM, guide: LoadedVLM | None, settings: SGLSettings):
+        if settings.uses_guide and guide is None:
+            raise ValueError(f"method={settings.method!r} needs a guide model")
+        self.large, self.guide, self.settings = large, guide, settings
+        self.layer_k = settings.layer_k(large.num_layers) if settings.prunes else None
+        self.pruner = VisualTokenPruner(large.text_model, self.layer_k) if settings.prunes else None
+        self._guide_prompt_cost = 0.0
+
+    # -- generation ------------------------------------------------------------------------
+    def generate(self, samples: list[Sample], gen: GenerationSettings) -> list[SampleRecord]:
+        try:
+            return self._generate_batch(samples, gen)
+        except Exception as error:  # noqa: BLE001 -- isolate the failing sample, never lose the batch
+            if len(samples) > 1:
+                logger.warning(
+                    f"batch of {len(samples)} failed ({type(error).__name__}: {error}); retrying one by one"
+                )
+                return [record for sample in samples for record in self.generate([sample], gen)]
+            reason = f"{type(error).__name__}: {error}"
+            logger.warning(
+                f"{samples[0].task}/{samples[0].doc_id}: SGL path failed ({reason}); unpruned large model"
+            )
+            return [self._fallback(samples[0], gen, reason)]
+
+    def _fallback(self, sample: Sample, gen: GenerationSettings, reason: str) -> SampleRecord:
+        record = SampleRecord(sample.task, sample.doc_id, fallback=reason)
+        try:
+            self._run_large([sample], [record], gen, scores=None, prune=False)
+        except Exception as error:  # noqa: BLE001 -- reported in the record and counted in the stats
+            record.fallback = f"{reason}; unpruned large model failed too: {type(error).__name__}: {error}"
+            record.extra["failed"] = True
+            logger.error(f"{sample.task}/{sample.doc_id}: no answer ({record.fallback})")
+        return record
+
+    def _generate_batch(self, samples: list[Sample], gen: GenerationSettings) -> list[SampleRecord]:
+        records = [SampleRecord(s.task, s.doc_id) for s in samples]
+        importance = None
+        if self.settings.uses_guide:
+            importance, exited = self._run_guide(samples, records, gen)
+            if self.settings.method == "guide_only":
+                exited = [True] * len(records)
+            for record, leave in zip(records, exited, strict=True):
+                if leave:
+                    record.answer, record.exited = record.guide_answer or "", True
+        remaining = [i for i, record in enumerate(records) if not record.exited]
+        self._reference_cost(
+            [s for i, s in enumerate(samples) if records[i].exited], [r for r in records if r.exited]
+        )
+        if remaining:
+            scores = [importance[i] for i in remaining] if importance is not None else None
+            self._run_large(
+                [samples[i] for i in remaining],
+                [records[i] for i in remaining],
+                gen,
+                scores,
+                self.settings.prunes,
+            )
+        return records
+
+    def _run_guide(self, samples: list[Sample], records: list[SampleRecord], gen: GenerationSettings):
+        guide = self.guide
+        start = time.perf_counter()
+        inputs = guide.family.build_batch(guide, [s.prompt for s in samples])
+        visual = inputs["input_ids"] == guide.image_token_id
+        run = run_guide(
+            guide.model,
+            guide.text_model,
+            inputs,
+            visual,
+            gen.max_new_tokens,
+            guide.stop_token_ids,
+            guide.tokenizer,
+            gen.until,
+        )
+        consistency = consistency_pass(guide.model, guide.text_model, run, self.settings.consistency_ratio)
+        scores = exit_score(run.confidence.cpu(), consistency.cpu())
+        exited = should_exit(scores, self.settings.exit_threshold).tolist()
+        seconds = (time.perf_counter() - start) / len(samples)
+
+        n_visual = visual.sum(1).tolist()
+        real = inputs["attention_mask"].sum(1).tolist()
+        rows = prompt_rows_from_last_visual(visual, inputs["attention_mask"]).sum(1).tolist()
+        vision = guide.family.vision_flops(guide, inputs, [len(s.prompt.images) for s in samples], n_visual)
+        shape = guide.text_shape
+        for b, record in enumerate(records):
+            length = int(run.lengths[b])
+            text = guide.tokenizer.decode(run.generated[b, :length], skip_special_tokens=True)
+            record.guide_answer = truncate_at(text, gen.until)
+            record.confidence = float(run.confidence[b])
+            record.consistency = float(consistency[b])
+            record.exit_score = float(scores[b])
+            record.guide_seconds = seconds
+            kept_for_consistency = (
+                real[b] - n_visual[b] + keep_count(n_visual[b], self.settings.consistency_ratio)
+            )
+            record.flops += (
+                vision[b]
+                + cost.generation_flops(shape, real[b], length)
+                + cost.recording_flops(shape, real[b], rows[b], max(length - 1, 0))
+                + cost.prefill_flops(
+                    shape, kept_for_consistency + length, logits=kept_for_consistency + length
+                )
+            )
+            record.output_tokens = length  # replaced by the large model's if it runs
+        return run.importance, exited
+
+    def _reference_cost(self, samples: list[Sample], records: list[SampleRecord]) -> None:
+        """FLOPs the unpruned large model would have spent on exited samples (same answer length)."""
+        if not samples:
+            return
+        inputs = self.large.family.build_batch(self.large, [s.prompt for s in samples])
+        visual = inputs["input_ids"] == self.large.image_token_id
+        n_visual = visual.sum(1).tolist()
+        vision = self.large.family.vision_flops(
+            self.large, inputs, [len(s.prompt.images) for s in samples], n_visual
+        )
+        real = inputs["attention_mask"].sum(1).tolist()
+        for b, record in enumerate(records):
+            record.total_visual = n_visual[b]
+            record.flops_large_alone = vision[b] + cost.generation_flops(
+                self.large.text_shape, real[b], max(record.output_tokens, 1)
+            )
+
+    def _plan_source(self, samples, records, inputs, visual, scores):
+        """The keep plan for this method, and the FastV recorder if one must be active."""
+        attention_mask = inputs["attention_mask"]
+        method = self.settings.method
+        if method == "fastv":
+            recorder = fastv_recorder(attention_mask, self.layer_k)
+            return fastv_plan_source(recorder, visual, attention_mask, self.settings.keep_ratio), recorder
+        if method == "random":
+            per_sample = random_scores(visual.cpu(), self.settings.seed, [s.key for s in samples])
+        else:
+            per_sample = []
+            counts = visual.sum(1).tolist()
+            for b, record in enumerate(records):
+                if scores is None or len(scores[b]) == counts[b]:
+                    per_sample.append(None if scores is None else scores[b])
+                    continue
+                record.fallback = (
+                    f"layout mismatch: guide has {len(scores[b])} visual tokens, "
+                    f"large model has {counts[b]}; kept all visual tokens"
+                )
+                logger.warning(f"{record.task}/{record.doc_id}: {record.fallback}")
+                per_sample.append(None)
+        return plan_from_scores(per_sample, visual, attention_mask, self.settings.keep_ratio), None
+
+    def _run_large(self, samples, records, gen: GenerationSettings, scores, prune: bool) -> None:
+        large = self.large
+        start = time.perf_counter()
+        inputs = large.family.build_batch(large, [s.prompt for s in samples])
+        visual = inputs["input_ids"] == large.image_token_id
+        extra = {"stop_strings": list(gen.until), "tokenizer": large.tokenizer} if gen.until else {}
+        plan = None
+        with torch.no_grad():
+            if prune:
+                source, recorder = self._plan_source(samples, records, inputs, visual, scores)
+                with self.pruner.installed():
+                    self.pruner.arm(source)
+                    if recorder is not None:
+                        with recorder.active():
+                            sequences = large.model.generate(**inputs, **gen.large_kwargs(), **extra)
+                    else:
+                        sequences = large.model.generate(**inputs, **gen.large_kwargs(), **extra)
+                    plan = self.pruner.plan
+            else:
+                sequences = large.model.generate(**inputs, **gen.large_kwargs(), **extra)
+        seconds = (time.perf_counter() - start) / len(samples)
+
+        prompt_length = inputs["input_ids"].shape[1]
+        generated = sequences[:, prompt_length:]
+        lengths = answer_lengths(generated, large.stop_token_ids, large.tokenizer, gen.until).tolist()
+        n_visual = visual.sum(1).tolist()
+        real = inputs["attention_mask"].sum(1).tolist()
+        vision = large.family.vision_flops(large, inputs, [len(s.prompt.images) for s in samples], n_visual)
+        shape = large.text_shape
+        for b, record in enumerate(records):
+            text = large.tokenizer.decode(generated[b, : lengths[b]], skip_special_tokens=True)
+            record.answer = truncate_at(text, gen.until)
+            record.reached_large = True
+            record.output_tokens = lengths[b]
+            record.large_seconds = seconds
+            record.total_visual = n_visual[b]
+            record.num_layers = large.num_layers
+            alone = vision[b] + cost.generation_flops(shape, real[b], lengths[b])
+            record.flops_large_alone = alone
+            if plan is None:
+                record.kept_visual = n_visual[b]
+                record.layer_k = None
+                record.flops += alone
+            else:
+                record.kept_visual = plan.kept_visual[b]
+                record.layer_k = self.layer_k
+                pruned = real[b] - n_visual[b] + plan.kept_visual[b]
+                record.flops += vision[b] + cost.generation_flops(
+                    shape, real[b], lengths[b], self.layer_k, pruned
+                )
+                if self.settings.method == "fastv":
+                    fastv_shape = cost.TransformerShape(**{**shape.__dict__, "num_layers": 1})
+                    record.flops += cost.recording_flops(fastv_shape, real[b], 1, 0)
+            if n_visual[b]:
+                record.token_ratio = (
+                    cost.measured_token_ratio(
+                        record.layer_k or 0, large.num_layers, record.kept_visual, n_visual[b]
+                    )
+                    if plan is not None
+                    else 1.0
+                )
+
+    # -- log-likelihood --------------------------------------------------------------------
+    def loglikelihood(self, sample: Sample, continuation: str) -> tuple[tuple[float, bool], SampleRecord]:
+        """Log-probability of ``continuation`` after the prompt, with the large model pruned by the
+        guide's prompt-only importance (no generation, no exit)."""
+        record = SampleRecord(sample.task, sample.doc_id)
+        scorer = self.guide if self.settings.method == "guide_only" else self.large
+        start = time.perf_counter()
+        text = scorer.family.prompt_text(scorer, sample.prompt)
+        prompt_inputs = scorer.family.encode(scorer, [text], sample.prompt.images)
+        continuation_ids = scorer.tokenizer(
+            continuation, add_special_tokens=False, return_tensors="pt"
+        ).input_ids
+        continuation_ids = continuation_ids.to(scorer.device)
+        input_ids = torch.cat([prompt_inputs["input_ids"], continuation_ids], dim=1)
+        inputs = {**prompt_inputs, "input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+        context_length = prompt_inputs["input_ids"].shape[1]
+        visual = input_ids == scorer.image_token_id
+        n_visual = int(visual.sum())
+        plan, recorder = None, None
+        prune = self.settings.prunes and scorer is self.large and n_visual > 0
+        with torch.no_grad():
+            if prune:
+                scores = None
+                if self.settings.method == "sgl":
+                    scores = [self._guide_prompt_importance(sample)]
+                    if len(scores[0]) != n_visual:
+                        record.fallback = (
+                            f"layout mismatch: guide {len(scores[0])} vs large {n_visual} visual tokens"
+                        )
+                        scores = [None]
+                if self.settings.method == "fastv":
+                    rows = torch.zeros_like(visual)
+                    rows[:, context_length - 1] = True
+                    recorder = AttentionRecorder(
+                        rows, layers=frozenset({self.layer_k - 1}), record_decode=False
+                    )
+                    source = fastv_plan_source(
+                        recorder, visual, inputs["attention_mask"], self.settings.keep_ratio
+                    )
+                elif self.settings.method == "random":
+                    source = plan_from_scores(
+                        random_scores(visual.cpu(), self.settings.seed, [sample.key]),
+                        visual,
+                        inputs["attention_mask"],
+                        self.settings.keep_ratio,
+                    )
+                else:
+                    source = plan_from_scores(
+                        scores, visual, inputs["attention_mask"], self.settings.keep_ratio
+                    )
+                with self.pruner.installed():
+                    self.pruner.arm(source)
+                    if recorder is not None:
+                        with recorder.active():
+                            logits = scorer.model(**inputs, use_cache=False).logits
+                    else:
+                        logits = scorer.model(**inputs, use_cache=False).logits
+                    plan = self.pruner.plan
+            else:
+                logits = scorer.model(**inputs, use_cache=False).logits
+        positions = torch.arange(context_length - 1, input_ids.shape[1] - 1, device=logits.device)
+        if plan is not None:
+            slot_of = torch.full((input_ids.shape[1],), -1, dtype=torch.long, device=logits.device)
+            slot_of[plan.index[0][plan.valid[0]]] = torch.arange(
+                int(plan.valid[0].sum()), device=logits.device
+            )
+            positions = slot_of[positions]
+        logprobs = torch.log_softmax(logits[0, positions].float(), dim=-1)
+        targets = input_ids[0, context_length:]
+        total = float(logprobs.gather(1, targets[:, None]).sum())
+        greedy = bool((logprobs.argmax(-1) == targets).all())
+        record.reached_large = scorer is self.large
+        record.large_seconds = time.perf_counter() - start
+        record.total_visual = n_visual
+        record.num_layers = scorer.num_layers
+        record.kept_visual = plan.kept_visual[0] if plan is not None else n_visual
+        record.layer_k = self.layer_k if plan is not None else None
+        if n_visual and record.reached_large:
+            record.token_ratio = (
+                cost.measured_token_ratio(self.layer_k, scorer.num_layers, record.kept_visual, n_visual)
+                if plan is not None
+                else 1.0
+            )
+        length = input_ids.shape[1]
+        vision = scorer.family.vision_flops(scorer, inputs, [len(sample.prompt.images)], [n_visual])[0]
+        pruned = length - n_visual + record.kept_visual
+        record.flops = vision + cost.prefill_flops(
+            scorer.text_shape, length, record.layer_k, pruned, logits=length
+        )
+        record.flops += self._guide_prompt_cost if self.settings.method == "sgl" else 0
+        record.flops_large_alone = self._large_prefill_flops(sample, continuation_ids.shape[1])
+        return (total, greedy), record
+
+    def _guide_prompt_importance(self, sample: Sample) -> torch.Tensor:
+        """Importance from the guide's prompt alone (one forward, no answer): for log-likelihood."""
+        guide = self.guide
+        inputs = guide.family.build_batch(guide, [sample.prompt])
+        visual = inputs["input_ids"] == guide.image_token_id
+        rows = prompt_rows_from_last_visual(visual, inputs["attention_mask"])
+        recorder = AttentionRecorder(rows)
+        with recorder.active(), torch.no_grad():
+            guide.model(**inputs, use_cache=False, logits_to_keep=1)
+        length, n_visual = inputs["input_ids"].shape[1], int(visual.sum())
+        self._guide_prompt_cost = (
+            guide.family.vision_flops(guide, inputs, [len(sample.prompt.images)], [n_visual])[0]
+            + cost.prefill_flops(guide.text_shape, length)
+            + cost.recording_flops(guide.text_shape, length, int(rows.sum()), 0)
+        )
+        return visual_scores(recorder.prefill, visual.to(recorder.prefill.device))[0]
+
+    def _large_prefill_flops(self, sample: Sample, continuation_tokens: int) -> float:
+        """FLOPs of the unpruned large model scoring the same prompt and continuation."""
+        large = self.large
+        inputs = large.family.build_batch(large, [sample.prompt])
+        n_visual = int((inputs["input_ids"] == large.image_token_id).sum())
+        length = inputs["input_ids"].shape[1] + continuation_tokens
+        vision = large.family.vision_flops(large, inputs, [len(sample.prompt.images)], [n_visual])[0]
+        return vision + cost.prefill_flops(large.text_shape, length, logits=length)

@@ -1,0 +1,154 @@
+"""Run statistics: per task and overall, from sample records, mergeable across ranks.
+
+Ratios are computed from summed numerators and denominators (never averages of averages), so a
+merge of ranks equals a single-process run over the same samples.
+
+* ``visual_token_ratio``: layer-averaged visual tokens the large model processed over the visual
+  tokens it was given, summed over samples that reached it (sum_s r_s * n_s / sum_s n_s).
+* ``exit_rate`` / ``large_call_rate``: share of samples answered by the guide / by the large model.
+* ``flops_ratio``: pipeline FLOPs (guide, consistency pass, pruned large model) over the FLOPs of
+  the unpruned large model alone on the same samples.
+* ``guide_seconds`` / ``large_seconds``: wall-clock seconds spent in each model (batch time split
+  evenly over the batch's samples).
+* ``fallbacks``: samples that left the SGL path (layout mismatch, errors); ``failed``: samples
+  that got no answer at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+_SUMS = (
+    "samples",
+    "exited",
+    "reached_large",
+    "fallbacks",
+    "failed",
+    "visual_given",
+    "visual_processed",
+    "flops",
+    "flops_large_alone",
+    "guide_seconds",
+    "large_seconds",
+    "output_tokens",
+)
+
+
+@dataclass
+class Totals:
+    samples: int = 0
+    exited: int = 0
+    reached_large: int = 0
+    fallbacks: int = 0
+    failed: int = 0
+    visual_given: float = 0.0
+    visual_processed: float = 0.0
+    flops: float = 0.0
+    flops_large_alone: float = 0.0
+    guide_seconds: float = 0.0
+    large_seconds: float = 0.0
+    output_tokens: int = 0
+
+    def add(self, record: dict) -> None:
+        self.samples += 1
+        self.exited += int(record["exited"])
+        self.reached_large += int(record["reached_large"])
+        self.fallbacks += int(record["fallback"] is not None)
+        self.failed += int(bool(record.get("extra", {}).get("failed")))
+        if record["reached_large"] and record["token_ratio"] is not None and record["total_visual"]:
+            self.visual_given += record["total_visual"]
+            self.visual_processed += record["token_ratio"] * record["total_visual"]
+        self.flops += record["flops"]
+        self.flops_large_alone += record["flops_large_alone"]
+        self.guide_seconds += record["guide_seconds"]
+        self.large_seconds += record["large_seconds"]
+        self.output_tokens += record["output_tokens"]
+
+    def merge(self, other: Totals) -> None:
+        for name in _SUMS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def summary(self) -> dict:
+        n = max(self.samples, 1)
+        return {
+            "samples": self.samples,
+            "visual_token_ratio": self.visual_processed / self.visual_given if self.visual_given else None,
+            "exit_rate": self.exited / n,
+            "large_call_rate": self.reached_large / n,
+            "flops_ratio": self.flops / self.flops_large_alone if self.flops_large_alone else None,
+            "tflops": self.flops / 1e12,
+            "tflops_large_alone": self.flops_large_alone / 1e12,
+            "guide_seconds": self.guide_seconds,
+            "large_seconds": self.large_seconds,
+            "fallbacks": self.fallbacks,
+            "failed": self.failed,
+        }
+
+
+@dataclass
+class RunStats:
+    overall: Totals
+    by_task: dict[str, Totals]
+
+    @classmethod
+    def empty(cls) -> RunStats:
+        return cls(Totals(), {})
+
+    def add(self, record: dict) -> None:
+        self.overall.add(record)
+        self.by_task.setdefault(record["task"], Totals()).add(record)
+
+    def as_payload(self) -> dict:
+        return {"overall": asdict(self.overall), "by_task": {k: asdict(v) for k, v in self.by_task.items()}}
+
+    @classmethod
+    def from_payloads(cls, payloads: list[dict]) -> RunStats:
+        merged = cls.empty()
+        for payload in payloads:
+            merged.overall.merge(Totals(**payload["overall"]))
+            for task, totals in payload["by_task"].items():
+                merged.by_task.setdefault(task, Totals()).merge(Totals(**totals))
+        return merged
+
+    def summary(self) -> dict:
+        return {
+            "overall": self.overall.summary(),
+            **{task: t.summary() for task, t in sorted(self.by_task.items())},
+        }
+
+
+def flatten(summary: dict, prefix: str = "sgl") -> dict[str, float]:
+    """``{"overall": {"exit_rate": x}}`` -> ``{"sgl.overall.exit_rate": x}``, numbers only."""
+    flat = {}
+    for scope, metrics in summary.items():
+        for name, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                flat[f"{prefix}.{scope}.{name}"] = value
+    return flat
+
+
+def format_table(summary: dict) -> str:
+    """A small Markdown table for the console, one row per scope."""
+    columns = [
+        "samples",
+        "visual_token_ratio",
+        "exit_rate",
+        "large_call_rate",
+        "flops_ratio",
+        "guide_seconds",
+        "large_seconds",
+        "fallbacks",
+    ]
+
+    def cell(value) -> str:
+        if value is None:
+            return "-"
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    lines = ["| scope | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    for scope, metrics in summary.items():
+        lines.append(f"| {scope} | " + " | ".join(cell(metrics.get(c)) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+TOTALS_FIELDS = tuple(f.name for f in fields(Totals))
