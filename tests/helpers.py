@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -38,3 +41,50 @@ def batch(processor, indices=(0, 1)):
 
 def greedy(model, inputs, steps=5, **kwargs):
     return model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, **kwargs)
+
+
+def run_lmms_eval(
+    model: str, model_args: str, tasks: str, tasks_dir: Path, out: Path, *extra: str, launcher=()
+):
+    """Run the plain lmms-eval CLI; return ``(results.json, completed process)``.
+
+    The CLI exits 0 even when evaluation fails, so callers assert on the files it writes.
+    """
+    exe = Path(sys.executable).with_name("lmms-eval")
+    command = [*launcher, "-m", "lmms_eval"] if launcher else [str(exe)]
+    command += [
+        "--model",
+        model,
+        "--model_args",
+        model_args,
+        "--tasks",
+        tasks,
+        "--include_path",
+        str(tasks_dir),
+        "--output_path",
+        str(out),
+        "--log_samples",
+        "--verbosity",
+        "DEBUG",
+        *extra,
+    ]
+    out.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=out)
+    results = sorted(out.rglob("*_results.json"))
+    assert results, f"no results.json written\nSTDOUT:{done.stdout[-3000:]}\nSTDERR:{done.stderr[-6000:]}"
+    return json.loads(results[-1].read_text()), done
+
+
+def samples_of(out: Path, task: str) -> list[dict]:
+    files = sorted(out.rglob(f"*_samples_{task}.jsonl"))
+    assert files, f"no samples log for {task} under {out}"
+    return [json.loads(line) for line in files[-1].read_text().splitlines()]
+
+
+def raw_response(row: dict) -> str:
+    """The model's unfiltered answer from a samples-log row (lmms-eval drops ``resps`` when it
+    equals ``filtered_resps`` and unwraps one-element lists)."""
+    value = row.get("resps", row["filtered_resps"])
+    while isinstance(value, list):
+        value = value[0]
+    return value

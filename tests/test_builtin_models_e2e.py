@@ -6,36 +6,10 @@ The lmms-eval CLI exits 0 even when evaluation fails, so these tests assert on t
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-
-def run_lmms_eval(model: str, model_args: str, tasks: str, tasks_dir: Path, out: Path, *extra: str):
-    exe = Path(sys.executable).with_name("lmms-eval")
-    cmd = [
-        str(exe),
-        "--model",
-        model,
-        "--model_args",
-        model_args,
-        "--tasks",
-        tasks,
-        "--include_path",
-        str(tasks_dir),
-        "--output_path",
-        str(out),
-        "--log_samples",
-        "--verbosity",
-        "DEBUG",
-        *extra,
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=out.parent)
-    results = sorted(out.rglob("*_results.json"))
-    assert results, f"no results.json written\nSTDOUT:{done.stdout[-3000:]}\nSTDERR:{done.stderr[-5000:]}"
-    return json.loads(results[-1].read_text()), done
+from tests.helpers import run_lmms_eval
 
 
 @pytest.mark.slow

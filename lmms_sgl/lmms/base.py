@@ -169,26 +169,25 @@ class SGLModel(lmms):
         progress.close()
         return results
 
-    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+    def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
+        """``(log p(continuation | context), is_greedy)`` per request.
+
+        Each pair is wrapped in a ``GenerationResult``: lmms-eval 0.7.3's
+        ``unwrap_generation_output`` turns a bare ``(float, bool)`` into its string, which breaks
+        ``multiple_choice`` scoring, while a ``GenerationResult`` passes its payload through
+        unchanged (and carries our per-sample record into the samples log).
+        """
         results = []
         for request in tqdm(requests, disable=self.rank != 0, desc="SGL log-likelihood"):
             context, target, doc_to_visual, doc_id, task, split = request.args[:6]
             doc = self.task_dict[task][split][doc_id]
             continuation = target(doc) if callable(target) else target
-            sample = self._sample(
-                Instance(
-                    request_type=request.request_type,
-                    arguments=(context, None, doc_to_visual, doc_id, task, split),
-                    idx=request.idx,
-                    metadata=request.metadata,
-                )
-            )
+            sample = self._sample(request)
             begin = time.perf_counter()
             (logprob, greedy), record = self.pipeline.loglikelihood(sample, str(continuation))
             self._seconds += time.perf_counter() - begin
-            if not request.metadata.get("__padding_only__"):
-                self._keep(record)
-            results.append((logprob, greedy))
+            data = record.as_dict() if request.metadata.get("__padding_only__") else self._keep(record)
+            results.append(GenerationResult(text=(logprob, greedy), token_counts=SGLTokenCounts(0, data)))
         return results
 
     def generate_until_multi_round(self, requests) -> list[str]:

@@ -1,0 +1,204 @@
+"""The SGL models through the plain lmms-eval CLI, offline, on the factory checkpoints."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import raw_response, run_lmms_eval, samples_of
+
+pytestmark = pytest.mark.slow
+SGL_ARGS = "prune_layer=0.5,keep_ratio=0.2,max_tiles=6"
+
+
+def sgl_records(out: Path, task: str) -> list[dict]:
+    """Our per-request records from the samples log (a multiple-choice doc has one per choice)."""
+    return [entry["sgl"] for row in samples_of(out, task) for entry in row["token_counts"]]
+
+
+def throughput(results: dict, scope: str, name: str):
+    return results["throughput"][f"avg_sgl.{scope}.{name}"]
+
+
+@pytest.mark.parametrize("model,family", [("sgl_internvl2", "internvl"), ("sgl_llava", "llava")])
+def test_sgl_model_end_to_end_with_wandb(tmp_path, models_dir, tasks_dir, model, family):
+    out = tmp_path / "out"
+    args = f"pretrained={models_dir / f'{family}-large'},guide={models_dir / f'{family}-guide'},{SGL_ARGS}"
+    args += ",exit_threshold=0.00156"  # splits the random-weight guides' exit scores (about 0.0015-0.0018)
+    results, done = run_lmms_eval(
+        model,
+        args,
+        "sgl_smoke,sgl_gqa_local,sgl_smoke_mc",
+        tasks_dir,
+        out,
+        "--limit",
+        "4",
+        "--batch_size",
+        "2",
+        "--wandb_args",
+        f"project=lmms-sgl-test,mode=offline,dir={tmp_path}",
+    )
+    for task, metric in (
+        ("sgl_smoke", "exact_match,none"),
+        ("sgl_gqa_local", "exact_match,none"),
+        ("sgl_smoke_mc", "acc,none"),
+    ):
+        assert metric in results["results"][task]
+
+    generated = sgl_records(out, "sgl_smoke") + sgl_records(out, "sgl_gqa_local")
+    scored = sgl_records(out, "sgl_smoke_mc")
+    everything = generated + scored
+    assert len(generated) == 8 and len(scored) == 4 * 6  # one log-likelihood request per choice
+    assert throughput(results, "overall", "samples") == len(everything)
+    exited = sum(r["exited"] for r in everything)
+    assert 0 < exited < len(generated), "the threshold should split the generated samples"
+    assert throughput(results, "overall", "exit_rate") == pytest.approx(exited / len(everything))
+    reached = [r for r in everything if r["reached_large"] and r["total_visual"]]
+    ratio = sum(r["token_ratio"] * r["total_visual"] for r in reached) / sum(
+        r["total_visual"] for r in reached
+    )
+    assert throughput(results, "overall", "visual_token_ratio") == pytest.approx(ratio)
+    flops = sum(r["flops"] for r in everything) / sum(r["flops_large_alone"] for r in everything)
+    assert throughput(results, "overall", "flops_ratio") == pytest.approx(flops)
+    assert throughput(results, "sgl_smoke", "samples") == 4
+    for row in samples_of(out, "sgl_smoke"):
+        record = row["token_counts"][0]["sgl"]
+        assert raw_response(row) == record["answer"]
+        if record["exited"]:
+            assert record["answer"] == record["guide_answer"] and not record["reached_large"]
+    assert "SGL run statistics" in done.stdout
+
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, runs
+    assert list(runs[0].glob("run-*.wandb"))
+    tables = list(runs[0].rglob("sgl/samples_*.table.json"))
+    assert tables, "the per-sample table was not logged"
+    table = json.loads(tables[0].read_text())
+    assert {
+        "task",
+        "doc_id",
+        "guide_answer",
+        "answer",
+        "exited",
+        "token_ratio",
+        "confidence",
+        "consistency",
+    } <= set(table["columns"])
+    assert len(table["data"]) == len(everything)
+
+
+@pytest.mark.parametrize(
+    "host,model,family,dtype",
+    [("internvl_hf", "sgl_internvl2", "internvl", "bfloat16"), ("llava_hf", "sgl_llava", "llava", "float32")],
+)
+def test_large_only_answers_equal_the_host_model(tmp_path, models_dir, tasks_dir, host, model, family, dtype):
+    """Same checkpoint, same prompts: lmms-eval's own HF model and ours with pruning and exit off.
+
+    Deliberate difference: lmms-eval's HF models ignore the task's ``until`` stop strings, ours
+    honour them, so the host answers are cut at ``until`` ("\\n\\n" by default) before comparing.
+    """
+    large = models_dir / f"{family}-large"
+    tasks = "sgl_smoke,sgl_gqa_local"
+    host_args = f"pretrained={large},device=cpu,device_map=cpu" + (
+        ",max_patches=12" if family == "internvl" else ""
+    )
+    run_lmms_eval(host, host_args, tasks, tasks_dir, tmp_path / "host", "--limit", "5")
+    ours = f"pretrained={large},method=large_only,dtype={dtype},max_tiles=12"
+    run_lmms_eval(model, ours, tasks, tasks_dir, tmp_path / "ours", "--limit", "5", "--batch_size", "2")
+    for task in tasks.split(","):
+        expected = [raw_response(row).split("\n\n")[0] for row in samples_of(tmp_path / "host", task)]
+        got = [raw_response(row) for row in samples_of(tmp_path / "ours", task)]
+        assert got == expected, task
+
+
+def test_two_processes_equal_one(tmp_path, models_dir, tasks_dir):
+    args = f"pretrained={models_dir / 'llava-large'},guide={models_dir / 'llava-guide'},{SGL_ARGS}"
+    common = ("--limit", "7", "--batch_size", "2")
+    single, _ = run_lmms_eval("sgl_llava", args, "sgl_smoke", tasks_dir, tmp_path / "one", *common)
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    launcher = (accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29533")
+    wandb = ("--wandb_args", f"project=lmms-sgl-test,mode=offline,dir={tmp_path}")
+    double, done = run_lmms_eval(
+        "sgl_llava", args, "sgl_smoke", tasks_dir, tmp_path / "two", *common, *wandb, launcher=launcher
+    )
+    assert "Running on rank 1" in done.stderr + done.stdout, "the launch did not use two processes"
+    one = {row["doc_id"]: raw_response(row) for row in samples_of(tmp_path / "one", "sgl_smoke")}
+    two = {row["doc_id"]: raw_response(row) for row in samples_of(tmp_path / "two", "sgl_smoke")}
+    assert one == two and len(one) == 7
+    for name in ("samples", "visual_token_ratio", "exit_rate", "large_call_rate", "flops_ratio", "fallbacks"):
+        assert throughput(double, "overall", name) == pytest.approx(throughput(single, "overall", name)), name
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1, "one W&B run per launch"
+
+
+def test_bad_arguments_fail_before_loading(tmp_path, models_dir, tasks_dir):
+    exe = Path(sys.executable).with_name("lmms-eval")
+    cases = {
+        "keep_ratio=1.5": r"keep_ratio=1.5 is outside the allowed range (0, 1]",
+        "colour=red": "unknown model argument(s) ['colour']",
+    }
+    for bad, message in cases.items():
+        args = f"pretrained={models_dir / 'internvl-large'},guide={models_dir / 'internvl-guide'},{bad}"
+        done = subprocess.run(
+            [
+                str(exe),
+                "--model",
+                "sgl_internvl2",
+                "--model_args",
+                args,
+                "--tasks",
+                "sgl_smoke",
+                "--include_path",
+                str(tasks_dir),
+                "--verbosity",
+                "DEBUG",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=tmp_path,
+        )
+        assert done.returncode != 0 and message in done.stderr, done.stderr[-3000:]
+    done = subprocess.run(
+        [
+            str(exe),
+            "--model",
+            "sgl_llava",
+            "--model_args",
+            f"pretrained={tmp_path / 'missing'},method=large_only",
+            "--tasks",
+            "sgl_smoke",
+            "--include_path",
+            str(tasks_dir),
+            "--verbosity",
+            "DEBUG",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert done.returncode != 0 and "could not be read as a checkpoint" in done.stderr
+    wrong_family = subprocess.run(
+        [
+            str(exe),
+            "--model",
+            "sgl_llava",
+            "--model_args",
+            f"pretrained={models_dir / 'internvl-large'},method=large_only",
+            "--tasks",
+            "sgl_smoke",
+            "--include_path",
+            str(tasks_dir),
+            "--verbosity",
+            "DEBUG",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert "is a 'internvl' checkpoint; the llava family serves" in wrong_family.stderr

@@ -1,0 +1,171 @@
+"""The SGL pipeline on the factory checkpoints: oracles, exits, batching and fallbacks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from lmms_sgl.families import InternVLFamily, LlavaFamily, Prompt
+from lmms_sgl.method.importance import ATTENTION_NAME
+from lmms_sgl.method.settings import SGLSettings
+from lmms_sgl.pipeline import GenerationSettings, Sample, SGLPipeline
+
+FAMILIES = {"internvl": InternVLFamily, "llava": LlavaFamily}
+GEN = GenerationSettings.from_gen_kwargs({"max_new_tokens": 5, "until": ["\n\n"]})
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def pair(request, models_dir):
+    family = FAMILIES[request.param](max_tiles=6)
+    load = {"dtype": torch.float32, "device_map": "cpu", "text_attention": ATTENTION_NAME}
+    guide = family.load(str(models_dir / f"{request.param}-guide"), **load)
+    large = family.load(str(models_dir / f"{request.param}-large"), **load)
+    return guide, large
+
+
+def samples():
+    specs = [
+        ("What color is the circle?", [Image.new("RGB", (800, 500), (200, 20, 20))]),
+        ("Is it?", [Image.new("RGB", (448, 448), (20, 20, 200))]),
+        (
+            "Two pictures: which is brighter?",
+            [Image.new("RGB", (300, 300), "white"), Image.new("RGB", (448, 900), "gray")],
+        ),
+        ("A question without any image?", []),
+    ]
+    return [Sample("t", i, Prompt(text, images)) for i, (text, images) in enumerate(specs)]
+
+
+def answers(records):
+    return [r.answer for r in records]
+
+
+def test_keep_ratio_one_equals_large_only(pair):
+    guide, large = pair
+    full = SGLPipeline(large, guide, SGLSettings(method="sgl", prune_layer=0.5, keep_ratio=1.0)).generate(
+        samples(), GEN
+    )
+    alone = SGLPipeline(large, None, SGLSettings(method="large_only")).generate(samples(), GEN)
+    assert answers(full) == answers(alone)
+    assert all(r.token_ratio == 1.0 for r in full if r.total_visual)
+
+
+def test_batch_equals_one_by_one(pair):
+    guide, large = pair
+    pipeline = SGLPipeline(large, guide, SGLSettings(method="sgl", prune_layer=0.5, keep_ratio=0.2))
+    together = pipeline.generate(samples(), GEN)
+    alone = [pipeline.generate([s], GEN)[0] for s in samples()]
+    assert answers(together) == answers(alone)
+    assert [r.kept_visual for r in together] == [r.kept_visual for r in alone]
+    for a, b in zip(together, alone, strict=True):
+        assert a.confidence == pytest.approx(b.confidence, rel=1e-4)
+        assert a.flops == pytest.approx(b.flops)
+
+
+def test_records_describe_what_happened(pair):
+    guide, large = pair
+    records = SGLPipeline(large, guide, SGLSettings(method="sgl", prune_layer=0.5, keep_ratio=0.2)).generate(
+        samples(), GEN
+    )
+    for record in records[:3]:
+        assert record.reached_large and not record.exited and record.fallback is None
+        assert record.kept_visual == max(1, int(record.total_visual * 0.2))
+        assert record.token_ratio == pytest.approx((2 + 2 * record.kept_visual / record.total_visual) / 4)
+        assert 0 < record.confidence <= 1 and 0 <= record.consistency <= 1
+        assert record.flops > 0 and record.flops_large_alone > 0
+    text_only = records[3]
+    assert text_only.total_visual == 0 and text_only.token_ratio is None and text_only.answer is not None
+
+
+def test_threshold_zero_exits_everything_without_calling_the_large_model(pair, monkeypatch):
+    guide, large = pair
+    pipeline = SGLPipeline(large, guide, SGLSettings(method="sgl", exit_threshold=0.0))
+    monkeypatch.setattr(large.model, "generate", lambda *a, **k: pytest.fail("the large model ran"))
+    records = pipeline.generate(samples(), GEN)
+    assert all(r.exited and not r.reached_large and r.answer == r.guide_answer for r in records)
+    assert all(r.flops < r.flops_large_alone for r in records[:3])
+
+
+def test_threshold_one_exits_nothing(pair):
+    guide, large = pair
+    records = SGLPipeline(large, guide, SGLSettings(method="sgl", exit_threshold=1.0)).generate(
+        samples(), GEN
+    )
+    assert not any(r.exited for r in records) and all(r.reached_large for r in records)
+
+
+def test_guide_only_answers_with_the_guide(pair):
+    guide, large = pair
+    sgl = SGLPipeline(large, guide, SGLSettings(method="sgl", exit_threshold=0.0)).generate(samples(), GEN)
+    only = SGLPipeline(large, guide, SGLSettings(method="guide_only")).generate(samples(), GEN)
+    assert answers(only) == [r.guide_answer for r in sgl]
+    assert all(not r.reached_large and r.flops_large_alone > 0 for r in only)
+
+
+def test_layout_mismatch_falls_back_to_all_visual_tokens(pair, monkeypatch):
+    guide, large = pair
+    pipeline = SGLPipeline(large, guide, SGLSettings(method="sgl", prune_layer=0.5, keep_ratio=0.2))
+    family = guide.family
+    original = family.build_batch
+
+    def different_image_for_the_guide(loaded, prompts):
+        if loaded is guide:  # the guide sees another image size for sample 1 -> other token count
+            prompts = [
+                Prompt(p.text, [Image.new("RGB", (1344, 448))]) if i == 1 else p
+                for i, p in enumerate(prompts)
+            ]
+        return original(loaded, prompts)
+
+    monkeypatch.setattr(family, "build_batch", different_image_for_the_guide)
+    records = pipeline.generate(samples()[:2], GEN)
+    if records[1].total_visual == 256 and isinstance(family, LlavaFamily):
+        pytest.skip("LLaVA-1.5 has a fixed 256-token layout: no mismatch to provoke")
+    assert "layout mismatch" in records[1].fallback
+    assert records[1].kept_visual == records[1].total_visual and records[1].token_ratio == 1.0
+    assert records[0].fallback is None and records[0].kept_visual < records[0].total_visual
+
+
+def test_a_failing_sample_falls_back_and_the_batch_survives(pair, monkeypatch):
+    guide, large = pair
+    pipeline = SGLPipeline(large, guide, SGLSettings(method="sgl", prune_layer=0.5, keep_ratio=0.2))
+    alone = SGLPipeline(large, None, SGLSettings(method="large_only")).generate(samples(), GEN)
+    original = pipeline._run_guide
+
+    def broken_for_doc_2(batch, records, gen):
+        if any(s.doc_id == 2 for s in batch):
+            raise RuntimeError("simulated guide failure")
+        return original(batch, records, gen)
+
+    monkeypatch.setattr(pipeline, "_run_guide", broken_for_doc_2)
+    records = pipeline.generate(samples(), GEN)
+    assert [r.doc_id for r in records] == [0, 1, 2, 3]
+    assert "simulated guide failure" in records[2].fallback and records[2].answer == alone[2].answer
+    assert all(r.fallback is None for i, r in enumerate(records) if i != 2)
+
+
+@pytest.mark.parametrize("method", ["fastv", "random"])
+def test_baselines_prune_the_same_amount(pair, method):
+    guide, large = pair
+    records = SGLPipeline(large, None, SGLSettings(method=method, prune_layer=0.5, keep_ratio=0.2)).generate(
+        samples(), GEN
+    )
+    for record in records[:3]:
+        assert (
+            record.kept_visual == max(1, int(record.total_visual * 0.2))
+            and record.flops < record.flops_large_alone
+        )
+
+
+def test_loglikelihood_keep_all_equals_unpruned(pair):
+    guide, large = pair
+    sample = samples()[0]
+    (full, _), record = SGLPipeline(large, guide, SGLSettings(prune_layer=0.5, keep_ratio=1.0)).loglikelihood(
+        sample, " red"
+    )
+    (alone, _), _ = SGLPipeline(large, None, SGLSettings(method="large_only")).loglikelihood(sample, " red")
+    assert full == pytest.approx(alone, abs=1e-4)
+    (pruned, _), record = SGLPipeline(
+        large, guide, SGLSettings(prune_layer=0.5, keep_ratio=0.1)
+    ).loglikelihood(sample, " red")
+    assert record.kept_visual < record.total_visual and pruned != pytest.approx(alone, abs=1e-4)
