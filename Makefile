@@ -28,10 +28,11 @@ $(MODELS_DIR)/internvl-large/model.safetensors: $(STAMP) lmms_sgl/factory.py
 	$(BIN)/lmms-sgl-build-models --out $(MODELS_DIR)
 
 demo: $(STAMP) $(MODELS_DIR)/internvl-large/model.safetensors
-	$(BIN)/lmms-eval --model internvl_hf \
-	  --model_args pretrained=$(MODELS_DIR)/internvl-large,device=cpu,device_map=cpu \
-	  --tasks sgl_smoke --include_path tasks --batch_size 1 \
-	  --output_path $(OUT_DIR) --log_samples --verbosity INFO
+	$(BIN)/lmms-eval --model sgl_internvl2 \
+	  --model_args pretrained=$(MODELS_DIR)/internvl-large,guide=$(MODELS_DIR)/internvl-guide,prune_layer=0.5,keep_ratio=0.2,exit_threshold=0.0016,max_tiles=6 \
+	  --tasks sgl_smoke,sgl_smoke_mc --include_path tasks --batch_size 4 \
+	  --output_path $(OUT_DIR) --log_samples --verbosity INFO \
+	  --wandb_args project=lmms-sgl-demo,mode=offline,dir=$(OUT_DIR)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

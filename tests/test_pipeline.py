@@ -169,3 +169,17 @@ def test_loglikelihood_keep_all_equals_unpruned(pair):
         large, guide, SGLSettings(prune_layer=0.5, keep_ratio=0.1)
     ).loglikelihood(sample, " red")
     assert record.kept_visual < record.total_visual and pruned != pytest.approx(alone, abs=1e-4)
+
+
+def test_beam_search_expands_the_keep_plan(pair):
+    guide, large = pair
+    gen = GenerationSettings.from_gen_kwargs({"max_new_tokens": 4, "num_beams": 3})
+    pipeline = SGLPipeline(large, guide, SGLSettings(prune_layer=0.5, keep_ratio=0.2))
+    together = pipeline.generate(samples()[:2], gen)
+    assert answers(together) == [pipeline.generate([s], gen)[0].answer for s in samples()[:2]]
+    assert all(r.fallback is None for r in together)
+    keep_all = SGLPipeline(large, guide, SGLSettings(prune_layer=0.5, keep_ratio=1.0)).generate(
+        samples()[:2], gen
+    )
+    alone = SGLPipeline(large, None, SGLSettings(method="large_only")).generate(samples()[:2], gen)
+    assert answers(keep_all) == answers(alone)
