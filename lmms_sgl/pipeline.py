@@ -219,7 +219,7 @@ class SGLPipeline:
             kept_for_consistency = (
                 real[b] - n_visual[b] + keep_count(n_visual[b], self.settings.consistency_ratio)
             )
-            record.flops += (
+            guide_flops = (
                 vision[b]
                 + cost.generation_flops(shape, real[b], length)
                 + cost.recording_flops(shape, real[b], rows[b], max(length - 1, 0))
@@ -227,6 +227,8 @@ class SGLPipeline:
                     shape, kept_for_consistency + length, logits=kept_for_consistency + length
                 )
             )
+            record.flops += guide_flops
+            record.extra["guide_flops"] = guide_flops
             record.output_tokens = length  # replaced by the large model's if it runs
         return run.importance, exited
 

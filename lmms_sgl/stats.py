@@ -18,21 +18,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-_SUMS = (
-    "samples",
-    "exited",
-    "reached_large",
-    "fallbacks",
-    "failed",
-    "visual_given",
-    "visual_processed",
-    "flops",
-    "flops_large_alone",
-    "guide_seconds",
-    "large_seconds",
-    "output_tokens",
-)
-
 
 @dataclass
 class Totals:
@@ -65,7 +50,7 @@ class Totals:
         self.output_tokens += record["output_tokens"]
 
     def merge(self, other: Totals) -> None:
-        for name in _SUMS:
+        for name in TOTALS_FIELDS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def summary(self) -> dict:

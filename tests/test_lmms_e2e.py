@@ -134,71 +134,40 @@ def test_two_processes_equal_one(tmp_path, models_dir, tasks_dir):
     assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1, "one W&B run per launch"
 
 
-def test_bad_arguments_fail_before_loading(tmp_path, models_dir, tasks_dir):
+def run_cli(model_args: str, model: str, tasks_dir: Path, cwd: Path) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).with_name("lmms-eval")
-    cases = {
-        "keep_ratio=1.5": r"keep_ratio=1.5 is outside the allowed range (0, 1]",
-        "colour=red": "unknown model argument(s) ['colour']",
-    }
-    for bad, message in cases.items():
-        args = f"pretrained={models_dir / 'internvl-large'},guide={models_dir / 'internvl-guide'},{bad}"
-        done = subprocess.run(
-            [
-                str(exe),
-                "--model",
-                "sgl_internvl2",
-                "--model_args",
-                args,
-                "--tasks",
-                "sgl_smoke",
-                "--include_path",
-                str(tasks_dir),
-                "--verbosity",
-                "DEBUG",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            cwd=tmp_path,
-        )
-        assert done.returncode != 0 and message in done.stderr, done.stderr[-3000:]
-    done = subprocess.run(
-        [
-            str(exe),
-            "--model",
-            "sgl_llava",
-            "--model_args",
+    command = [
+        str(exe),
+        "--model",
+        model,
+        "--model_args",
+        model_args,
+        "--tasks",
+        "sgl_smoke",
+        "--include_path",
+        str(tasks_dir),
+        "--verbosity",
+        "DEBUG",
+    ]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def test_bad_arguments_fail_before_loading(tmp_path, models_dir, tasks_dir):
+    pair = f"pretrained={models_dir / 'internvl-large'},guide={models_dir / 'internvl-guide'}"
+    cases = [
+        (f"{pair},keep_ratio=1.5", "sgl_internvl2", r"keep_ratio=1.5 is outside the allowed range (0, 1]"),
+        (f"{pair},colour=red", "sgl_internvl2", "unknown model argument(s) ['colour']"),
+        (
             f"pretrained={tmp_path / 'missing'},method=large_only",
-            "--tasks",
-            "sgl_smoke",
-            "--include_path",
-            str(tasks_dir),
-            "--verbosity",
-            "DEBUG",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
-    assert done.returncode != 0 and "could not be read as a checkpoint" in done.stderr
-    wrong_family = subprocess.run(
-        [
-            str(exe),
-            "--model",
             "sgl_llava",
-            "--model_args",
+            "could not be read as a checkpoint",
+        ),
+        (
             f"pretrained={models_dir / 'internvl-large'},method=large_only",
-            "--tasks",
-            "sgl_smoke",
-            "--include_path",
-            str(tasks_dir),
-            "--verbosity",
-            "DEBUG",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
-    assert "is a 'internvl' checkpoint; the llava family serves" in wrong_family.stderr
+            "sgl_llava",
+            "is a 'internvl' checkpoint; the llava family serves",
+        ),
+    ]
+    for model_args, model, message in cases:
+        done = run_cli(model_args, model, tasks_dir, tmp_path)
+        assert done.returncode != 0 and message in done.stderr, done.stderr[-3000:]

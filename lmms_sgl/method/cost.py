@@ -99,6 +99,11 @@ def lm_head_flops(shape: TransformerShape, positions: int) -> int:
     return 2 * positions * shape.hidden * shape.vocab
 
 
+def _split(shape: TransformerShape, prompt: int, layer_k: int | None, pruned: int | None) -> tuple[int, int]:
+    """(layers that see every token, tokens the other layers see); no pruning = all layers, all tokens."""
+    return (shape.num_layers if layer_k is None else layer_k), (prompt if pruned is None else pruned)
+
+
 def prefill_flops(
     shape: TransformerShape,
     prompt: int,
@@ -107,8 +112,7 @@ def prefill_flops(
     logits: int = 1,
 ) -> int:
     """One forward over ``prompt`` tokens; layers ``>= layer_k`` see ``pruned`` tokens."""
-    k = shape.num_layers if layer_k is None else layer_k
-    kept = prompt if pruned is None else pruned
+    k, kept = _split(shape, prompt, layer_k, pruned)
     full = k * layer_flops(shape, prompt, prompt)
     rest = (shape.num_layers - k) * layer_flops(shape, kept, kept)
     return full + rest + lm_head_flops(shape, logits)
@@ -125,8 +129,7 @@ def decode_flops(
 
     Step t (1-based) attends to ``prompt + t`` keys in layers ``< K`` and ``pruned + t`` in layers ``>= K``.
     """
-    k = shape.num_layers if layer_k is None else layer_k
-    kept = prompt if pruned is None else pruned
+    k, kept = _split(shape, prompt, layer_k, pruned)
     total = 0
     for step in range(1, max(new_tokens, 1)):
         total += k * layer_flops(shape, 1, prompt + step)
