@@ -1,28 +1,28 @@
 """Benchmarks: guidance overhead, pruning speedup versus FLOPs, end-to-end cost, memory.
 
 Answers "where is my speedup?" with measurements on this machine, as ratios taken within one run
-(the machine is shared and noisy: absolute seconds mean little, ratios measured back to back do).
+(the machine is shared and noisy: absolute seconds mean little, ratios measured side by side do).
 Models are random-weight InternVL checkpoints whose shapes scale down a real pair: the guide costs
 about 1/10 of the large model's FLOPs, as InternVL2-2B does next to InternVL2-26B. Images give 256
 visual tokens (one tile) and 1792 (six tiles plus a thumbnail).
 
-    lmms-sgl-benchmark --out reports/benchmarks.md          # full run (about 15-25 minutes here)
+    lmms-sgl-benchmark --out reports/benchmarks.md          # full run (about 10-15 minutes here)
     lmms-sgl-benchmark --smoke --out /tmp/bench.md          # tiny sizes, seconds (used by a test)
 
-Memory is the peak resident set size above the level just before the measured call, sampled every
-2 ms by a background thread (CPU tensors are invisible to tracemalloc). Each configuration that
-compares whole pipelines runs in a fresh subprocess so that earlier allocations do not hide peaks.
+How it measures:
+* configurations are run round-robin (after a warm-up round) and medians are taken, so drift of
+  a shared machine hits every configuration alike;
+* prefill and decode times come from one ``generate`` call each, timestamped at every step by a
+  logits processor (prefill = time to the first step, decode = median step interval);
+* peak memory is the peak of live tensor memory during one call, from the profiler's memory
+  events (allocator-independent; RSS would hide re-used heap), plus parameter bytes for footprints.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
-import subprocess
-import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +30,8 @@ from pathlib import Path
 import psutil
 import torch
 from PIL import Image
+from torch.profiler import ProfilerActivity, profile
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from lmms_sgl.factory import ModelSpec, TextSpec, VisionSpec, build_model
 from lmms_sgl.families import InternVLFamily, LoadedVLM, Prompt
@@ -41,83 +43,80 @@ from lmms_sgl.method.selection import plan_from_scores, random_scores
 from lmms_sgl.method.settings import PAPER_PRESETS, SGLSettings
 from lmms_sgl.pipeline import GenerationSettings, Sample, SGLPipeline
 
-# Shapes: InternVL2-2B's LM is 24 x 2048 and 26B's 48 x 6144 (about 1/12 the FLOPs per token).
-# These keep that ratio (about 1/10) at a size a 2-core CPU runs in seconds; the large model has
-# 24 layers so that the paper's presets give its K values at 9 % (K = 1) and a close 35 %/64 %.
+# InternVL2-2B's LM is 24 x 2048 and 26B's 48 x 6144 (about 1/12 the FLOPs per token). These keep
+# that ratio (about 1/10) at a size a 2-core CPU runs in seconds; the large model has 24 layers so
+# that the paper's presets give its K at 9 % (K = 1) and close values at 35 % and 64 %.
 FULL = {
     "guide": ModelSpec(
-        "bench-guide", "internvl", "guide", TextSpec(320, 8, 5, 1, 896), VisionSpec(128, 2, 4, 512), 31
+        "bench-guide", "internvl", "guide", TextSpec(320, 8, 5, 1, 896), VisionSpec(128, 2, 4, 512), seed=31
     ),
     "large": ModelSpec(
-        "bench-large", "internvl", "large", TextSpec(640, 24, 10, 2, 1792), VisionSpec(256, 4, 4, 1024), 32
+        "bench-large",
+        "internvl",
+        "large",
+        TextSpec(640, 24, 10, 2, 1792),
+        VisionSpec(256, 4, 4, 1024),
+        seed=32,
     ),
 }
 SMOKE = {
     "guide": ModelSpec(
-        "smoke-guide", "internvl", "guide", TextSpec(64, 2, 4, 2, 128), VisionSpec(32, 1, 2, 64), 41
+        "smoke-guide", "internvl", "guide", TextSpec(64, 2, 4, 2, 128), VisionSpec(32, 1, 2, 64), seed=41
     ),
     "large": ModelSpec(
-        "smoke-large", "internvl", "large", TextSpec(128, 4, 8, 2, 256), VisionSpec(64, 2, 4, 128), 42
+        "smoke-large", "internvl", "large", TextSpec(128, 8, 8, 2, 256), VisionSpec(64, 2, 4, 128), seed=42
     ),
 }
 IMAGES = {256: (448, 448), 1792: (1344, 896)}  # 1 tile; 6 tiles + thumbnail with max_tiles=6
 QUESTION = "What color is the small circle next to the large square? Answer with a single word."
+DECODE_STEPS = 16
 
 
-class PeakMemory:
-    """Peak RSS above the starting level while the block runs (sampled every 2 ms)."""
-
-    def __enter__(self) -> PeakMemory:
-        self._process = psutil.Process()
-        self.start = self._process.memory_info().rss
-        self.peak = self.start
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._process.memory_info().rss)
-            time.sleep(0.002)
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._process.memory_info().rss)
-
-    @property
-    def delta_mb(self) -> float:
-        return (self.peak - self.start) / 2**20
-
-
-def load_pair(specs: dict[str, ModelSpec], large_attention: str = "sdpa") -> tuple[LoadedVLM, LoadedVLM]:
-    family = InternVLFamily(max_tiles=6)
-    loaded = []
-    for role, attention in (("guide", ATTENTION_NAME), ("large", large_attention)):
-        model, processor = build_model(specs[role])
-        model.set_attn_implementation({"text_config": attention, "vision_config": "sdpa"})
-        processor.tokenizer.padding_side = "left"
-        loaded.append(LoadedVLM(family, model.eval(), processor, specs[role].name))
-    return loaded[0], loaded[1]
-
-
-def inputs_for(loaded: LoadedVLM, n_visual: int) -> dict:
-    image = Image.new("RGB", IMAGES[n_visual], (90, 140, 200))
-    inputs = loaded.family.build_batch(loaded, [Prompt(QUESTION, [image])])
-    assert int((inputs["input_ids"] == loaded.image_token_id).sum()) == n_visual
-    return inputs
-
-
-def timed(fn, repeats: int) -> float:
-    """Median seconds of ``repeats`` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+# -- measuring ------------------------------------------------------------------------------
+def peak_tensor_memory(fn) -> float:
+    """Peak bytes of live CPU tensor memory allocated during ``fn()`` (profiler memory events)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    events = sorted(
+        (e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage
+    )
+    current = peak = 0
+    for _, delta in events:
+        current += delta
+        peak = max(peak, current)
+    return float(peak)
+
+
+def weight_bytes(*models) -> float:
+    return float(sum(p.numel() * p.element_size() for m in models if m is not None for p in m.parameters()))
+
+
+class StepClock(LogitsProcessor):
+    """Timestamps every generation step of one ``generate`` call."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
+def interleaved(functions: dict, rounds: int) -> dict[str, list]:
+    """Each function once per round, round-robin, after a warm-up round; results per function."""
+    for fn in functions.values():
+        fn()
+    results: dict[str, list] = {name: [] for name in functions}
+    for _ in range(rounds):
+        for name, fn in functions.items():
+            results[name].append(fn())
+    return results
+
+
+def seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def generate(model, inputs, new_tokens: int, **kwargs):
@@ -127,27 +126,73 @@ def generate(model, inputs, new_tokens: int, **kwargs):
         )
 
 
+def prefill_and_decode(model, inputs) -> tuple[float, float]:
+    """(prefill seconds, median decode seconds per token) from one timestamped generate call."""
+    clock = StepClock()
+    start = time.perf_counter()
+    generate(model, inputs, DECODE_STEPS + 1, logits_processor=LogitsProcessorList([clock]))
+    steps = [b - a for a, b in zip(clock.stamps[:-1], clock.stamps[1:], strict=False)]
+    return clock.stamps[0] - start, statistics.median(steps)
+
+
+# -- models ---------------------------------------------------------------------------------
+def load_pair(specs: dict[str, ModelSpec]) -> tuple[LoadedVLM, LoadedVLM]:
+    family = InternVLFamily(max_tiles=6)
+    loaded = []
+    for role in ("guide", "large"):
+        model, processor = build_model(specs[role])
+        model.set_attn_implementation({"text_config": ATTENTION_NAME, "vision_config": "sdpa"})
+        processor.tokenizer.padding_side = "left"
+        loaded.append(LoadedVLM(family, model.eval(), processor, specs[role].name))
+    return loaded[0], loaded[1]
+
+
+def set_text_attention(loaded: LoadedVLM, name: str) -> None:
+    loaded.model.set_attn_implementation({"text_config": name, "vision_config": "sdpa"})
+
+
+def inputs_for(loaded: LoadedVLM, n_visual: int) -> dict:
+    image = Image.new("RGB", IMAGES[n_visual], (90, 140, 200))
+    inputs = loaded.family.build_batch(loaded, [Prompt(QUESTION, [image])])
+    assert int((inputs["input_ids"] == loaded.image_token_id).sum()) == n_visual
+    return inputs
+
+
+def text_shape(spec: ModelSpec) -> cost.TransformerShape:
+    t = spec.text
+    return cost.TransformerShape(
+        t.num_hidden_layers,
+        t.hidden_size,
+        t.num_attention_heads,
+        t.num_key_value_heads,
+        t.hidden_size // t.num_attention_heads,
+        t.intermediate_size,
+        True,
+        600,
+    )
+
+
 # -- 1. importance recording overhead ---------------------------------------------------------
-def bench_recording(specs, n_visual: int, new_tokens: int, repeats: int) -> dict:
-    guide, _ = load_pair(specs)
+def bench_recording(guide: LoadedVLM, n_visual: int, new_tokens: int, rounds: int) -> dict:
     inputs = inputs_for(guide, n_visual)
     visual = inputs["input_ids"] == guide.image_token_id
     rows = prompt_rows_from_last_visual(visual, inputs["attention_mask"])
-    model = guide.model
+    model, prompt = guide.model, visual.shape[1]
 
     def plain():
-        model.set_attn_implementation({"text_config": "sdpa", "vision_config": "sdpa"})
+        set_text_attention(guide, "sdpa")
         generate(model, inputs, new_tokens)
 
     def recording():
-        model.set_attn_implementation({"text_config": ATTENTION_NAME, "vision_config": "sdpa"})
-        with AttentionRecorder(rows).active():
+        set_text_attention(guide, ATTENTION_NAME)
+        recorder = AttentionRecorder(rows)
+        with recorder.active():
             generate(model, inputs, new_tokens)
+        recorder.finalize([new_tokens - 1])
 
     def eager_peer():  # the official code's way: eager attention, attention maps kept by generate
-        model.set_attn_implementation({"text_config": "eager", "vision_config": "sdpa"})
+        set_text_attention(guide, "eager")
         out = generate(model, inputs, new_tokens, output_attentions=True, return_dict_in_generate=True)
-        prompt = visual.shape[1]
         first_row = int(rows[0].nonzero()[0])
         total = torch.zeros(visual.shape, dtype=torch.float32)
         for step, per_layer in enumerate(out.attentions[: new_tokens - 1]):
@@ -155,142 +200,160 @@ def bench_recording(specs, n_visual: int, new_tokens: int, repeats: int) -> dict
                 heads = attn.sum(1)  # [B, q, kv]
                 total += (heads[:, first_row:] if step == 0 else heads[:, -1:]).sum(1)[:, :prompt]
 
-    result = {}
-    for name, fn in (
-        ("plain_sdpa", plain),
-        ("recording", recording),
-        ("eager_output_attentions", eager_peer),
-    ):
-        seconds = timed(fn, repeats)
-        with PeakMemory() as memory:
-            fn()
-        result[name] = {"seconds": seconds, "peak_mb": memory.delta_mb}
+    variants = {"plain_sdpa": plain, "recording": recording, "eager_output_attentions": eager_peer}
+    times = interleaved({name: (lambda fn=fn: seconds(fn)) for name, fn in variants.items()}, rounds)
+    result = {
+        name: {"seconds": statistics.median(times[name]), "peak_mb": peak_tensor_memory(fn) / 2**20}
+        for name, fn in variants.items()
+    }
+    set_text_attention(guide, ATTENTION_NAME)
     return result
 
 
 # -- 2. pruned large model: prefill and decode versus the FLOPs ideal -------------------------
-def bench_pruning(specs, n_visual: int, settings: list[tuple[float, float]], repeats: int) -> list[dict]:
+def bench_pruning(
+    large: LoadedVLM, n_visual: int, settings: list[tuple[float, float]], rounds: int
+) -> list[dict]:
     """Language-model prefill and decode of the large model under pruning settings.
 
     The vision tower costs the same whatever is pruned, so it is left out: the merged prompt
-    embeddings are computed once and ``generate`` starts from them.
+    embeddings are computed once and ``generate`` starts from them. For each setting a *dense*
+    reference (no hooks, all layers) on a sequence as long as the pruned one separates the cost
+    of our hooks from the CPU's lower efficiency on shorter sequences.
     """
-    _, large = load_pair(specs)
+    set_text_attention(large, "sdpa")
     inputs = inputs_for(large, n_visual)
     visual = inputs["input_ids"] == large.image_token_id
-    prompt = inputs["input_ids"].shape[1]
-    shape = large.text_shape
+    prompt, shape, layers = inputs["input_ids"].shape[1], large.text_shape, large.num_layers
     with torch.no_grad(), captured_prompt_embeddings(large.text_model) as captured:
         large.model(**inputs, logits_to_keep=1)
     embeds = {"inputs_embeds": captured["embeds"], "attention_mask": inputs["attention_mask"]}
-    rows = []
-    decode_tokens = 16
+
+    functions, meta = {}, {}
     for prune_layer, keep_ratio in settings:
         pruning = keep_ratio < 1.0
-        k = cost.prune_layer_index(large.num_layers, prune_layer)
+        k = cost.prune_layer_index(layers, prune_layer)
         plan = plan_from_scores(random_scores(visual, 0), visual, inputs["attention_mask"], keep_ratio)
         pruner = VisualTokenPruner(large.text_model, k)
+        name = f"{prune_layer}/{keep_ratio}"
 
-        def run(tokens, pruning=pruning, pruner=pruner, plan=plan):
+        def run(pruning=pruning, pruner=pruner, plan=plan):
             if not pruning:
-                return generate(large.model, embeds, tokens)
+                return prefill_and_decode(large.model, embeds)
             with pruner.installed():
                 pruner.arm(plan)
-                return generate(large.model, embeds, tokens)
+                return prefill_and_decode(large.model, embeds)
 
-        prefill = timed(lambda: run(1), repeats)
-        full = timed(lambda: run(decode_tokens + 1), max(1, repeats // 2))
         pruned_len = plan.pruned_length if pruning else prompt
-        layer_k = k if pruning else None
+        short = {
+            "inputs_embeds": captured["embeds"][:, -pruned_len:],
+            "attention_mask": inputs["attention_mask"][:, -pruned_len:],
+        }
+        functions[name] = run
+        functions[name + "/dense"] = lambda short=short: prefill_and_decode(large.model, short)
+        meta[name] = (prune_layer, keep_ratio, k if pruning else None, pruned_len)
+
+    measured = interleaved(functions, rounds)
+    rows = []
+    for name, (prune_layer, keep_ratio, layer_k, pruned_len) in meta.items():
+        prefill = statistics.median(p for p, _ in measured[name])
+        decode = statistics.median(d for _, d in measured[name])
+        dense_prefill = statistics.median(p for p, _ in measured[name + "/dense"])
         rows.append(
             {
                 "prune_layer": prune_layer,
                 "keep_ratio": keep_ratio,
                 "layer_k": layer_k,
-                "token_ratio": cost.token_ratio(k, large.num_layers, keep_ratio) if pruning else 1.0,
+                "pruned_length": pruned_len,
+                "token_ratio": cost.token_ratio(layer_k, layers, keep_ratio) if layer_k is not None else 1.0,
                 "prefill_seconds": prefill,
-                "decode_seconds_per_token": max(full - prefill, 0.0) / decode_tokens,
+                "dense_prefill_at_pruned_length": dense_prefill,
+                "decode_seconds_per_token": decode,
                 "prefill_flops": cost.prefill_flops(shape, prompt, layer_k, pruned_len),
                 "decode_flops_per_token": cost.decode_flops(
-                    shape, prompt, decode_tokens + 1, layer_k, pruned_len
+                    shape, prompt, DECODE_STEPS + 1, layer_k, pruned_len
                 )
-                / decode_tokens,
+                / DECODE_STEPS,
             }
         )
     base = rows[0]
     for row in rows:
+        k = layers if row["layer_k"] is None else row["layer_k"]
+        achievable = (
+            k * base["prefill_seconds"] + (layers - k) * row["dense_prefill_at_pruned_length"]
+        ) / layers
         row["prefill_speedup"] = base["prefill_seconds"] / row["prefill_seconds"]
         row["prefill_ideal_speedup"] = base["prefill_flops"] / row["prefill_flops"]
         row["prefill_fraction_of_ideal"] = row["prefill_speedup"] / row["prefill_ideal_speedup"]
-        row["decode_speedup"] = base["decode_seconds_per_token"] / max(row["decode_seconds_per_token"], 1e-9)
+        row["prefill_achievable_speedup"] = base["prefill_seconds"] / achievable
+        row["decode_speedup"] = base["decode_seconds_per_token"] / row["decode_seconds_per_token"]
         row["decode_ideal_speedup"] = base["decode_flops_per_token"] / row["decode_flops_per_token"]
     return rows
 
 
-# -- 3 and 4. end to end, one configuration per subprocess ------------------------------------
-def end_to_end(
-    specs_name: str, method: str, preset: float | None, n_visual: int, new_tokens: int, repeats: int
-):
-    specs = SMOKE if specs_name == "smoke" else FULL
-    before_models = psutil.Process().memory_info().rss
-    if (
-        method == "fastv"
-        and cost.prune_layer_index(specs["large"].text.num_hidden_layers, PAPER_PRESETS[preset][0]) < 1
-    ):
-        return {
-            "method": method,
-            "preset": preset,
-            "n_visual": n_visual,
-            "skipped": "K = 0: FastV needs K >= 1",
-        }
-    guide, large = load_pair(specs, ATTENTION_NAME if method == "fastv" else "sdpa")
-    if method == "large_only":
-        del guide
-        guide = None
-        settings = SGLSettings(method="large_only")
-    else:
-        prune_layer, keep_ratio = PAPER_PRESETS[preset]
-        if method == "fastv":
-            guide = None
-        settings = SGLSettings(method=method, prune_layer=prune_layer, keep_ratio=keep_ratio)
+# -- 3 and 4. end to end and memory ------------------------------------------------------------
+def bench_end_to_end(
+    guide: LoadedVLM, large: LoadedVLM, n_visual: int, new_tokens: int, rounds: int
+) -> list[dict]:
     image = Image.new("RGB", IMAGES[n_visual], (90, 140, 200))
     sample = Sample("bench", 0, Prompt(QUESTION, [image]))
     gen = GenerationSettings(max_new_tokens=new_tokens)
-    pipeline = SGLPipeline(large, guide, settings)
-    pipeline.generate([sample], gen)  # warm-up
-    records, totals = [], []
-    with PeakMemory() as memory:
-        for _ in range(repeats):
-            start = time.perf_counter()
-            records.append(pipeline.generate([sample], gen)[0])
-            totals.append(time.perf_counter() - start)
-    record = records[-1]
-    return {
-        "method": method,
-        "preset": preset,
-        "n_visual": n_visual,
-        "seconds": statistics.median(totals),
-        "guide_seconds": statistics.median(r.guide_seconds for r in records),
-        "large_seconds": statistics.median(r.large_seconds for r in records),
-        "flops": record.flops,
-        "guide_flops": record.extra.get("guide_flops", 0.0),
-        "flops_large_alone": record.flops_large_alone,
-        "token_ratio": record.token_ratio,
-        "footprint_mb": (memory.peak - before_models) / 2**20,
-        "activation_peak_mb": memory.delta_mb,
+    configs: dict[str, tuple[SGLPipeline, str]] = {
+        "large_only": (SGLPipeline(large, None, SGLSettings(method="large_only")), "sdpa")
     }
+    skipped = []
+    for preset in sorted(PAPER_PRESETS, reverse=True):
+        prune_layer, keep_ratio = PAPER_PRESETS[preset]
+        configs[f"sgl/{preset}"] = (
+            SGLPipeline(large, guide, SGLSettings(prune_layer=prune_layer, keep_ratio=keep_ratio)),
+            "sdpa",
+        )
+        if cost.prune_layer_index(large.num_layers, prune_layer) < 1:
+            skipped.append(
+                {
+                    "method": "fastv",
+                    "preset": preset,
+                    "n_visual": n_visual,
+                    "skipped": "K = 0: FastV needs K >= 1",
+                }
+            )
+            continue
+        settings = SGLSettings(method="fastv", prune_layer=prune_layer, keep_ratio=keep_ratio)
+        configs[f"fastv/{preset}"] = (SGLPipeline(large, None, settings), ATTENTION_NAME)
 
+    def run(pipeline: SGLPipeline, attention: str):
+        set_text_attention(large, attention)
+        start = time.perf_counter()
+        record = pipeline.generate([sample], gen)[0]
+        return time.perf_counter() - start, record
 
-def run_subprocess(*args: str) -> dict:
-    done = subprocess.run(
-        [sys.executable, "-m", "lmms_sgl.benchmark", "--worker", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"benchmark worker {args} failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    measured = interleaved({name: (lambda p=p, a=a: run(p, a)) for name, (p, a) in configs.items()}, rounds)
+    rows = []
+    for name, (pipeline, attention) in configs.items():
+        method, _, preset = name.partition("/")
+        record = measured[name][-1][1]
+        set_text_attention(large, attention)
+        activations = peak_tensor_memory(lambda pipeline=pipeline: pipeline.generate([sample], gen))
+        weights = weight_bytes(large.model, guide.model if pipeline.guide is not None else None)
+        rows.append(
+            {
+                "method": method,
+                "preset": float(preset) if preset else None,
+                "n_visual": n_visual,
+                "seconds": statistics.median(t for t, _ in measured[name]),
+                "guide_seconds": statistics.median(r.guide_seconds for _, r in measured[name]),
+                "large_seconds": statistics.median(r.large_seconds for _, r in measured[name]),
+                "flops": record.flops,
+                "guide_flops": record.extra.get("guide_flops", 0.0),
+                "flops_large_alone": record.flops_large_alone,
+                "token_ratio": record.token_ratio,
+                "weights_mb": weights / 2**20,
+                "activation_peak_mb": activations / 2**20,
+                "footprint_mb": (weights + activations) / 2**20,
+            }
+        )
+    set_text_attention(large, "sdpa")
+    return rows + skipped
 
 
 @dataclass
@@ -298,13 +361,13 @@ class Plan:
     specs_name: str
     visual_counts: tuple[int, ...]
     new_tokens: int
-    repeats: int
-    isolate: bool = True  # one subprocess per end-to-end configuration
+    rounds: int
 
 
 def run_all(plan: Plan) -> dict:
     specs = SMOKE if plan.specs_name == "smoke" else FULL
     torch.set_num_threads(2)
+    guide, large = load_pair(specs)
     results: dict = {
         "machine": machine(),
         "plan": plan.__dict__,
@@ -314,38 +377,15 @@ def run_all(plan: Plan) -> dict:
     }
     settings = [(0.0, 1.0), *sorted(PAPER_PRESETS.values(), reverse=True), (0.0, 0.2), (0.5, 0.2)]
     for n in plan.visual_counts:
-        results["recording"][n] = bench_recording(specs, n, plan.new_tokens, plan.repeats)
-        results["pruning"][n] = bench_pruning(specs, n, settings, plan.repeats)
-        for method, preset in [("large_only", None)] + [
-            (m, p) for p in sorted(PAPER_PRESETS, reverse=True) for m in ("sgl", "fastv")
-        ]:
-            if plan.isolate:
-                args = (plan.specs_name, method, str(preset), str(n), str(plan.new_tokens), str(plan.repeats))
-                row = run_subprocess(*args)
-            else:  # smoke runs stay in-process: fast, but memory figures then share one process
-                row = end_to_end(plan.specs_name, method, preset, n, plan.new_tokens, plan.repeats)
-            results["end_to_end"].append(row)
+        results["recording"][n] = bench_recording(guide, n, plan.new_tokens, plan.rounds)
+        results["pruning"][n] = bench_pruning(large, n, settings, plan.rounds)
+        results["end_to_end"] += bench_end_to_end(guide, large, n, plan.new_tokens, plan.rounds)
     results["guide_to_large_flops"] = {
-        n: cost.generation_flops(text_shape(specs["guide"]), n + 20, 10)
-        / cost.generation_flops(text_shape(specs["large"]), n + 20, 10)
+        n: cost.generation_flops(text_shape(specs["guide"]), n + 20, plan.new_tokens)
+        / cost.generation_flops(text_shape(specs["large"]), n + 20, plan.new_tokens)
         for n in plan.visual_counts
     }
     return results
-
-
-def text_shape(spec: ModelSpec) -> cost.TransformerShape:
-    t = spec.text
-    head_dim = t.hidden_size // t.num_attention_heads
-    return cost.TransformerShape(
-        t.num_hidden_layers,
-        t.hidden_size,
-        t.num_attention_heads,
-        t.num_key_value_heads,
-        head_dim,
-        t.intermediate_size,
-        True,
-        600,
-    )
 
 
 def machine() -> dict:
@@ -362,16 +402,10 @@ def machine() -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("reports/benchmarks.md"))
-    parser.add_argument("--smoke", action="store_true", help="tiny models and few repeats (seconds)")
-    parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--smoke", action="store_true", help="tiny models, one round (seconds)")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    if args.worker:
-        specs_name, method, preset, n, new_tokens, repeats = args.worker
-        preset_value = None if preset == "None" else float(preset)
-        print(json.dumps(end_to_end(specs_name, method, preset_value, int(n), int(new_tokens), int(repeats))))
-        return
-    plan = Plan("smoke", (256,), 4, 1, isolate=False) if args.smoke else Plan("full", (256, 1792), 10, 3)
+    plan = Plan("smoke", (256,), 4, 1) if args.smoke else Plan("full", (256, 1792), 10, 5)
     results = run_all(plan)
     from lmms_sgl.benchmark_report import write_report
 

@@ -338,7 +338,20 @@ class SGLPipeline:
     # -- log-likelihood --------------------------------------------------------------------
     def loglikelihood(self, sample: Sample, continuation: str) -> tuple[tuple[float, bool], SampleRecord]:
         """Log-probability of ``continuation`` after the prompt, with the large model pruned by the
-        guide's prompt-only importance (no generation, no exit)."""
+        guide's prompt-only importance (no generation, no exit). If the SGL path fails, the unpruned
+        large model answers and the record says why."""
+        try:
+            return self._loglikelihood(sample, continuation, self.settings.prunes)
+        except Exception as error:  # noqa: BLE001 -- fall back, counted in the statistics
+            if not self.settings.prunes:
+                raise
+            reason = f"{type(error).__name__}: {error}"
+            logger.warning(f"{sample.task}/{sample.doc_id}: SGL log-likelihood failed ({reason}); unpruned")
+            result, record = self._loglikelihood(sample, continuation, prune=False)
+            record.fallback = reason
+            return result, record
+
+    def _loglikelihood(self, sample: Sample, continuation: str, prune: bool):
         record = SampleRecord(sample.task, sample.doc_id)
         scorer = self.guide if self.settings.method == "guide_only" else self.large
         start = time.perf_counter()
@@ -354,7 +367,7 @@ class SGLPipeline:
         visual = input_ids == scorer.image_token_id
         n_visual = int(visual.sum())
         plan, recorder = None, None
-        prune = self.settings.prunes and scorer is self.large and n_visual > 0
+        prune = prune and scorer is self.large and n_visual > 0
         with torch.no_grad():
             if prune:
                 scores = None

@@ -80,3 +80,20 @@ def test_vision_tower_flops_match_flop_counter(eager_large):
         model.model.vision_tower(pixel_values=inputs.pixel_values)
     analytic = images * cost.vit_flops(shape, tokens, patch, patches)
     assert analytic == pytest.approx(counter.get_total_flops(), rel=0.05)
+
+
+def test_consistency_pass_flops_match_flop_counter(models_dir):
+    from lmms_sgl.method.guide import consistency_pass, run_guide
+    from lmms_sgl.method.selection import keep_count
+
+    model, processor = load(models_dir / "internvl-guide", "eager")
+    inputs = batch(processor, (0,))
+    vis = inputs.input_ids == model.config.image_token_id
+    text_model = model.model.language_model
+    run = run_guide(model, text_model, inputs, vis, 4, [processor.tokenizer.eos_token_id])
+    shape = cost.TransformerShape.from_text_config(model.config.text_config)
+    with FlopCounterMode(display=False) as counter:
+        consistency_pass(model, text_model, run, 0.05)
+    n_visual, length = int(vis.sum()), int(run.lengths[0])
+    kept = inputs.input_ids.shape[1] - n_visual + keep_count(n_visual, 0.05) + length
+    assert cost.prefill_flops(shape, kept, logits=kept) == pytest.approx(text_flops(counter), rel=0.05)

@@ -183,3 +183,15 @@ def test_beam_search_expands_the_keep_plan(pair):
     )
     alone = SGLPipeline(large, None, SGLSettings(method="large_only")).generate(samples()[:2], gen)
     assert answers(keep_all) == answers(alone)
+
+
+def test_loglikelihood_falls_back_to_the_unpruned_model(pair, monkeypatch):
+    guide, large = pair
+    pipeline = SGLPipeline(large, guide, SGLSettings(prune_layer=0.5, keep_ratio=0.2))
+    monkeypatch.setattr(pipeline, "_guide_prompt_importance", lambda sample: 1 / 0)
+    (value, _), record = pipeline.loglikelihood(samples()[0], " red")
+    (alone, _), _ = SGLPipeline(large, None, SGLSettings(method="large_only")).loglikelihood(
+        samples()[0], " red"
+    )
+    assert "ZeroDivisionError" in record.fallback and value == pytest.approx(alone, abs=1e-5)
+    assert record.kept_visual == record.total_visual

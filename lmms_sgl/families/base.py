@@ -118,6 +118,7 @@ class HFVisionLanguageFamily:
         dtype: torch.dtype,
         device_map: str | dict | None,
         text_attention: str,
+        max_memory: dict | None = None,
     ) -> LoadedVLM:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -125,6 +126,7 @@ class HFVisionLanguageFamily:
             path,
             dtype=dtype,
             device_map=device_map,
+            max_memory=max_memory,
             attn_implementation={"text_config": text_attention, "vision_config": "sdpa"},
         ).eval()
         processor = AutoProcessor.from_pretrained(path)

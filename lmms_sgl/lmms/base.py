@@ -9,6 +9,7 @@ so with ``method=large_only`` answers equal those of ``internvl_hf`` / ``llava_h
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import defaultdict
 
@@ -62,13 +63,13 @@ class SGLModel(lmms):
         self.accelerator = Accelerator()
         self._rank = self.accelerator.process_index
         self._world_size = self.accelerator.num_processes
-        self._device, device_map = self._placement()
+        self._device, placement = self._placement()
         dtype = resolve_dtype(self.args.dtype, self._device)
         settings = self.args.settings
         large_attention = ATTENTION_NAME if settings.method == "fastv" else self.args.attn_implementation
-        logger.info(f"SGL {settings} | large={self.args.pretrained} guide={self.args.guide} on {device_map}")
+        logger.info(f"SGL {settings} | large={self.args.pretrained} guide={self.args.guide} on {placement}")
         large = self.family.load(
-            self.args.pretrained, dtype=dtype, device_map=device_map, text_attention=large_attention
+            self.args.pretrained, dtype=dtype, text_attention=large_attention, **placement
         )
         guide = None
         if self.args.guide is not None:
@@ -80,22 +81,26 @@ class SGLModel(lmms):
         self._seconds = 0.0
 
     # -- placement -------------------------------------------------------------------------
-    def _placement(self) -> tuple[torch.device, str | dict]:
-        """One model copy per process on its own device; ``device_map=auto`` spreads the large model
-        over the GPUs of this process (all of them when single-process)."""
+    def _placement(self) -> tuple[torch.device, dict]:
+        """Where the large model goes: one copy per process on its own device, or spread over this
+        process's share of the GPUs with ``device_map=auto`` (all GPUs when single-process).
+        Returns the first device and the ``from_pretrained`` placement arguments."""
         args = self.args
         if self._world_size > 1:
             device = self.accelerator.device
             if args.device_map == "auto" and device.type == "cuda":
-                per_rank = torch.cuda.device_count() // self.accelerator.num_processes
+                local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", self.accelerator.num_processes))
+                per_rank = max(torch.cuda.device_count() // local_processes, 1)
                 first = self.accelerator.local_process_index * per_rank
-                gpus = range(first, first + max(per_rank, 1))
-                memory = {i: torch.cuda.get_device_properties(i).total_memory for i in gpus}
+                memory = {
+                    i: torch.cuda.get_device_properties(i).total_memory
+                    for i in range(first, first + per_rank)
+                }
                 return torch.device(f"cuda:{first}"), {"device_map": "auto", "max_memory": memory}
-            return device, str(device)
+            return device, {"device_map": str(device)}
         default = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(args.device or default)
-        return device, args.device_map or str(device)
+        return device, {"device_map": args.device_map or str(device)}
 
     @property
     def device(self) -> torch.device:
@@ -180,11 +185,18 @@ class SGLModel(lmms):
         results = []
         for request in tqdm(requests, disable=self.rank != 0, desc="SGL log-likelihood"):
             context, target, doc_to_visual, doc_id, task, split = request.args[:6]
-            doc = self.task_dict[task][split][doc_id]
-            continuation = target(doc) if callable(target) else target
-            sample = self._sample(request)
             begin = time.perf_counter()
-            (logprob, greedy), record = self.pipeline.loglikelihood(sample, str(continuation))
+            try:
+                doc = self.task_dict[task][split][doc_id]
+                continuation = target(doc) if callable(target) else target
+                (logprob, greedy), record = self.pipeline.loglikelihood(
+                    self._sample(request), str(continuation)
+                )
+            except Exception as error:  # noqa: BLE001 -- counted as failed, the run goes on
+                logprob, greedy = float("-inf"), False
+                record = SampleRecord(task, doc_id, fallback=f"{type(error).__name__}: {error}")
+                record.extra["failed"] = True
+                logger.error(f"{task}/{doc_id}: log-likelihood failed: {record.fallback}")
             self._seconds += time.perf_counter() - begin
             data = record.as_dict() if request.metadata.get("__padding_only__") else self._keep(record)
             results.append(GenerationResult(text=(logprob, greedy), token_counts=SGLTokenCounts(0, data)))

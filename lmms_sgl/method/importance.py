@@ -60,22 +60,22 @@ def register_attention() -> str:
 register_attention()
 
 
-def additive_mask_rows(
+def allowed_keys(
     attention_mask: torch.Tensor | None, rows: slice, q_len: int, kv_len: int, device: torch.device
-) -> torch.Tensor:
-    """The mask for query ``rows`` as an additive fp32 tensor broadcastable to ``[B, H, rows, kv]``.
+) -> torch.Tensor | None:
+    """Which keys the query ``rows`` may see, as a bool tensor broadcastable to ``[B, H, rows, kv]``
+    (or an additive float mask, passed through); ``None`` when every key is visible.
 
-    ``None`` means causal without padding (SDPA's ``is_causal``): query i of a block of ``q_len``
-    queries ending at key ``kv_len - 1`` sees keys ``<= kv_len - q_len + i``.
+    A ``None`` attention mask means causal without padding (SDPA's ``is_causal``): query i of a block
+    of ``q_len`` queries ending at key ``kv_len - 1`` sees keys ``<= kv_len - q_len + i``; a single
+    query (a decode step) sees every key.
     """
     if attention_mask is None:
+        if q_len == 1:
+            return None
         query_pos = torch.arange(q_len, device=device)[rows] + (kv_len - q_len)
-        allowed = torch.arange(kv_len, device=device)[None, :] <= query_pos[:, None]
-        return torch.zeros(allowed.shape, device=device).masked_fill(~allowed, float("-inf"))[None, None]
-    mask = attention_mask[:, :, rows, :kv_len]
-    if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, device=device).masked_fill(~mask, float("-inf"))
-    return mask.float()
+        return (torch.arange(kv_len, device=device)[None, :] <= query_pos[:, None])[None, None]
+    return attention_mask[:, :, rows, :kv_len]
 
 
 def attention_probabilities(
@@ -83,14 +83,21 @@ def attention_probabilities(
 ) -> torch.Tensor:
     """Softmax probabilities ``[B, H, rows, kv]`` in fp32 for the selected query rows over all keys.
 
-    Grouped-query attention is handled by grouping query heads over their shared key head, which is
-    what ``repeat_kv`` does, without materialising the repeated keys.
+    As eager attention does: scores in the model's dtype, softmax in fp32. Grouped-query attention is
+    handled by grouping query heads over their shared key head (what ``repeat_kv`` does) without
+    materialising the repeated keys. Kept to a handful of ops: it runs in every layer at every step.
     """
-    batch, heads, q_len, head_dim = query.shape
+    batch, heads, _, head_dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
-    q = query[:, :, rows].float().reshape(batch, kv_heads, heads // kv_heads, -1, head_dim)
-    scores = torch.einsum("bgrqd,bgkd->bgrqk", q, key.float()).reshape(batch, heads, -1, kv_len) * scaling
-    scores = scores + additive_mask_rows(attention_mask, rows, q_len, kv_len, query.device)
+    q = (query[:, :, rows] * scaling).reshape(batch, kv_heads, heads // kv_heads, -1, head_dim)
+    scores = torch.matmul(q, key.unsqueeze(2).transpose(-1, -2)).reshape(batch, heads, -1, kv_len).float()
+    allowed = allowed_keys(attention_mask, rows, query.shape[2], kv_len, query.device)
+    if allowed is None:
+        return torch.softmax(scores, dim=-1)
+    if allowed.dtype == torch.bool:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    else:
+        scores = scores + allowed.float()
     return torch.softmax(scores, dim=-1).nan_to_num(0.0)  # fully masked (padding) rows -> 0
 
 
@@ -158,9 +165,11 @@ class AttentionRecorder:
         step = self._decode_calls.get(layer_idx, 0)
         self._decode_calls[layer_idx] = step + 1
         if step == len(self.decode_steps):
-            self.decode_steps.append(torch.zeros_like(self.prefill))
+            self.decode_steps.append(
+                torch.zeros(self.prefill.shape, dtype=torch.float32, device=query.device)
+            )
         probs = attention_probabilities(query, key, attention_mask, slice(0, 1), scaling)
-        self.decode_steps[step] += probs[..., :prompt].sum(dim=(1, 2)).to(self.prefill.device)
+        self.decode_steps[step] += probs[..., :prompt].sum(dim=(1, 2))
 
     def finalize(self, fed_tokens: torch.Tensor | list[int] | None = None) -> torch.Tensor:
         """Attention mass per prompt key, ``[B, P]`` fp32.
@@ -171,7 +180,7 @@ class AttentionRecorder:
         total = self.prefill.clone()
         if not self.decode_steps:
             return total
-        steps = torch.stack(self.decode_steps)  # [S, B, P]
+        steps = torch.stack(self.decode_steps).to(total.device)  # [S, B, P]
         if fed_tokens is None:
             return total + steps.sum(0)
         fed = torch.as_tensor(fed_tokens, device=steps.device).clamp(min=0)
