@@ -165,3 +165,12 @@ def test_exit_decision():
     assert score.tolist() == pytest.approx([0.7, 0.2])
     assert should_exit(score, 0.6).tolist() == [True, False]
     assert should_exit(score, None).tolist() == [False, False]
+
+
+def test_stop_string_search_matches_a_linear_scan(guides):
+    _, _, processor = guides
+    tok = processor.tokenizer
+    ids = tok("red blue\n\ngreen yellow\n\nmore", add_special_tokens=False).input_ids
+    linear = next(i for i in range(1, len(ids) + 1) if "\n\n" in tok.decode(ids[:i]))
+    assert answer_lengths(torch.tensor([ids]), [tok.eos_token_id], tok, ["\n\n"]).tolist() == [linear]
+    assert answer_lengths(torch.tensor([ids]), [tok.eos_token_id], tok, ["absent"]).tolist() == [len(ids)]

@@ -72,13 +72,29 @@ def answer_lengths(
                 length = i + 1
                 break
         if stop_strings and tokenizer is not None:
-            for i in range(1, length + 1):
-                text = tokenizer.decode(row[:i], skip_special_tokens=True)
-                if any(s and s in text for s in stop_strings):
-                    length = i
-                    break
+            length = _shortest_prefix_with_stop(row[:length], tokenizer, stop_strings) or length
         lengths.append(length)
     return torch.tensor(lengths, dtype=torch.long)
+
+
+def _shortest_prefix_with_stop(tokens: list[int], tokenizer, stop_strings: Sequence[str]) -> int | None:
+    """Fewest leading tokens whose text contains a stop string (binary search: once a prefix
+    contains one, every longer prefix does), or ``None``."""
+
+    def stops(n: int) -> bool:
+        text = tokenizer.decode(tokens[:n], skip_special_tokens=True)
+        return any(s and s in text for s in stop_strings)
+
+    if not tokens or not stops(len(tokens)):
+        return None
+    low, high = 1, len(tokens)
+    while low < high:
+        middle = (low + high) // 2
+        if stops(middle):
+            high = middle
+        else:
+            low = middle + 1
+    return low
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
