@@ -7,8 +7,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lmms-sgl-installed
-MODELS_DIR ?= .cache/models
-OUT_DIR ?= .cache/demo
+# configs/demo.yaml expects the bundled checkpoints here
+MODELS_DIR := .cache/models
 
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
@@ -28,11 +28,7 @@ $(MODELS_DIR)/internvl-large/model.safetensors: $(STAMP) lmms_sgl/factory.py
 	$(BIN)/lmms-sgl-build-models --out $(MODELS_DIR)
 
 demo: $(STAMP) $(MODELS_DIR)/internvl-large/model.safetensors
-	$(BIN)/lmms-eval --model sgl_internvl2 \
-	  --model_args pretrained=$(MODELS_DIR)/internvl-large,guide=$(MODELS_DIR)/internvl-guide,prune_layer=0.5,keep_ratio=0.2,exit_threshold=0.0016,max_tiles=6 \
-	  --tasks sgl_smoke,sgl_smoke_mc --include_path tasks --batch_size 4 \
-	  --output_path $(OUT_DIR) --log_samples --verbosity INFO \
-	  --wandb_args project=lmms-sgl-demo,mode=offline,dir=$(OUT_DIR)
+	$(BIN)/lmms-eval --config configs/demo.yaml --wandb_args project=lmms-sgl-demo,mode=offline,dir=.cache/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
