@@ -12,6 +12,8 @@ with the same visual-token layout for the same image, which is what SGL needs:
 * InternVL (``InternVLForConditionalGeneration``, Qwen2 text model): 448 px tiles, patch 14, pixel
   shuffle 0.5, so 256 tokens per tile; dynamic tiling up to ``max_patches`` tiles plus a thumbnail.
 * LLaVA (``LlavaForConditionalGeneration``, CLIP vision + Llama text): 224 px, patch 14, 256 tokens.
+* LLaVA-OneVision (``LlavaOnevisionForConditionalGeneration``, SigLIP + Qwen2): 112 px crops of 64
+  tokens, any-resolution grid up to 2 x 2 crops plus the base image, image-newline tokens.
 
 Command line: ``lmms-sgl-build-models --out models/`` (``--help`` lists the specs).
 """
@@ -75,6 +77,7 @@ class ModelSpec:
     vision: VisionSpec
     seed: int
     max_patches: int = 6  # InternVL dynamic tiling: tiles besides the thumbnail
+    variant: str = "default"  # llava: "default" (LLaVA-1.5 layout) or "onevision" (any-resolution)
 
     @property
     def description(self) -> str:
@@ -120,8 +123,29 @@ SPECS: dict[str, ModelSpec] = {
             VisionSpec(64, 2, 4, 128),
             seed=22,
         ),
+        ModelSpec(
+            "llava-ov-guide",
+            "llava",
+            "guide",
+            TextSpec(64, 2, 4, 2, 128),
+            VisionSpec(32, 1, 2, 64),
+            seed=23,
+            variant="onevision",
+        ),
+        ModelSpec(
+            "llava-ov-large",
+            "llava",
+            "large",
+            TextSpec(128, 4, 8, 2, 256),
+            VisionSpec(64, 2, 4, 128),
+            seed=24,
+            variant="onevision",
+        ),
     )
 }
+# LLaVA-OneVision: SigLIP crops of 112 px (64 tokens each), any-resolution grid up to 2 x 2 crops
+# plus the base image, image-newline tokens; the processor's token count matches the model's.
+ONEVISION_GRID = [[112, 112], [112, 224], [224, 112], [224, 224]]
 
 INTERNVL_SPECIAL = {
     "bos": None,
@@ -219,6 +243,23 @@ def build_processor(spec: ModelSpec):
             image_seq_length=256,
             chat_template=INTERNVL_CHAT_TEMPLATE,
         )
+    if spec.variant == "onevision":
+        from transformers import (
+            LlavaOnevisionImageProcessor,
+            LlavaOnevisionProcessor,
+            LlavaOnevisionVideoProcessor,
+        )
+
+        return LlavaOnevisionProcessor(
+            image_processor=LlavaOnevisionImageProcessor(
+                size={"height": 112, "width": 112}, image_grid_pinpoints=ONEVISION_GRID
+            ),
+            tokenizer=tokenizer,
+            video_processor=LlavaOnevisionVideoProcessor(),
+            num_image_tokens=64,
+            vision_feature_select_strategy="full",
+            chat_template=LLAVA_CHAT_TEMPLATE,
+        )
     from transformers import CLIPImageProcessor, LlavaProcessor
 
     image_processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
@@ -255,6 +296,18 @@ def build_config(spec: ModelSpec, tokenizer):
             image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
             image_seq_length=256,
             downsample_ratio=0.5,
+            tie_word_embeddings=False,
+        )
+    if spec.variant == "onevision":
+        from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+        return LlavaOnevisionConfig(
+            vision_config=SiglipVisionConfig(image_size=112, patch_size=14, **vision),
+            text_config=Qwen2Config(**common_text),
+            image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+            image_grid_pinpoints=ONEVISION_GRID,
+            vision_feature_select_strategy="full",
+            vision_feature_layer=-1,
             tie_word_embeddings=False,
         )
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from lmms_sgl.method import cost
@@ -97,3 +98,31 @@ def test_consistency_pass_flops_match_flop_counter(models_dir):
     n_visual, length = int(vis.sum()), int(run.lengths[0])
     kept = inputs.input_ids.shape[1] - n_visual + keep_count(n_visual, 0.05) + length
     assert cost.prefill_flops(shape, kept, logits=kept) == pytest.approx(text_flops(counter), rel=0.05)
+
+
+@pytest.mark.parametrize(
+    "family,name", [("internvl", "internvl-large"), ("llava", "llava-large"), ("llava", "llava-ov-large")]
+)
+def test_family_vision_and_text_flops_match_flop_counter(models_dir, family, name):
+    """Vision tower + projector (per family, any-resolution crops included) + text prefill."""
+    from PIL import Image
+
+    from lmms_sgl.families import InternVLFamily, LlavaFamily, Prompt
+
+    adapter = (InternVLFamily if family == "internvl" else LlavaFamily)(max_tiles=6)
+    loaded = adapter.load(
+        str(models_dir / name), dtype=torch.float32, device_map="cpu", text_attention="eager"
+    )
+    loaded.model.set_attn_implementation("eager")  # CPU SDPA is invisible to the flop counter
+    prompts = [
+        Prompt("What?", [Image.new("RGB", (300, 120), "red")]),
+        Prompt("Two?", [Image.new("RGB", (90, 90), "blue"), Image.new("RGB", (100, 250), "green")]),
+    ]
+    inputs = adapter.build_batch(loaded, prompts)
+    n_visual = (inputs["input_ids"] == loaded.image_token_id).sum(1).tolist()
+    vision = adapter.vision_flops(loaded, inputs, [1, 2], n_visual)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        loaded.model(**inputs)
+    length = inputs["input_ids"].shape[1]  # both rows run at the padded length
+    analytic = sum(vision) + 2 * cost.prefill_flops(loaded.text_shape, length, logits=length)
+    assert analytic == pytest.approx(counter.get_total_flops(), rel=0.05)

@@ -169,7 +169,8 @@ class AttentionRecorder:
                 torch.zeros(self.prefill.shape, dtype=torch.float32, device=query.device)
             )
         probs = attention_probabilities(query, key, attention_mask, slice(0, 1), scaling)
-        self.decode_steps[step] += probs[..., :prompt].sum(dim=(1, 2))
+        buffer = self.decode_steps[step]  # layers may sit on several devices (device_map=auto)
+        buffer += probs[..., :prompt].sum(dim=(1, 2)).to(buffer.device)
 
     def finalize(self, fed_tokens: torch.Tensor | list[int] | None = None) -> torch.Tensor:
         """Attention mass per prompt key, ``[B, P]`` fp32.

@@ -209,8 +209,3 @@ class VisualTokenPruner:
         )[:, None, None, :]
         mask = None if kind == "bool" and bool(plan.valid.all()) else format_mask(allowed, kind, hidden.dtype)
         self._state = _ForwardState(plan, {"attention_mask": mask}, decoding=True, armed=self._state.armed)
-
-
-def original_positions(plan: KeepPlan) -> torch.Tensor:
-    """Original position of each pruned slot (for mapping logits back); padding slots -> -1."""
-    return torch.where(plan.valid, plan.index, torch.full_like(plan.index, -1))

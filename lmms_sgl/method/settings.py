@@ -86,15 +86,3 @@ class SGLSettings:
         if not self.prunes:
             return 1.0
         return token_ratio(self.layer_k(num_layers), num_layers, self.keep_ratio)
-
-
-def check_same_visual_counts(guide_counts: list[int], large_counts: list[int]) -> None:
-    """SGL transfers importance by visual-token index: both models must see equally many tokens."""
-    from lmms_sgl.method.selection import LayoutMismatchError
-
-    for index, (guide, large) in enumerate(zip(guide_counts, large_counts, strict=True)):
-        if guide != large:
-            raise LayoutMismatchError(
-                f"sample {index}: guide has {guide} visual tokens, large model has {large}; they must be "
-                "equal (same tile size, patch size, pixel shuffle, thumbnail and max tiles)"
-            )
