@@ -5,6 +5,9 @@
 * ``sgl_gqa_local``: the same kind of question stored in GQA's schema (``id``, ``imageId``,
   ``question``, ``answer``, ``fullAnswer``, ``image``) so that the task reuses lmms-eval's own GQA
   prompt and visual functions, proving compatibility with the real task code.
+* ``sgl_shapes`` / ``sgl_shapes_wide``: the test split of the procedural benchmark in
+  ``lmms_sgl.proving.shapes`` (several small objects, answers need local evidence), on 448 px
+  square images (both families) and on 896 x 448 images (InternVL: 2 tiles plus a thumbnail).
 
 Everything is deterministic from the seed. Regenerate the shipped files with
 ``python -m lmms_sgl.local_tasks --tasks-dir tasks``.
@@ -103,10 +106,21 @@ def write_parquet(records: list[dict], path: Path) -> Path:
     return path
 
 
+def shapes_records(n: int, width: int, height: int) -> list[dict]:
+    from lmms_sgl.proving.shapes import split
+
+    return [
+        {key: r[key] for key in ("id", "question", "answer", "type", "image")}
+        for r in split("test", n, width, height)
+    ]
+
+
 def write_all(tasks_dir: Path) -> list[Path]:
     return [
         write_parquet(smoke_records(), tasks_dir / "sgl_smoke" / "data" / "test.parquet"),
         write_parquet(gqa_schema_records(), tasks_dir / "sgl_gqa_local" / "data" / "testdev.parquet"),
+        write_parquet(shapes_records(300, 448, 448), tasks_dir / "sgl_shapes" / "data" / "test.parquet"),
+        write_parquet(shapes_records(150, 896, 448), tasks_dir / "sgl_shapes_wide" / "data" / "test.parquet"),
     ]
 
 

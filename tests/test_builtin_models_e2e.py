@@ -13,12 +13,16 @@ from tests.helpers import run_lmms_eval
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model,family", [("internvl_hf", "internvl"), ("llava_hf", "llava")])
-def test_builtin_model_runs_local_tasks_offline(tmp_path, models_dir, tasks_dir, model, family):
+@pytest.mark.parametrize(
+    "model,family,shapes_task",
+    [("internvl_hf", "internvl", "sgl_shapes_wide"), ("llava_hf", "llava", "sgl_shapes")],
+)
+def test_builtin_model_runs_local_tasks_offline(tmp_path, models_dir, tasks_dir, model, family, shapes_task):
     out = tmp_path / "out"
     args = f"pretrained={models_dir / f'{family}-large'},device=cpu,device_map=cpu"
-    results, _ = run_lmms_eval(model, args, "sgl_smoke,sgl_gqa_local", tasks_dir, out, "--limit", "3")
-    for task in ("sgl_smoke", "sgl_gqa_local"):
+    tasks = f"sgl_smoke,sgl_gqa_local,{shapes_task}"
+    results, _ = run_lmms_eval(model, args, tasks, tasks_dir, out, "--limit", "3")
+    for task in tasks.split(","):
         assert "exact_match,none" in results["results"][task]
         samples = sorted(out.rglob(f"*_samples_{task}.jsonl"))
         assert samples, f"no samples log for {task}"

@@ -56,7 +56,8 @@ def test_plain_lmms_eval_cli_lists_our_tasks():
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "sgl_smoke" in done.stdout and "sgl_gqa_local" in done.stdout
+    for task in ("sgl_smoke", "sgl_smoke_mc", "sgl_gqa_local", "sgl_shapes", "sgl_shapes_wide"):
+        assert task in done.stdout, task
     helped = subprocess.run([str(exe), "eval", "--help"], capture_output=True, text=True, timeout=300)
     assert helped.returncode == 0 and "--model" in helped.stdout, helped.stderr[-2000:]
 

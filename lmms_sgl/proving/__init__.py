@@ -1,0 +1,1 @@
+"""Proving ground: a procedural VQA benchmark (and, later, trained small model pairs)."""

@@ -1,0 +1,172 @@
+"""A procedural VQA benchmark whose answers depend on small regions of the image.
+
+Each scene holds several small objects (shape, colour, size, position) on a cluttered background;
+each question needs the evidence of one or a few objects and has a single-word answer. Everything
+is a pure function of a seed, so splits are reproducible and disjoint (different seed ranges).
+
+The scene keeps its objects' boxes so that training code can derive dense per-patch labels
+(:func:`patch_labels`), e.g. to pretrain a vision tower before the full VLM.
+
+Question types (answers in brackets):
+* ``color``: "What color is the {size} {shape}?" [colour], the object unique by size and shape;
+* ``shape``: "What shape is the {color} object?" [shape], the colour unique in the scene;
+* ``count``: "How many {color} objects are there?" [zero..four];
+* ``exists``: "Is there a {color} {shape}?" [yes/no].
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 60),
+    "blue": (40, 60, 220),
+    "yellow": (235, 200, 20),
+    "purple": (140, 50, 170),
+    "orange": (245, 130, 20),
+}
+SHAPES = ("circle", "square", "triangle", "cross")
+SIZES = {"small": 0.09, "large": 0.16}  # object extent as a fraction of the shorter image side
+COUNT_WORDS = ("zero", "one", "two", "three", "four")
+QUESTION_TYPES = ("color", "shape", "count", "exists")
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    shape: str
+    color: str
+    size: str
+    box: tuple[int, int, int, int]  # left, top, right, bottom in pixels
+
+
+@dataclass(frozen=True)
+class Scene:
+    width: int
+    height: int
+    objects: tuple[SceneObject, ...]
+    seed: int
+
+
+def make_scene(seed: int, width: int = 448, height: int = 448, objects: tuple[int, int] = (3, 6)) -> Scene:
+    """Non-overlapping objects placed on a coarse grid with jitter."""
+    rng = random.Random(seed)
+    cells_x, cells_y = max(2, width // 112), max(2, height // 112)
+    cells = [(x, y) for x in range(cells_x) for y in range(cells_y)]
+    rng.shuffle(cells)
+    placed = []
+    for cell_x, cell_y in cells[: rng.randint(*objects)]:
+        size = rng.choice(sorted(SIZES))
+        extent = int(min(width, height) * SIZES[size])
+        cell_w, cell_h = width // cells_x, height // cells_y
+        left = cell_x * cell_w + rng.randint(0, max(0, cell_w - extent - 1))
+        top = cell_y * cell_h + rng.randint(0, max(0, cell_h - extent - 1))
+        placed.append(
+            SceneObject(
+                rng.choice(SHAPES), rng.choice(sorted(COLORS)), size, (left, top, left + extent, top + extent)
+            )
+        )
+    return Scene(width, height, tuple(placed), seed)
+
+
+def render(scene: Scene) -> Image.Image:
+    """Light noisy background, grey distractor strokes, then the objects."""
+    rng = random.Random(scene.seed * 7919 + 1)
+    image = Image.new("RGB", (scene.width, scene.height), tuple(rng.randint(215, 245) for _ in range(3)))
+    draw = ImageDraw.Draw(image)
+    for _ in range(rng.randint(6, 14)):  # clutter that carries no answer
+        x, y = rng.randrange(scene.width), rng.randrange(scene.height)
+        shade = rng.randint(150, 200)
+        draw.line((x, y, x + rng.randint(-40, 40), y + rng.randint(-40, 40)), fill=(shade,) * 3, width=2)
+    for obj in scene.objects:
+        _draw(draw, obj)
+    return image
+
+
+def _draw(draw: ImageDraw.ImageDraw, obj: SceneObject) -> None:
+    left, top, right, bottom = obj.box
+    fill = COLORS[obj.color]
+    if obj.shape == "circle":
+        draw.ellipse(obj.box, fill=fill)
+    elif obj.shape == "square":
+        draw.rectangle(obj.box, fill=fill)
+    elif obj.shape == "triangle":
+        draw.polygon([((left + right) // 2, top), (left, bottom), (right, bottom)], fill=fill)
+    else:
+        third_w, third_h = (right - left) // 3, (bottom - top) // 3
+        draw.rectangle((left + third_w, top, right - third_w, bottom), fill=fill)
+        draw.rectangle((left, top + third_h, right, bottom - third_h), fill=fill)
+
+
+def questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
+    """All answerable ``(type, question, answer)`` triples for a scene (unambiguous ones only)."""
+    out = []
+    objects = scene.objects
+    for obj in objects:
+        if sum(o.shape == obj.shape and o.size == obj.size for o in objects) == 1:
+            out.append(("color", f"What color is the {obj.size} {obj.shape}?", obj.color))
+        if sum(o.color == obj.color for o in objects) == 1:
+            out.append(("shape", f"What shape is the {obj.color} object?", obj.shape))
+    present_colors = sorted({o.color for o in objects})
+    absent_colors = sorted(set(COLORS) - set(present_colors))
+    for color in present_colors + absent_colors[:1]:  # mostly present colours: no "zero" prior
+        count = sum(o.color == color for o in objects)
+        if count < len(COUNT_WORDS):
+            out.append(("count", f"How many {color} objects are there?", COUNT_WORDS[count]))
+    pairs = {(o.color, o.shape) for o in objects}
+    if objects and rng.random() < 0.5:  # yes and no equally often
+        obj = rng.choice(objects)
+        out.append(("exists", f"Is there a {obj.color} {obj.shape}?", "yes"))
+    else:
+        absent = [(c, s) for c in sorted(COLORS) for s in SHAPES if (c, s) not in pairs]
+        color, shape = rng.choice(absent)
+        out.append(("exists", f"Is there a {color} {shape}?", "no"))
+    return out
+
+
+def sample(seed: int, width: int = 448, height: int = 448, types: tuple[str, ...] = QUESTION_TYPES) -> dict:
+    """One benchmark record for ``seed``: image, question, answer, type and the scene itself."""
+    scene = make_scene(seed, width, height)
+    rng = random.Random(seed * 104729 + 3)
+    by_type: dict[str, list] = {}
+    for kind, question, answer in questions(scene, rng):
+        by_type.setdefault(kind, []).append((question, answer))
+    kind = rng.choice([t for t in types if t in by_type])
+    question, answer = rng.choice(by_type[kind])
+    return {
+        "id": f"shapes-{seed}",
+        "image": render(scene),
+        "question": question,
+        "answer": answer,
+        "type": kind,
+        "scene": scene,
+    }
+
+
+SPLIT_SEEDS = {"train": 0, "validation": 10_000_000, "test": 20_000_000}
+
+
+def split(name: str, n: int, width: int = 448, height: int = 448) -> list[dict]:
+    """``n`` records of a split; the splits use disjoint seed ranges."""
+    base = SPLIT_SEEDS[name]
+    return [sample(base + i, width, height) for i in range(n)]
+
+
+def patch_labels(scene: Scene, grid_w: int, grid_h: int) -> list[list[tuple[str, str] | None]]:
+    """Per-patch ``(color, shape)`` of the object covering the patch centre, or ``None``: dense
+    targets for pretraining a vision tower on the same images."""
+    labels = []
+    for row in range(grid_h):
+        y = (row + 0.5) * scene.height / grid_h
+        line = []
+        for col in range(grid_w):
+            x = (col + 0.5) * scene.width / grid_w
+            hit = next(
+                (o for o in scene.objects if o.box[0] <= x < o.box[2] and o.box[1] <= y < o.box[3]), None
+            )
+            line.append((hit.color, hit.shape) if hit else None)
+        labels.append(line)
+    return labels
