@@ -21,14 +21,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "green": (30, 170, 60),
-    "blue": (40, 60, 220),
-    "yellow": (240, 210, 30),
-    "purple": (140, 50, 170),
-    "orange": (245, 140, 20),
-}
+from lmms_sgl.palette import COLORS
+
 SHAPES = ("circle", "square", "triangle")
 # (width, height): 1 tile, 2-6 tiles plus a thumbnail for InternVL; always 256 tokens for LLaVA.
 IMAGE_SIZES = ((448, 448), (640, 480), (896, 448), (448, 1344), (300, 200), (1000, 1000), (1344, 448))

@@ -21,14 +21,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "green": (30, 160, 60),
-    "blue": (40, 60, 220),
-    "yellow": (235, 200, 20),
-    "purple": (140, 50, 170),
-    "orange": (245, 130, 20),
-}
+from lmms_sgl.palette import COLORS
+
 SHAPES = ("circle", "square", "triangle", "cross")
 SIZES = {"small": 0.09, "large": 0.16}  # object extent as a fraction of the shorter image side
 COUNT_WORDS = ("zero", "one", "two", "three", "four")

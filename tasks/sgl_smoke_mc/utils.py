@@ -1,6 +1,6 @@
 """The smoke questions as multiple choice over the colour names (scored by log-likelihood)."""
 
-from lmms_sgl.local_tasks import COLORS
+from lmms_sgl.palette import COLORS
 
 CHOICES = sorted(COLORS)
 
