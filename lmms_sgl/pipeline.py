@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from loguru import logger
@@ -130,7 +132,27 @@ class SGLPipeline:
         self.large, self.guide, self.settings = large, guide, settings
         self.layer_k = settings.layer_k(large.num_layers) if settings.prunes else None
         self.pruner = VisualTokenPruner(large.text_model, self.layer_k) if settings.prunes else None
-        self._guide_prompt_cost = 0.0
+
+    @staticmethod
+    def _layout(loaded: LoadedVLM, inputs: dict, samples: list[Sample]) -> tuple[list, list, list]:
+        """Per sample: visual-token count, real (unpadded) prompt length, vision-tower FLOPs."""
+        n_visual = (inputs["input_ids"] == loaded.image_token_id).sum(1).tolist()
+        real = inputs["attention_mask"].sum(1).tolist()
+        vision = loaded.family.vision_flops(loaded, inputs, [len(s.prompt.images) for s in samples], n_visual)
+        return n_visual, real, vision
+
+    @contextmanager
+    def _pruned(
+        self, samples, records, inputs, visual, scores, fastv_rows=None
+    ) -> Iterator[VisualTokenPruner]:
+        """The large model with this method's keep plan armed (and FastV's recorder active)."""
+        source, recorder = self._plan_source(samples, records, inputs, visual, scores, fastv_rows)
+        with ExitStack() as stack:
+            stack.enter_context(self.pruner.installed())
+            if recorder is not None:
+                stack.enter_context(recorder.active())
+            self.pruner.arm(source)
+            yield self.pruner
 
     # -- generation ------------------------------------------------------------------------
     def generate(self, samples: list[Sample], gen: GenerationSettings) -> list[SampleRecord]:
@@ -203,10 +225,8 @@ class SGLPipeline:
         exited = should_exit(scores, self.settings.exit_threshold).tolist()
         seconds = (time.perf_counter() - start) / len(samples)
 
-        n_visual = visual.sum(1).tolist()
-        real = inputs["attention_mask"].sum(1).tolist()
+        n_visual, real, vision = self._layout(guide, inputs, samples)
         rows = prompt_rows_from_last_visual(visual, inputs["attention_mask"]).sum(1).tolist()
-        vision = guide.family.vision_flops(guide, inputs, [len(s.prompt.images) for s in samples], n_visual)
         shape = guide.text_shape
         for b, record in enumerate(records):
             length = int(run.lengths[b])
@@ -237,24 +257,24 @@ class SGLPipeline:
         if not samples:
             return
         inputs = self.large.family.build_batch(self.large, [s.prompt for s in samples])
-        visual = inputs["input_ids"] == self.large.image_token_id
-        n_visual = visual.sum(1).tolist()
-        vision = self.large.family.vision_flops(
-            self.large, inputs, [len(s.prompt.images) for s in samples], n_visual
-        )
-        real = inputs["attention_mask"].sum(1).tolist()
+        n_visual, real, vision = self._layout(self.large, inputs, samples)
         for b, record in enumerate(records):
             record.total_visual = n_visual[b]
             record.flops_large_alone = vision[b] + cost.generation_flops(
                 self.large.text_shape, real[b], max(record.output_tokens, 1)
             )
 
-    def _plan_source(self, samples, records, inputs, visual, scores):
-        """The keep plan for this method, and the FastV recorder if one must be active."""
+    def _plan_source(self, samples, records, inputs, visual, scores, fastv_rows=None):
+        """The keep plan for this method, and the FastV recorder if one must be active.
+
+        ``scores`` (guide importance per sample, or ``None`` to keep everything) must match each
+        sample's visual-token count; a sample where it does not keeps all its visual tokens and is
+        marked as a fallback. ``fastv_rows`` overrides FastV's query rows (default: last prompt row).
+        """
         attention_mask = inputs["attention_mask"]
         method = self.settings.method
         if method == "fastv":
-            recorder = fastv_recorder(attention_mask, self.layer_k)
+            recorder = fastv_recorder(attention_mask, self.layer_k, fastv_rows)
             return fastv_plan_source(recorder, visual, attention_mask, self.settings.keep_ratio), recorder
         if method == "random":
             per_sample = random_scores(visual.cpu(), self.settings.seed, [s.key for s in samples])
@@ -282,15 +302,9 @@ class SGLPipeline:
         plan = None
         with torch.no_grad():
             if prune:
-                source, recorder = self._plan_source(samples, records, inputs, visual, scores)
-                with self.pruner.installed():
-                    self.pruner.arm(source)
-                    if recorder is not None:
-                        with recorder.active():
-                            sequences = large.model.generate(**inputs, **gen.large_kwargs(), **extra)
-                    else:
-                        sequences = large.model.generate(**inputs, **gen.large_kwargs(), **extra)
-                    plan = self.pruner.plan
+                with self._pruned(samples, records, inputs, visual, scores) as pruner:
+                    sequences = large.model.generate(**inputs, **gen.large_kwargs(), **extra)
+                    plan = pruner.plan
             else:
                 sequences = large.model.generate(**inputs, **gen.large_kwargs(), **extra)
         seconds = (time.perf_counter() - start) / len(samples)
@@ -298,9 +312,7 @@ class SGLPipeline:
         prompt_length = inputs["input_ids"].shape[1]
         generated = sequences[:, prompt_length:]
         lengths = answer_lengths(generated, large.stop_token_ids, large.tokenizer, gen.until).tolist()
-        n_visual = visual.sum(1).tolist()
-        real = inputs["attention_mask"].sum(1).tolist()
-        vision = large.family.vision_flops(large, inputs, [len(s.prompt.images) for s in samples], n_visual)
+        n_visual, real, vision = self._layout(large, inputs, samples)
         shape = large.text_shape
         for b, record in enumerate(records):
             text = large.tokenizer.decode(generated[b, : lengths[b]], skip_special_tokens=True)
@@ -323,16 +335,12 @@ class SGLPipeline:
                 record.flops += vision[b] + cost.generation_flops(
                     shape, real[b], lengths[b], self.layer_k, pruned
                 )
-                if self.settings.method == "fastv":
-                    fastv_shape = cost.TransformerShape(**{**shape.__dict__, "num_layers": 1})
-                    record.flops += cost.recording_flops(fastv_shape, real[b], 1, 0)
+                if self.settings.method == "fastv":  # one recorded row in one layer
+                    record.flops += cost.recording_flops(replace(shape, num_layers=1), real[b], 1, 0)
             if n_visual[b]:
-                record.token_ratio = (
-                    cost.measured_token_ratio(
-                        record.layer_k or 0, large.num_layers, record.kept_visual, n_visual[b]
-                    )
-                    if plan is not None
-                    else 1.0
+                layer_k = record.layer_k or 0  # no plan: every visual token kept, ratio 1
+                record.token_ratio = cost.measured_token_ratio(
+                    layer_k, large.num_layers, record.kept_visual, n_visual[b]
                 )
 
     # -- log-likelihood --------------------------------------------------------------------
@@ -366,55 +374,24 @@ class SGLPipeline:
         context_length = prompt_inputs["input_ids"].shape[1]
         visual = input_ids == scorer.image_token_id
         n_visual = int(visual.sum())
-        plan, recorder = None, None
         prune = prune and scorer is self.large and n_visual > 0
+        plan, guide_flops = None, 0.0
         with torch.no_grad():
             if prune:
                 scores = None
                 if self.settings.method == "sgl":
-                    scores = [self._guide_prompt_importance(sample)]
-                    if len(scores[0]) != n_visual:
-                        record.fallback = (
-                            f"layout mismatch: guide {len(scores[0])} vs large {n_visual} visual tokens"
-                        )
-                        scores = [None]
-                if self.settings.method == "fastv":
-                    rows = torch.zeros_like(visual)
-                    rows[:, context_length - 1] = True
-                    recorder = AttentionRecorder(
-                        rows, layers=frozenset({self.layer_k - 1}), record_decode=False
-                    )
-                    source = fastv_plan_source(
-                        recorder, visual, inputs["attention_mask"], self.settings.keep_ratio
-                    )
-                elif self.settings.method == "random":
-                    source = plan_from_scores(
-                        random_scores(visual.cpu(), self.settings.seed, [sample.key]),
-                        visual,
-                        inputs["attention_mask"],
-                        self.settings.keep_ratio,
-                    )
-                else:
-                    source = plan_from_scores(
-                        scores, visual, inputs["attention_mask"], self.settings.keep_ratio
-                    )
-                with self.pruner.installed():
-                    self.pruner.arm(source)
-                    if recorder is not None:
-                        with recorder.active():
-                            logits = scorer.model(**inputs, use_cache=False).logits
-                    else:
-                        logits = scorer.model(**inputs, use_cache=False).logits
-                    plan = self.pruner.plan
+                    importance, guide_flops = self._guide_prompt_importance(sample)
+                    scores = [importance]
+                fastv_rows = torch.zeros_like(visual)
+                fastv_rows[:, context_length - 1] = True  # FastV's query: the last context token
+                with self._pruned([sample], [record], inputs, visual, scores, fastv_rows) as pruner:
+                    logits = scorer.model(**inputs, use_cache=False).logits
+                    plan = pruner.plan
             else:
                 logits = scorer.model(**inputs, use_cache=False).logits
         positions = torch.arange(context_length - 1, input_ids.shape[1] - 1, device=logits.device)
         if plan is not None:
-            slot_of = torch.full((input_ids.shape[1],), -1, dtype=torch.long, device=logits.device)
-            slot_of[plan.index[0][plan.valid[0]]] = torch.arange(
-                int(plan.valid[0].sum()), device=logits.device
-            )
-            positions = slot_of[positions]
+            positions = plan.slot_of()[0].to(logits.device)[positions]
         logprobs = torch.log_softmax(logits[0, positions].float(), dim=-1)
         targets = input_ids[0, context_length:]
         total = float(logprobs.gather(1, targets[:, None]).sum())
@@ -426,23 +403,26 @@ class SGLPipeline:
         record.kept_visual = plan.kept_visual[0] if plan is not None else n_visual
         record.layer_k = self.layer_k if plan is not None else None
         if n_visual and record.reached_large:
-            record.token_ratio = (
-                cost.measured_token_ratio(self.layer_k, scorer.num_layers, record.kept_visual, n_visual)
-                if plan is not None
-                else 1.0
+            record.token_ratio = cost.measured_token_ratio(
+                record.layer_k or 0, scorer.num_layers, record.kept_visual, n_visual
             )
         length = input_ids.shape[1]
         vision = scorer.family.vision_flops(scorer, inputs, [len(sample.prompt.images)], [n_visual])[0]
         pruned = length - n_visual + record.kept_visual
-        record.flops = vision + cost.prefill_flops(
-            scorer.text_shape, length, record.layer_k, pruned, logits=length
+        record.flops = (
+            guide_flops
+            + vision
+            + cost.prefill_flops(scorer.text_shape, length, record.layer_k, pruned, logits=length)
         )
-        record.flops += self._guide_prompt_cost if self.settings.method == "sgl" else 0
-        record.flops_large_alone = self._large_prefill_flops(sample, continuation_ids.shape[1])
+        if scorer is self.large:  # the unpruned reference scores exactly these inputs
+            record.flops_large_alone = vision + cost.prefill_flops(scorer.text_shape, length, logits=length)
+        else:
+            record.flops_large_alone = self._large_prefill_flops(sample, continuation_ids.shape[1])
         return (total, greedy), record
 
-    def _guide_prompt_importance(self, sample: Sample) -> torch.Tensor:
-        """Importance from the guide's prompt alone (one forward, no answer): for log-likelihood."""
+    def _guide_prompt_importance(self, sample: Sample) -> tuple[torch.Tensor, float]:
+        """Importance from the guide's prompt alone (one forward, no answer), for log-likelihood,
+        and the FLOPs that forward cost."""
         guide = self.guide
         inputs = guide.family.build_batch(guide, [sample.prompt])
         visual = inputs["input_ids"] == guide.image_token_id
@@ -451,15 +431,16 @@ class SGLPipeline:
         with recorder.active(), torch.no_grad():
             guide.model(**inputs, use_cache=False, logits_to_keep=1)
         length, n_visual = inputs["input_ids"].shape[1], int(visual.sum())
-        self._guide_prompt_cost = (
+        flops = (
             guide.family.vision_flops(guide, inputs, [len(sample.prompt.images)], [n_visual])[0]
             + cost.prefill_flops(guide.text_shape, length)
             + cost.recording_flops(guide.text_shape, length, int(rows.sum()), 0)
         )
-        return visual_scores(recorder.prefill, visual.to(recorder.prefill.device))[0]
+        return visual_scores(recorder.prefill, visual.to(recorder.prefill.device))[0], flops
 
     def _large_prefill_flops(self, sample: Sample, continuation_tokens: int) -> float:
-        """FLOPs of the unpruned large model scoring the same prompt and continuation."""
+        """FLOPs of the unpruned large model scoring the same prompt and continuation (used when
+        another model scored it, so the large model's own tokenization must be counted)."""
         large = self.large
         inputs = large.family.build_batch(large, [sample.prompt])
         n_visual = int((inputs["input_ids"] == large.image_token_id).sum())

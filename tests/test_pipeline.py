@@ -195,3 +195,13 @@ def test_loglikelihood_falls_back_to_the_unpruned_model(pair, monkeypatch):
     )
     assert "ZeroDivisionError" in record.fallback and value == pytest.approx(alone, abs=1e-5)
     assert record.kept_visual == record.total_visual
+
+
+def test_loglikelihood_costs_are_per_request(pair):
+    """A text-only request after an image request pays no guide cost (nothing was guided)."""
+    guide, large = pair
+    pipeline = SGLPipeline(large, guide, SGLSettings(prune_layer=0.5, keep_ratio=0.2))
+    _, with_image = pipeline.loglikelihood(samples()[0], " red")
+    assert with_image.flops > 0 and with_image.kept_visual < with_image.total_visual
+    _, text_only = pipeline.loglikelihood(samples()[3], " no")
+    assert text_only.total_visual == 0 and text_only.flops == text_only.flops_large_alone

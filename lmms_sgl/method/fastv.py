@@ -15,12 +15,15 @@ from lmms_sgl.method.importance import AttentionRecorder, last_prompt_row, visua
 from lmms_sgl.method.selection import KeepPlan, plan_from_scores
 
 
-def fastv_recorder(attention_mask: torch.Tensor, layer_k: int) -> AttentionRecorder:
+def fastv_recorder(
+    attention_mask: torch.Tensor, layer_k: int, query_rows: torch.Tensor | None = None
+) -> AttentionRecorder:
+    """Records layer K-1's attention from ``query_rows`` (default: each sample's last prompt token;
+    for log-likelihood, the last context token before the continuation)."""
     if layer_k < 1:
         raise ValueError(f"FastV ranks tokens at layer K-1, so it needs K >= 1; got K={layer_k}")
-    return AttentionRecorder(
-        last_prompt_row(attention_mask), layers=frozenset({layer_k - 1}), record_decode=False
-    )
+    rows = last_prompt_row(attention_mask) if query_rows is None else query_rows
+    return AttentionRecorder(rows, layers=frozenset({layer_k - 1}), record_decode=False)
 
 
 def fastv_plan_source(

@@ -175,10 +175,7 @@ def consistency_pass(model: nn.Module, text_model: nn.Module, run: GuideRun, rat
         logits = model(
             inputs_embeds=embeds, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False
         ).logits
-    slot_of = torch.full(mask.shape, -1, dtype=torch.long, device=device)
-    for b in range(mask.shape[0]):
-        real = plan.valid[b]
-        slot_of[b, plan.index[b][real]] = real.nonzero().flatten()
+    slot_of = plan.slot_of()
     prompt_length = run.attention_mask.shape[1]
     token_logprobs = []
     for b in range(mask.shape[0]):

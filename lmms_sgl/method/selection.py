@@ -33,6 +33,17 @@ class KeepPlan:
     def pruned_length(self) -> int:
         return self.index.shape[1]
 
+    def slot_of(self) -> torch.Tensor:
+        """``[B, P]``: where each original position sits in the pruned sequence (-1 if dropped), to
+        read per-position outputs (logits) of a pruned forward back by original position."""
+        slots = torch.full(
+            (self.index.shape[0], self.prompt_length), -1, dtype=torch.long, device=self.index.device
+        )
+        for b in range(self.index.shape[0]):
+            real = self.valid[b]
+            slots[b, self.index[b][real]] = real.nonzero().flatten()
+        return slots
+
     def repeat_rows(self, times: int) -> KeepPlan:
         """Each row repeated ``times`` times, as ``generate`` expands a batch for beam search."""
         return KeepPlan(
