@@ -121,15 +121,38 @@ def questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
     return out
 
 
-def sample(seed: int, width: int = 448, height: int = 448, types: tuple[str, ...] = QUESTION_TYPES) -> dict:
-    """One benchmark record for ``seed``: image, question, answer, type and the scene itself."""
-    scene = make_scene(seed, width, height)
-    rng = random.Random(seed * 104729 + 3)
+def evidence(scene: Scene, question: str) -> tuple[SceneObject, ...]:
+    """The objects a question is about (parsed back from the question's own words): the colour of
+    ``size shape``, the shape of the ``color`` object, the ``color`` objects counted, the ``color
+    shape`` objects looked for (none when the answer is no)."""
+    words = question.rstrip("?").split()
+    colors = [w for w in words if w in COLORS]
+    shapes = [w for w in words if w in SHAPES]
+    sizes = [w for w in words if w in SIZES]
+    return tuple(
+        o
+        for o in scene.objects
+        if all(o.color == c for c in colors)
+        and all(o.shape == s for s in shapes)
+        and all(o.size == z for z in sizes)
+    )
+
+
+def ask(scene: Scene, rng: random.Random, types: tuple[str, ...] = QUESTION_TYPES) -> tuple[str, str, str]:
+    """One ``(type, question, answer)`` for a scene: a uniform type among the answerable ones, then a
+    uniform question of that type, so that no type dominates the benchmark."""
     by_type: dict[str, list] = {}
     for kind, question, answer in questions(scene, rng):
         by_type.setdefault(kind, []).append((question, answer))
     kind = rng.choice([t for t in types if t in by_type])
     question, answer = rng.choice(by_type[kind])
+    return kind, question, answer
+
+
+def sample(seed: int, width: int = 448, height: int = 448, types: tuple[str, ...] = QUESTION_TYPES) -> dict:
+    """One benchmark record for ``seed``: image, question, answer, type and the scene itself."""
+    scene = make_scene(seed, width, height)
+    kind, question, answer = ask(scene, random.Random(seed * 104729 + 3), types)
     return {
         "id": f"shapes-{seed}",
         "image": render(scene),
