@@ -1,0 +1,462 @@
+"""The proving-ground study: does a small model's guidance keep a large model's accuracy?
+
+Every point is one lmms-eval evaluation of ``sgl_internvl2`` / ``sgl_llava`` on the ``sgl_shapes`` test
+task with the bundled trained pairs (``models/shapes-*``), run through ``lmms_eval.evaluator`` exactly
+as the CLI does. Per point we keep lmms-eval's own per-sample scores and our per-sample records, so
+the exit-threshold sweep is computed from one no-exit run (it logs both answers and the exit score)
+and then checked against a real run at one threshold.
+
+``python -m lmms_sgl.proving.study`` writes ``reports/proving_ground.md``, its PNG plots and a JSON
+with every number; finished points are cached under ``--work-dir`` so an interrupted study resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from loguru import logger
+
+from lmms_sgl.method.cost import prune_layer_index
+
+TASK = "sgl_shapes"
+FAMILIES = {
+    "internvl": ("sgl_internvl2", "models/shapes-internvl-large", "models/shapes-internvl-guide"),
+    "llava": ("sgl_llava", "models/shapes-llava-large", "models/shapes-llava-guide"),
+}
+TARGET_RATIOS = (0.64, 0.5, 0.35, 0.2, 0.09)
+PRUNING_METHODS = ("sgl", "fastv", "random")
+EXIT_SWEEP_RATIO = 0.35
+# The paper (InternVL2-26B guided by 2B, mean over its benchmarks) for comparison.
+PAPER_RETAINED = {("sgl", 0.09): 0.8958, ("fastv", 0.09): 0.4699}
+
+
+@dataclass(frozen=True)
+class Point:
+    """One lmms-eval run: a method and, for pruning methods, the layer K and keep ratio."""
+
+    family: str
+    method: str
+    prune_layer: float | None = None
+    keep_ratio: float | None = None
+    exit_threshold: float | None = None
+    target_ratio: float | None = None
+
+    @property
+    def key(self) -> str:
+        parts = [self.family, self.method]
+        if self.target_ratio is not None:
+            parts.append(f"r{self.target_ratio:g}")
+        if self.exit_threshold is not None:
+            parts.append(f"exit{self.exit_threshold!r}")
+        return "-".join(parts)
+
+    def model_args(self, root: Path) -> str:
+        _, large, guide = FAMILIES[self.family]
+        args = [f"pretrained={root / large}", f"method={self.method}"]
+        if self.method in ("sgl", "guide_only"):
+            args.append(f"guide={root / guide}")
+        if self.prune_layer is not None:
+            args += [f"prune_layer={self.prune_layer:.6f}", f"keep_ratio={self.keep_ratio:.6f}"]
+        if self.exit_threshold is not None:
+            args.append(
+                f"exit_threshold={self.exit_threshold!r}"
+            )  # exact: the replay compares the same float
+        return ",".join(args)
+
+
+def schedule(target: float, num_layers: int, layer_k: int = 1) -> tuple[float, float]:
+    """``(prune_layer, keep_ratio)`` reaching the layer-averaged ``target`` ratio with pruning from
+    layer ``layer_k`` on. All methods share one schedule, so they differ only in which tokens they
+    keep; K = 1 is the earliest layer at which FastV can rank (it reads layer K-1's attention)."""
+    keep = (target * num_layers - layer_k) / (num_layers - layer_k)
+    if not 0 < keep <= 1:
+        raise ValueError(f"target ratio {target} is out of reach with K={layer_k} of {num_layers} layers")
+    prune_layer = (layer_k + 0.5) / num_layers
+    assert prune_layer_index(num_layers, prune_layer) == layer_k
+    return prune_layer, keep
+
+
+def points(family: str, num_layers: int) -> list[Point]:
+    out = [Point(family, "large_only"), Point(family, "guide_only")]
+    for ratio in TARGET_RATIOS:
+        prune_layer, keep = schedule(ratio, num_layers)
+        out += [Point(family, m, prune_layer, keep, target_ratio=ratio) for m in PRUNING_METHODS]
+    return out
+
+
+def run_point(point: Point, root: Path, work_dir: Path, limit: int | None, batch_size: int) -> dict:
+    """Evaluate one point through lmms-eval (cached as JSON); returns per-sample rows and metrics."""
+    cache = work_dir / f"{point.key}{'' if limit is None else f'-n{limit}'}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    model, _, _ = FAMILIES[point.family]
+    logger.info(f"study point {point.key}: {point.model_args(root)}")
+    results = simple_evaluate(
+        model=model,
+        model_args=point.model_args(root),
+        tasks=[TASK],
+        batch_size=batch_size,
+        limit=limit,
+        log_samples=True,
+        bootstrap_iters=0,
+        task_manager=TaskManager("WARNING", include_path=str(root / "tasks")),
+        verbosity="WARNING",
+    )
+    rows = []
+    for logged in results["samples"][TASK]:
+        record = logged["token_counts"][0]["sgl"] if logged.get("token_counts") else {}
+        rows.append(
+            {
+                "doc_id": logged["doc_id"],
+                "type": logged["doc"]["type"],
+                "target": logged["target"],
+                "exact_match": float(logged["exact_match"]),
+                **{k: record.get(k) for k in _RECORD_FIELDS},
+            }
+        )
+    rows.sort(key=lambda r: r["doc_id"])
+    payload = {
+        "point": asdict(point),
+        "accuracy": results["results"][TASK]["exact_match,none"],
+        "rows": rows,
+    }
+    work_dir.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(payload))
+    return payload
+
+
+_RECORD_FIELDS = (
+    "answer",
+    "guide_answer",
+    "exited",
+    "exit_score",
+    "token_ratio",
+    "flops",
+    "flops_large_alone",
+    "extra",
+)
+
+
+def summarize(payload: dict) -> dict:
+    rows = payload["rows"]
+    n = len(rows)
+    accuracy = sum(r["exact_match"] for r in rows) / n
+    ratios = [r["token_ratio"] for r in rows if r["token_ratio"] is not None]
+    flops = sum(r["flops"] or 0 for r in rows)
+    alone = sum(r["flops_large_alone"] or 0 for r in rows)
+    by_type: dict[str, list[float]] = {}
+    for r in rows:
+        by_type.setdefault(r["type"], []).append(r["exact_match"])
+    return {
+        **payload["point"],
+        "n": n,
+        "accuracy": accuracy,
+        "stderr": math.sqrt(accuracy * (1 - accuracy) / n),
+        "token_ratio": sum(ratios) / len(ratios) if ratios else None,
+        "flops_ratio": flops / alone if alone else None,
+        "exit_rate": sum(bool(r["exited"]) for r in rows) / n,
+        "by_type": {t: sum(v) / len(v) for t, v in sorted(by_type.items())},
+    }
+
+
+def normalize(text: str) -> str:
+    """The task's exact-match normalization (ignore case and punctuation, as sgl_shapes.yaml sets)."""
+    import string
+
+    return text.lower().translate(str.maketrans("", "", string.punctuation)).strip()
+
+
+def exit_sweep(no_exit: dict, thresholds: list[float]) -> list[dict]:
+    """Accuracy, large-model call rate and FLOPs ratio for each threshold, from one no-exit SGL run:
+    a sample exits when its exit score reaches the threshold and then answers with the guide's answer
+    at the guide's cost only."""
+    rows = no_exit["rows"]
+    alone = sum(r["flops_large_alone"] for r in rows)
+    out = []
+    for threshold in thresholds:
+        correct = flops = calls = 0.0
+        for r in rows:
+            guide_flops = r["extra"]["guide_flops"]
+            if r["exit_score"] >= threshold:
+                correct += normalize(r["guide_answer"]) == normalize(r["target"])
+                flops += guide_flops
+            else:
+                correct += r["exact_match"]
+                flops += r["flops"]
+                calls += 1
+        out.append(
+            {
+                "threshold": threshold,
+                "accuracy": correct / len(rows),
+                "large_call_rate": calls / len(rows),
+                "flops_ratio": flops / alone,
+            }
+        )
+    return out
+
+
+def plot_accuracy_vs_ratio(summaries: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(summaries), figsize=(5.5 * len(summaries), 4.2), squeeze=False)
+    for ax, (family, rows) in zip(axes[0], summaries.items(), strict=True):
+        for method, marker in zip(PRUNING_METHODS, "osv", strict=True):
+            series = sorted((r for r in rows if r["method"] == method), key=lambda r: r["token_ratio"])
+            ax.errorbar(
+                [100 * r["token_ratio"] for r in series],
+                [100 * r["accuracy"] for r in series],
+                yerr=[100 * r["stderr"] for r in series],
+                marker=marker,
+                capsize=3,
+                label=method,
+            )
+        for method, style in (("large_only", "-"), ("guide_only", "--")):
+            ref = next(r for r in rows if r["method"] == method)
+            ax.axhline(100 * ref["accuracy"], color="grey", linestyle=style, label=method)
+        ax.set(
+            title=f"{family}: {TASK} test",
+            xlabel="layer-averaged visual-token ratio (%)",
+            ylabel="exact match (%)",
+            ylim=(0, 100),
+        )
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_exit_sweep(sweeps: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for family, sweep in sweeps.items():
+        axes[0].plot(
+            [100 * s["large_call_rate"] for s in sweep],
+            [100 * s["accuracy"] for s in sweep],
+            ".-",
+            label=family,
+        )
+        axes[1].plot(
+            [100 * s["flops_ratio"] for s in sweep], [100 * s["accuracy"] for s in sweep], ".-", label=family
+        )
+    axes[0].set(
+        xlabel="large-model call rate (%)", ylabel="exact match (%)", title="accuracy vs large-model calls"
+    )
+    axes[1].set(
+        xlabel="FLOPs, % of the large model alone", ylabel="exact match (%)", title="accuracy vs FLOPs"
+    )
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def retained(row: dict, large: dict) -> float | None:
+    """Accuracy as a fraction of the unpruned large model's (the paper's "retained" score)."""
+    return row["accuracy"] / large["accuracy"] if large["accuracy"] else None
+
+
+def _pct(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{100 * value:.{digits}f}"
+
+
+def _gap(a: dict, b: dict) -> tuple[float, float]:
+    """Accuracy difference a - b and its standard error (independent binomial approximation)."""
+    return a["accuracy"] - b["accuracy"], math.hypot(a["stderr"], b["stderr"])
+
+
+def findings(summaries: dict[str, list[dict]], sweeps: dict[str, list[dict]]) -> list[str]:
+    """Plain statements, computed from the runs, next to the paper's claims."""
+    lines = ["## What holds and what does not", ""]
+    for family, rows in summaries.items():
+        by = {(r["method"], r["target_ratio"]): r for r in rows}
+        large, guide = by[("large_only", None)], by[("guide_only", None)]
+        low = min(TARGET_RATIOS)
+        sgl, fastv, rnd = (by[(m, low)] for m in PRUNING_METHODS)
+        kept = {m: _pct(retained(by[(m, low)], large)) for m in PRUNING_METHODS}
+        paper = {m: _pct(PAPER_RETAINED[(m, low)]) for m in ("sgl", "fastv")}
+        lines.append(
+            f"- **{family}**, at {_pct(low, 0)} % of visual tokens: SGL keeps {kept['sgl']} % of the "
+            f"large model's accuracy (paper: {paper['sgl']} %), FastV {kept['fastv']} % "
+            f"(paper: {paper['fastv']} %), random {kept['random']} %. "
+            f"The guide alone scores {_pct(retained(guide, large))} %."
+        )
+        for other in ("fastv", "random"):
+            buckets: dict[str, list[str]] = {"better": [], "within two standard errors": [], "worse": []}
+            for ratio in TARGET_RATIOS:
+                gap, err = _gap(by[("sgl", ratio)], by[(other, ratio)])
+                verdict = (
+                    "better" if gap > 2 * err else "worse" if gap < -2 * err else "within two standard errors"
+                )
+                buckets[verdict].append(f"{_pct(ratio, 0)} % ({100 * gap:+.1f} ± {100 * err:.1f})")
+            said = "; ".join(f"{verdict} at {', '.join(at)}" for verdict, at in buckets.items() if at)
+            lines.append(f"  - SGL vs {other} (accuracy points ± standard error): {said}.")
+        sweep = sweeps.get(family)
+        if sweep:
+            no_exit = sweep[-1]
+            cheap = [s for s in sweep if s["accuracy"] >= no_exit["accuracy"] - 0.01]
+            best = min(cheap, key=lambda s: s["large_call_rate"])
+            lines.append(
+                f"  - Early exit at {_pct(EXIT_SWEEP_RATIO, 0)} %: with threshold {best['threshold']:.4g} "
+                f"the large model runs on {_pct(best['large_call_rate'])} % of samples at "
+                f"{_pct(best['flops_ratio'])} % of its FLOPs, accuracy {_pct(best['accuracy'])} % "
+                f"(no exit: {_pct(no_exit['accuracy'])} %, {_pct(no_exit['flops_ratio'])} % of FLOPs)."
+            )
+    lines.append("")
+    return lines
+
+
+def write_report(
+    out_dir: Path, summaries: dict[str, list[dict]], sweeps: dict, checks: dict, command: str
+) -> Path:
+    """``proving_ground.md``: tables per family, the sweep, the sweep check and the paper comparison."""
+    lines = [
+        "# Proving ground: SGL on trained small VLMs (sgl_shapes)",
+        "",
+        f"Reproduce: `{command}`. Every point is an lmms-eval run of `sgl_internvl2` / `sgl_llava` on",
+        f"the `{TASK}` test task with the bundled `models/shapes-*` pairs; all numbers come from those runs.",
+        "",
+    ]
+    for family, rows in summaries.items():
+        large = next(r for r in rows if r["method"] == "large_only")
+        guide = next(r for r in rows if r["method"] == "guide_only")
+        lines += [
+            f"## {family}",
+            "",
+            f"References: large_only {_pct(large['accuracy'])} %, guide_only {_pct(guide['accuracy'])} % "
+            f"(n = {large['n']}, standard error about {_pct(large['stderr'])} points).",
+            "",
+            "| method | target ratio | measured ratio | K | keep | accuracy % | ± | retained % of large | "
+            "FLOPs % of large | color | shape | count | exists |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        ordered = sorted(
+            rows, key=lambda r: (r["target_ratio"] is None, -(r["target_ratio"] or 0), r["method"])
+        )
+        for r in ordered:
+            k = "" if r["prune_layer"] is None else str(int(r["prune_layer"] * r["num_layers"]))
+            keep = "" if r["keep_ratio"] is None else f"{r['keep_ratio']:.3f}"
+            lines.append(
+                f"| {r['method']} | {_pct(r['target_ratio'], 0) if r['target_ratio'] else ''} | "
+                f"{_pct(r['token_ratio'])} | {k} | {keep} | {_pct(r['accuracy'])} | {_pct(r['stderr'])} | "
+                f"{_pct(retained(r, large))} | {_pct(r['flops_ratio'])} | "
+                + " | ".join(_pct(r["by_type"].get(t)) for t in ("color", "shape", "count", "exists"))
+                + " |"
+            )
+        lines.append("")
+    lines += findings(summaries, sweeps)
+    lines += [
+        "![accuracy versus visual-token ratio](proving_ground_ratio.png)",
+        "",
+        f"## Early exit (SEE) on top of SGP at {_pct(EXIT_SWEEP_RATIO, 0)} %",
+        "",
+        "One SGL run per family without exits logs, per sample, the guide's answer, the exit score and the",
+        "pruned large model's answer and cost; each threshold below replays that run (a sample exits when",
+        "its score reaches the threshold and then costs the guide only).",
+        "",
+        "| family | threshold | accuracy % | large-model calls % | FLOPs % of large |",
+        "|---|---|---|---|---|",
+    ]
+    for family, sweep in sweeps.items():
+        for s in sweep:
+            lines.append(
+                f"| {family} | {s['threshold']:.4g} | {_pct(s['accuracy'])} | {_pct(s['large_call_rate'])} | "
+                f"{_pct(s['flops_ratio'])} |"
+            )
+    lines += ["", "![exit threshold sweep](proving_ground_exit.png)", "", "### Check of the replay", ""]
+    for family, check in checks.items():
+        lines.append(
+            f"- {family}: a real run with exit_threshold={check['threshold']:.4g} gave accuracy "
+            f"{_pct(check['run']['accuracy'])} %, exit rate {_pct(check['run']['exit_rate'])} %, FLOPs "
+            f"{_pct(check['run']['flops_ratio'])} %; the replay predicted "
+            f"{_pct(check['replay']['accuracy'])} %, {_pct(1 - check['replay']['large_call_rate'])} %, "
+            f"{_pct(check['replay']['flops_ratio'])} %."
+        )
+    path = out_dir / "proving_ground.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_study(
+    root: Path, out_dir: Path, work_dir: Path, limit: int | None, batch_size: int, families
+) -> dict:
+    from lmms_sgl.factory import ModelSpec  # noqa: F401  (keeps import cost out of --help)
+
+    summaries: dict[str, list[dict]] = {}
+    sweeps: dict[str, list[dict]] = {}
+    checks: dict[str, dict] = {}
+    for family in families:
+        num_layers = _num_layers(root / FAMILIES[family][1])
+        rows = []
+        for point in points(family, num_layers):
+            summary = summarize(run_point(point, root, work_dir, limit, batch_size))
+            summary["num_layers"] = num_layers
+            rows.append(summary)
+        summaries[family] = rows
+        prune_layer, keep = schedule(EXIT_SWEEP_RATIO, num_layers)
+        no_exit = run_point(
+            Point(family, "sgl", prune_layer, keep, target_ratio=EXIT_SWEEP_RATIO),
+            root,
+            work_dir,
+            limit,
+            batch_size,
+        )
+        scores = sorted(r["exit_score"] for r in no_exit["rows"])
+        quantiles = [scores[min(len(scores) - 1, int(q * len(scores)))] for q in (0.1, 0.3, 0.5, 0.7, 0.9)]
+        thresholds = sorted({0.0, *quantiles, 1.0 + 1e-9})
+        sweeps[family] = exit_sweep(no_exit, thresholds)
+        middle = quantiles[2]
+        checked = Point(
+            family, "sgl", prune_layer, keep, exit_threshold=middle, target_ratio=EXIT_SWEEP_RATIO
+        )
+        checks[family] = {
+            "threshold": middle,
+            "run": summarize(run_point(checked, root, work_dir, limit, batch_size)),
+            "replay": exit_sweep(no_exit, [middle])[0],
+        }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot_accuracy_vs_ratio(summaries, out_dir / "proving_ground_ratio.png")
+    plot_exit_sweep(sweeps, out_dir / "proving_ground_exit.png")
+    data = {"summaries": summaries, "sweeps": sweeps, "checks": checks}
+    (out_dir / "proving_ground.json").write_text(json.dumps(data, indent=1))
+    return data
+
+
+def _num_layers(path: Path) -> int:
+    config = json.loads((path / "config.json").read_text())
+    return config["text_config"]["num_hidden_layers"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", type=Path, default=Path("."), help="repository root (models/, tasks/)")
+    parser.add_argument("--out", type=Path, default=Path("reports"), help="where the report and plots go")
+    parser.add_argument("--work-dir", type=Path, default=Path(".cache/study"), help="cached finished points")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N test samples")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    args = parser.parse_args(argv)
+    command = "python -m lmms_sgl.proving.study" + (f" --limit {args.limit}" if args.limit else "")
+    data = run_study(args.root.resolve(), args.out, args.work_dir, args.limit, args.batch_size, args.families)
+    path = write_report(args.out, data["summaries"], data["sweeps"], data["checks"], command)
+    logger.info(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
