@@ -1,21 +1,20 @@
 # The two commands that matter on a fresh machine:
-#   make demo   runs the main job offline on the bundled default
+#   make demo   runs the main job offline on the bundled default (the trained InternVL pair in models/)
 #   make test   runs the test suite
 # Each creates .venv and installs what is missing (pip, so the local CPU torch wheel is used).
+# Also: make study (regenerates reports/proving_ground.md), make proving-models (retrains models/).
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lmms-sgl-installed
-# configs/demo.yaml expects the bundled checkpoints here
-MODELS_DIR := .cache/models
 
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint study proving-models clean
 
 install: $(STAMP)
 
@@ -24,11 +23,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --disable-pip-version-check -q -e ".[dev]"
 	touch $(STAMP)
 
-$(MODELS_DIR)/internvl-large/model.safetensors: $(STAMP) lmms_sgl/factory.py
-	$(BIN)/lmms-sgl-build-models --out $(MODELS_DIR)
-
-demo: $(STAMP) $(MODELS_DIR)/internvl-large/model.safetensors
+demo: $(STAMP)
 	$(BIN)/lmms-eval --config configs/demo.yaml --wandb_args project=lmms-sgl-demo,mode=offline,dir=.cache/demo
+
+# About 25 minutes on 2 CPU cores; finished points are cached in .cache/study.
+study: $(STAMP)
+	$(BIN)/lmms-sgl-proving-study
+
+# Retrains and re-exports the four shipped checkpoints (about 1 h per family on 2 cores, two lanes in
+# parallel); resumable: run it again after an interruption.
+proving-models: $(STAMP)
+	$(BIN)/lmms-sgl-train-proving --models shapes-internvl-large --threads 1 --export models & \
+	$(BIN)/lmms-sgl-train-proving --models shapes-llava-large shapes-internvl-guide shapes-llava-guide \
+		--threads 1 --export models; wait
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

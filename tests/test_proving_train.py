@@ -106,6 +106,15 @@ def test_curriculum_reveals_evidence_then_objects_then_background(tmp_path):
     assert trainer.curriculum_mask(30, on_object, on_evidence) is None  # the whole image
 
 
+def test_warm_restart_leaves_the_first_leg_unchanged():
+    from lmms_sgl.proving.train import _schedule
+
+    for step in (0, 50, 100, 2500, 4999):
+        assert _schedule(step, 8000, 100, (5000,), 0.5) == _schedule(step, 5000, 100)
+    assert _schedule(5000, 8000, 100, (5000,), 0.5) == 0.5
+    assert _schedule(7999, 8000, 100, (5000,), 0.5) < 1e-5
+
+
 def _losses(trainer: Trainer, stage: str, steps: int) -> list[float]:
     out = []
     for step in range(steps):

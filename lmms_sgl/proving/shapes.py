@@ -4,8 +4,8 @@ Each scene holds several small objects (shape, colour, size, position) on a clut
 each question needs the evidence of one or a few objects and has a single-word answer. Everything
 is a pure function of a seed, so splits are reproducible and disjoint (different seed ranges).
 
-The scene keeps its objects' boxes so that training code can derive dense per-patch labels
-(:func:`patch_labels`), e.g. to pretrain a vision tower before the full VLM.
+The scene keeps its objects' boxes so that training code can derive dense per-token labels and the
+evidence of each question (:func:`evidence`); see ``lmms_sgl.proving.train``.
 
 Question types (answers in brackets):
 * ``color``: "What color is the {size} {shape}?" [colour], the object unique by size and shape;
@@ -170,20 +170,3 @@ def split(name: str, n: int, width: int = 448, height: int = 448) -> list[dict]:
     """``n`` records of a split; the splits use disjoint seed ranges."""
     base = SPLIT_SEEDS[name]
     return [sample(base + i, width, height) for i in range(n)]
-
-
-def patch_labels(scene: Scene, grid_w: int, grid_h: int) -> list[list[tuple[str, str] | None]]:
-    """Per-patch ``(color, shape)`` of the object covering the patch centre, or ``None``: dense
-    targets for pretraining a vision tower on the same images."""
-    labels = []
-    for row in range(grid_h):
-        y = (row + 0.5) * scene.height / grid_h
-        line = []
-        for col in range(grid_w):
-            x = (col + 0.5) * scene.width / grid_w
-            hit = next(
-                (o for o in scene.objects if o.box[0] <= x < o.box[2] and o.box[1] <= y < o.box[3]), None
-            )
-            line.append((hit.color, hit.shape) if hit else None)
-        labels.append(line)
-    return labels

@@ -88,9 +88,22 @@ def points(family: str, num_layers: int) -> list[Point]:
     return out
 
 
+def fingerprint(root: Path, family: str) -> str:
+    """Short hash of the family's two checkpoints: cached points never outlive the weights they used."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for folder in FAMILIES[family][1:]:
+        digest.update((root / folder / "model.safetensors").read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def run_point(point: Point, root: Path, work_dir: Path, limit: int | None, batch_size: int) -> dict:
     """Evaluate one point through lmms-eval (cached as JSON); returns per-sample rows and metrics."""
-    cache = work_dir / f"{point.key}{'' if limit is None else f'-n{limit}'}.json"
+    cache = (
+        work_dir
+        / f"{point.key}-{fingerprint(root, point.family)}{'' if limit is None else f'-n{limit}'}.json"
+    )
     if cache.exists():
         return json.loads(cache.read_text())
     from lmms_eval.evaluator import simple_evaluate
