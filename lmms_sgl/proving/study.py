@@ -30,6 +30,9 @@ FAMILIES = {
 TARGET_RATIOS = (0.64, 0.5, 0.35, 0.2, 0.09)
 PRUNING_METHODS = ("sgl", "fastv", "random")
 EXIT_SWEEP_RATIO = 0.35
+NEVER = 1.0 + 1e-9  # an exit threshold no score reaches (scores lie in [0, 1])
+# The multi-tile case: InternVL on 896 x 448 images (two tiles plus a thumbnail, 768 visual tokens).
+WIDE_TASK, WIDE_RATIOS = "sgl_shapes_wide", (0.35, 0.09)
 # The paper (InternVL2-26B guided by 2B, mean over its benchmarks) for comparison.
 PAPER_RETAINED = {("sgl", 0.09): 0.8958, ("fastv", 0.09): 0.4699}
 
@@ -44,10 +47,11 @@ class Point:
     keep_ratio: float | None = None
     exit_threshold: float | None = None
     target_ratio: float | None = None
+    task: str = TASK
 
     @property
     def key(self) -> str:
-        parts = [self.family, self.method]
+        parts = [self.family, self.method] if self.task == TASK else [self.family, self.task, self.method]
         if self.target_ratio is not None:
             parts.append(f"r{self.target_ratio:g}")
         if self.exit_threshold is not None:
@@ -114,7 +118,7 @@ def run_point(point: Point, root: Path, work_dir: Path, limit: int | None, batch
     results = simple_evaluate(
         model=model,
         model_args=point.model_args(root),
-        tasks=[TASK],
+        tasks=[point.task],
         batch_size=batch_size,
         limit=limit,
         log_samples=True,
@@ -123,7 +127,7 @@ def run_point(point: Point, root: Path, work_dir: Path, limit: int | None, batch
         verbosity="WARNING",
     )
     rows = []
-    for logged in results["samples"][TASK]:
+    for logged in results["samples"][point.task]:
         record = logged["token_counts"][0]["sgl"] if logged.get("token_counts") else {}
         rows.append(
             {
@@ -137,7 +141,7 @@ def run_point(point: Point, root: Path, work_dir: Path, limit: int | None, batch
     rows.sort(key=lambda r: r["doc_id"])
     payload = {
         "point": asdict(point),
-        "accuracy": results["results"][TASK]["exact_match,none"],
+        "accuracy": results["results"][point.task]["exact_match,none"],
         "rows": rows,
     }
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -335,44 +339,62 @@ def findings(summaries: dict[str, list[dict]], sweeps: dict[str, list[dict]]) ->
     return lines
 
 
-def write_report(
-    out_dir: Path, summaries: dict[str, list[dict]], sweeps: dict, checks: dict, command: str
-) -> Path:
-    """``proving_ground.md``: tables per family, the sweep, the sweep check and the paper comparison."""
+def results_table(rows: list[dict]) -> list[str]:
+    """Markdown rows of one family's points, highest token ratio first, references last."""
+    large = next(r for r in rows if r["method"] == "large_only")
+    lines = [
+        "| method | target ratio | measured ratio | K | keep | accuracy % | ± | retained % of large | "
+        "FLOPs % of large | color | shape | count | exists |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    ordered = sorted(rows, key=lambda r: (r["target_ratio"] is None, -(r["target_ratio"] or 0), r["method"]))
+    for r in ordered:
+        k = "" if r["prune_layer"] is None else str(prune_layer_index(r["num_layers"], r["prune_layer"]))
+        keep = "" if r["keep_ratio"] is None else f"{r['keep_ratio']:.3f}"
+        lines.append(
+            f"| {r['method']} | {_pct(r['target_ratio'], 0) if r['target_ratio'] else ''} | "
+            f"{_pct(r['token_ratio'])} | {k} | {keep} | {_pct(r['accuracy'])} | {_pct(r['stderr'])} | "
+            f"{_pct(retained(r, large))} | {_pct(r['flops_ratio'])} | "
+            + " | ".join(_pct(r["by_type"].get(t)) for t in ("color", "shape", "count", "exists"))
+            + " |"
+        )
+    return lines
+
+
+def write_report(out_dir: Path, data: dict, command: str) -> Path:
+    """``proving_ground.md``: tables per family, the paper comparison, the exit sweep and its check."""
+    summaries, sweeps, checks = data["summaries"], data["sweeps"], data["checks"]
     lines = [
         "# Proving ground: SGL on trained small VLMs (sgl_shapes)",
         "",
         f"Reproduce: `{command}`. Every point is an lmms-eval run of `sgl_internvl2` / `sgl_llava` on",
         f"the `{TASK}` test task with the bundled `models/shapes-*` pairs; all numbers come from those runs.",
+        "Pruning methods share one schedule per ratio: K = 1 (the earliest layer at which FastV can rank:",
+        "it reads layer K-1's attention), keep ratio chosen to reach the layer-averaged target.",
+        '"±" is the binomial standard error of the accuracy.',
         "",
     ]
     for family, rows in summaries.items():
         large = next(r for r in rows if r["method"] == "large_only")
         guide = next(r for r in rows if r["method"] == "guide_only")
         lines += [
-            f"## {family}",
+            f"## {family} ({large['num_layers']}-layer large model)",
             "",
             f"References: large_only {_pct(large['accuracy'])} %, guide_only {_pct(guide['accuracy'])} % "
-            f"(n = {large['n']}, standard error about {_pct(large['stderr'])} points).",
+            f"(n = {large['n']}).",
             "",
-            "| method | target ratio | measured ratio | K | keep | accuracy % | ± | retained % of large | "
-            "FLOPs % of large | color | shape | count | exists |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            *results_table(rows),
+            "",
         ]
-        ordered = sorted(
-            rows, key=lambda r: (r["target_ratio"] is None, -(r["target_ratio"] or 0), r["method"])
-        )
-        for r in ordered:
-            k = "" if r["prune_layer"] is None else str(int(r["prune_layer"] * r["num_layers"]))
-            keep = "" if r["keep_ratio"] is None else f"{r['keep_ratio']:.3f}"
-            lines.append(
-                f"| {r['method']} | {_pct(r['target_ratio'], 0) if r['target_ratio'] else ''} | "
-                f"{_pct(r['token_ratio'])} | {k} | {keep} | {_pct(r['accuracy'])} | {_pct(r['stderr'])} | "
-                f"{_pct(retained(r, large))} | {_pct(r['flops_ratio'])} | "
-                + " | ".join(_pct(r["by_type"].get(t)) for t in ("color", "shape", "count", "exists"))
-                + " |"
-            )
-        lines.append("")
+    if data.get("wide"):
+        lines += [
+            f"## internvl, multi-tile: `{WIDE_TASK}` (896 x 448 px: two tiles and a thumbnail, 768 tokens)",
+            "",
+            "The models were trained on single 448 px tiles only.",
+            "",
+            *results_table(data["wide"]),
+            "",
+        ]
     lines += findings(summaries, sweeps)
     lines += [
         "![accuracy versus visual-token ratio](proving_ground_ratio.png)",
@@ -389,7 +411,8 @@ def write_report(
     for family, sweep in sweeps.items():
         for s in sweep:
             lines.append(
-                f"| {family} | {s['threshold']:.4g} | {_pct(s['accuracy'])} | {_pct(s['large_call_rate'])} | "
+                f"| {family} | {'never' if s['threshold'] > 1 else format(s['threshold'], '.4g')} | "
+                f"{_pct(s['accuracy'])} | {_pct(s['large_call_rate'])} | "
                 f"{_pct(s['flops_ratio'])} |"
             )
     lines += ["", "![exit threshold sweep](proving_ground_exit.png)", "", "### Check of the replay", ""]
@@ -409,8 +432,6 @@ def write_report(
 def run_study(
     root: Path, out_dir: Path, work_dir: Path, limit: int | None, batch_size: int, families
 ) -> dict:
-    from lmms_sgl.factory import ModelSpec  # noqa: F401  (keeps import cost out of --help)
-
     summaries: dict[str, list[dict]] = {}
     sweeps: dict[str, list[dict]] = {}
     checks: dict[str, dict] = {}
@@ -431,10 +452,10 @@ def run_study(
             batch_size,
         )
         scores = sorted(r["exit_score"] for r in no_exit["rows"])
-        quantiles = [scores[min(len(scores) - 1, int(q * len(scores)))] for q in (0.1, 0.3, 0.5, 0.7, 0.9)]
-        thresholds = sorted({0.0, *quantiles, 1.0 + 1e-9})
+        deciles = [scores[min(len(scores) - 1, int(q / 10 * len(scores)))] for q in range(1, 10)]
+        thresholds = sorted({0.0, *deciles, NEVER})
         sweeps[family] = exit_sweep(no_exit, thresholds)
-        middle = quantiles[2]
+        middle = deciles[4]
         checked = Point(
             family, "sgl", prune_layer, keep, exit_threshold=middle, target_ratio=EXIT_SWEEP_RATIO
         )
@@ -443,10 +464,24 @@ def run_study(
             "run": summarize(run_point(checked, root, work_dir, limit, batch_size)),
             "replay": exit_sweep(no_exit, [middle])[0],
         }
+    wide = []
+    if "internvl" in families:
+        num_layers = _num_layers(root / FAMILIES["internvl"][1])
+        wide_points = [Point("internvl", m, task=WIDE_TASK) for m in ("large_only", "guide_only")]
+        for ratio in WIDE_RATIOS:
+            prune_layer, keep = schedule(ratio, num_layers)
+            wide_points += [
+                Point("internvl", m, prune_layer, keep, target_ratio=ratio, task=WIDE_TASK)
+                for m in PRUNING_METHODS
+            ]
+        for point in wide_points:
+            wide.append(
+                {**summarize(run_point(point, root, work_dir, limit, batch_size)), "num_layers": num_layers}
+            )
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_accuracy_vs_ratio(summaries, out_dir / "proving_ground_ratio.png")
     plot_exit_sweep(sweeps, out_dir / "proving_ground_exit.png")
-    data = {"summaries": summaries, "sweeps": sweeps, "checks": checks}
+    data = {"summaries": summaries, "sweeps": sweeps, "checks": checks, "wide": wide}
     (out_dir / "proving_ground.json").write_text(json.dumps(data, indent=1))
     return data
 
@@ -467,7 +502,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     command = "python -m lmms_sgl.proving.study" + (f" --limit {args.limit}" if args.limit else "")
     data = run_study(args.root.resolve(), args.out, args.work_dir, args.limit, args.batch_size, args.families)
-    path = write_report(args.out, data["summaries"], data["sweeps"], data["checks"], command)
+    path = write_report(args.out, data, command)
     logger.info(f"wrote {path}")
 
 
