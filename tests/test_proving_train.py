@@ -8,17 +8,9 @@ import pytest
 import torch
 
 from lmms_sgl.proving import shapes
-from lmms_sgl.proving.train import (
-    GRID,
-    PROVING_MODELS,
-    ProvingModel,
-    Recipe,
-    Trainer,
-    dense_targets,
-    evidence_mask,
-    pixel_batch,
-    visual_tokens,
-)
+from lmms_sgl.proving.targets import GRID, dense_targets, evidence_mask
+from lmms_sgl.proving.train import PROVING_MODELS, ProvingModel, Recipe, Trainer, _schedule
+from lmms_sgl.proving.vlm_io import answer_logits_and_loss, pixel_batch, visual_tokens
 
 TINY = Recipe(
     vision_steps=12,
@@ -107,8 +99,6 @@ def test_curriculum_reveals_evidence_then_objects_then_background(tmp_path):
 
 
 def test_warm_restart_leaves_the_first_leg_unchanged():
-    from lmms_sgl.proving.train import _schedule
-
     for step in (0, 50, 100, 2500, 4999):
         assert _schedule(step, 8000, 100, (5000,), 0.5) == _schedule(step, 5000, 100)
     assert _schedule(5000, 8000, 100, (5000,), 0.5) == 0.5
@@ -122,8 +112,6 @@ def _losses(trainer: Trainer, stage: str, steps: int) -> list[float]:
             loss, _ = trainer.vision_step(step)
         else:
             indices, rows = trainer.lm_rows(step)
-            from lmms_sgl.proving.train import answer_logits_and_loss
-
             ids, mask, labels = trainer.prompts.conversations(rows)
             _, loss = answer_logits_and_loss(trainer.model, ids, mask, labels, trainer._pool[indices])
         trainer._optimizer.zero_grad()
@@ -162,3 +150,23 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
         whole.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
     ):
         torch.testing.assert_close(a, b, msg=name)
+
+
+@pytest.mark.slow
+def test_export_writes_a_loadable_fp16_checkpoint_with_its_card(tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from lmms_sgl.proving.export import export
+
+    trainer = Trainer(tiny(), tmp_path / "work")
+    trainer.run()
+    folder = export(trainer, tmp_path / "models", test_samples=8)
+    with safe_open(folder / "model.safetensors", "pt") as weights:
+        assert {weights.get_tensor(k).dtype for k in weights.keys()} == {torch.float16}
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
+    for name, value in trainer.model.state_dict().items():  # fp16 round trip of the trained weights
+        torch.testing.assert_close(model.state_dict()[name], value.half().float(), msg=name)
+    AutoProcessor.from_pretrained(folder)
+    card = (folder / "README.md").read_text()
+    assert "shapes-llava-guide" in card and "| all |" in card

@@ -20,38 +20,38 @@ every ``checkpoint_every`` steps, so an interrupted run resumes where it stopped
 from __future__ import annotations
 
 import argparse
-import json
+import itertools
 import math
 import random
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from loguru import logger
-from torch import nn
+from PIL import Image
 from tqdm import tqdm
 
 from lmms_sgl.factory import ModelSpec, TextSpec, VisionSpec, build_model
-from lmms_sgl.palette import COLORS
 from lmms_sgl.proving.shapes import (
     QUESTION_TYPES,
-    SHAPES,
-    SIZES,
     SPLIT_SEEDS,
     Scene,
     ask,
-    evidence,
     make_scene,
     render,
     sample,
 )
-
-POST_PROMPT = "\nAnswer the question using a single word or phrase."  # the sgl_shapes task's prompt
-GRID = 16  # visual tokens per side for a 448 px image, both families (256 tokens)
-COLOR_NAMES = sorted(COLORS)
-SIZE_NAMES = sorted(SIZES)
+from lmms_sgl.proving.targets import DenseHeads, dense_targets, evidence_mask
+from lmms_sgl.proving.vlm_io import (
+    PromptCache,
+    answer_logits_and_loss,
+    answers_correct,
+    pixel_batch,
+    vision_parameters,
+    visual_tokens,
+)
 
 
 @dataclass(frozen=True)
@@ -113,186 +113,6 @@ PROVING_MODELS: dict[str, ProvingModel] = {
 }
 
 
-# -- targets ---------------------------------------------------------------------------------------
-def object_cells(obj, width: int, height: int, grid: int = GRID) -> list[int]:
-    """Row-major indices of the visual tokens whose centre lies inside the object's box."""
-    left, top, right, bottom = obj.box
-    cell_w, cell_h = width / grid, height / grid
-    return [
-        row * grid + col
-        for row in range(grid)
-        if top <= (row + 0.5) * cell_h < bottom
-        for col in range(grid)
-        if left <= (col + 0.5) * cell_w < right
-    ]
-
-
-def dense_targets(scene: Scene, grid: int = GRID) -> torch.Tensor:
-    """``(4, grid * grid)`` long targets per visual token, row-major like the models' token order:
-    colour, shape and size of the object covering the token centre (0 = background, else index + 1)
-    and 1 where an object's centre falls in the token (so that objects can be counted)."""
-    targets = torch.zeros(4, grid * grid, dtype=torch.long)
-    cell_w, cell_h = scene.width / grid, scene.height / grid
-    for obj in scene.objects:
-        cells = object_cells(obj, scene.width, scene.height, grid)
-        targets[0, cells] = COLOR_NAMES.index(obj.color) + 1
-        targets[1, cells] = SHAPES.index(obj.shape) + 1
-        targets[2, cells] = SIZE_NAMES.index(obj.size) + 1
-        left, top, right, bottom = obj.box
-        center_row = min(grid - 1, int((top + bottom) / 2 / cell_h))
-        center_col = min(grid - 1, int((left + right) / 2 / cell_w))
-        targets[3, center_row * grid + center_col] = 1
-    return targets
-
-
-def evidence_mask(scene: Scene, question: str, grid: int = GRID) -> torch.Tensor:
-    """``(grid * grid,)`` bool: the visual tokens of the objects the question is about."""
-    mask = torch.zeros(grid * grid, dtype=torch.bool)
-    for obj in evidence(scene, question):
-        mask[object_cells(obj, scene.width, scene.height, grid)] = True
-    return mask
-
-
-class DenseHeads(nn.Module):
-    """Linear read-outs of the visual tokens used only while pretraining the vision side."""
-
-    def __init__(self, hidden: int):
-        super().__init__()
-        self.heads = nn.ModuleList(
-            nn.Linear(hidden, n) for n in (len(COLOR_NAMES) + 1, len(SHAPES) + 1, len(SIZE_NAMES) + 1, 2)
-        )
-
-    def loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """Cross-entropy summed over heads; object tokens weigh 4x so the background does not dominate.
-        Returns the loss and the token accuracy of the shape head on object tokens."""
-        on_object = targets[:, 0] > 0
-        weight = 1.0 + 3.0 * on_object.float()
-        total = tokens.new_zeros(())
-        for i, head in enumerate(self.heads):
-            logits = head(tokens)
-            ce = F.cross_entropy(logits.flatten(0, 1), targets[:, i].flatten(), reduction="none")
-            total = total + (ce * weight.flatten()).sum() / weight.sum()
-            if i == 1:
-                hits = (logits.argmax(-1) == targets[:, 1])[on_object]
-                shape_accuracy = hits.float().mean().item() if hits.numel() else 0.0
-        return total, shape_accuracy
-
-
-# -- model plumbing --------------------------------------------------------------------------------
-def visual_tokens(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """``(images, tokens, text_hidden)``: what the text model receives for each image."""
-    features = model.model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
-    return torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
-
-
-def pixel_batch(processor, images) -> torch.Tensor:
-    pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-    if pixels.shape[0] != len(images):
-        raise ValueError(f"expected one tile per 448 px image, got {pixels.shape[0]} for {len(images)}")
-    return pixels
-
-
-def vision_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
-
-
-class PromptCache:
-    """Token ids of ``prompt + answer + eos`` per question, with the image placeholder expanded by
-    the family's own processor (once per distinct question: the chat template and expansion are the
-    real ones, and batches need no image processing)."""
-
-    def __init__(self, processor):
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
-        self._prompts: dict[str, list[int]] = {}
-        self._answers: dict[str, list[int]] = {}
-        self._follow_ups: dict[str, list[int]] = {}
-        from PIL import Image
-
-        self._blank = Image.new("RGB", (448, 448))
-
-    def prompt_text(self, question: str) -> str:
-        messages = [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question + POST_PROMPT}]}
-        ]
-        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-    def prompt(self, question: str) -> list[int]:
-        if question not in self._prompts:
-            encoded = self.processor(
-                text=[self.prompt_text(question)], images=[self._blank], return_tensors="pt"
-            )
-            self._prompts[question] = encoded["input_ids"][0].tolist()
-        return self._prompts[question]
-
-    def answer(self, answer: str) -> list[int]:
-        if answer not in self._answers:
-            ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
-            self._answers[answer] = ids + [self.tokenizer.eos_token_id]
-        return self._answers[answer]
-
-    def follow_up(self, question: str) -> list[int]:
-        """A later user turn (no image) of the same conversation, up to the generation prompt."""
-        if question not in self._follow_ups:
-            messages = [{"role": "user", "content": [{"type": "text", "text": question + POST_PROMPT}]}]
-            text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            self._follow_ups[question] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self._follow_ups[question]
-
-    def batch(self, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (answer tokens only)."""
-        return self.conversations([[pair] for pair in pairs])
-
-    def conversations(
-        self, rows: list[list[tuple[str, str]]]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Like :meth:`batch` with several questions about one image per row: the first turn is
-        exactly the evaluation prompt, later turns reuse the image's tokens (cheaper training)."""
-        sequences = []
-        for turns in rows:
-            ids: list[int] = []
-            labels: list[int] = []
-            for turn, (question, answer) in enumerate(turns):
-                prompt = self.prompt(question) if turn == 0 else self.follow_up(question)
-                ids += prompt + self.answer(answer)
-                labels += [-100] * len(prompt) + self.answer(answer)
-            sequences.append((ids, labels))
-        width = max(len(ids) for ids, _ in sequences)
-        pad = self.tokenizer.pad_token_id
-        ids_out = torch.full((len(rows), width), pad, dtype=torch.long)
-        labels_out = torch.full((len(rows), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (ids, labels) in enumerate(sequences):
-            ids_out[i, : len(ids)] = torch.tensor(ids)
-            labels_out[i, : len(ids)] = torch.tensor(labels)
-            mask[i, : len(ids)] = 1
-        return ids_out, mask, labels_out
-
-
-def answer_logits_and_loss(
-    model, ids, mask, labels, features, hidden=None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher-forced forward with cached visual tokens scattered at the image-token positions;
-    ``hidden`` (images, tokens) bool masks visual tokens out of attention (the curriculum)."""
-    embeds = model.get_input_embeddings()(ids)
-    is_image = ids == model.config.image_token_id
-    embeds = embeds.masked_scatter(
-        is_image.unsqueeze(-1).expand_as(embeds), features.to(embeds.dtype).reshape(-1)
-    )
-    if hidden is not None:
-        mask = mask.clone()
-        mask[is_image] = (~hidden).reshape(-1).to(mask.dtype)
-    out = model(inputs_embeds=embeds, attention_mask=mask, labels=labels)
-    return out.logits, out.loss
-
-
-def answers_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per row: every answer token (and the eos) is the argmax, i.e. greedy decoding emits the answer."""
-    predicted = logits[:, :-1].argmax(-1)
-    target = labels[:, 1:]
-    return ((predicted == target) | (target == -100)).all(-1)
-
-
 # -- data ------------------------------------------------------------------------------------------
 def train_scene(index: int) -> Scene:
     return make_scene(SPLIT_SEEDS["train"] + index)
@@ -303,24 +123,18 @@ def pool_question(scene_index: int, draw: int) -> tuple[str, str, str]:
     return ask(train_scene(scene_index), random.Random(scene_index * 1_000_003 + draw * 7 + 11))
 
 
-def encode_pool(model, processor, indices: list[int], batch: int = 32) -> torch.Tensor:
-    """Visual tokens (fp16) of training scenes, computed once with the frozen vision side."""
-    out = []
-    with torch.inference_mode():
-        for start in tqdm(range(0, len(indices), batch), desc="caching visual tokens", leave=False):
-            images = [render(train_scene(i)) for i in indices[start : start + batch]]
-            out.append(visual_tokens(model, pixel_batch(processor, images)).to(torch.float16))
+def encode_images(model, processor, images: Iterable[Image.Image], batch: int = 32) -> torch.Tensor:
+    """Visual tokens of 448 px ``images`` (consumed lazily, ``batch`` at a time)."""
+    images, out = iter(images), []
+    with torch.inference_mode(), tqdm(desc="encoding images", leave=False) as progress:
+        while chunk := list(itertools.islice(images, batch)):
+            out.append(visual_tokens(model, pixel_batch(processor, chunk)))
+            progress.update(len(chunk))
     return torch.cat(out)
 
 
-def encode_validation(model, processor, n: int) -> tuple[torch.Tensor, list[dict]]:
-    records = [sample(SPLIT_SEEDS["validation"] + i) for i in range(n)]
-    with torch.inference_mode():
-        chunks = [
-            visual_tokens(model, pixel_batch(processor, [r["image"] for r in records[s : s + 32]]))
-            for s in range(0, n, 32)
-        ]
-    return torch.cat(chunks).to(torch.float16), records
+def split_records(split: str, n: int) -> list[dict]:
+    return [sample(SPLIT_SEEDS[split] + i) for i in range(n)]
 
 
 # -- training --------------------------------------------------------------------------------------
@@ -547,14 +361,13 @@ class Trainer:
         path = self.work_dir / "visual_tokens.pt"
         if path.exists():
             cached = torch.load(path, weights_only=False)
-            return (
-                cached["pool"],
-                cached["validation"],
-                [sample(SPLIT_SEEDS["validation"] + i) for i in range(self.recipe.eval_samples)],
-            )
+            return cached["pool"], cached["validation"], split_records("validation", self.recipe.eval_samples)
         self.model.eval()
-        pool = encode_pool(self.model, self.processor, list(range(self.recipe.pool_images)))
-        validation, records = encode_validation(self.model, self.processor, self.recipe.eval_samples)
+        scenes = (render(train_scene(i)) for i in range(self.recipe.pool_images))
+        pool = encode_images(self.model, self.processor, scenes).to(torch.float16)  # half the memory
+        records = split_records("validation", self.recipe.eval_samples)
+        validation = encode_images(self.model, self.processor, (r["image"] for r in records))
+        validation = validation.to(torch.float16)
         self.model.train()
         torch.save({"pool": pool, "validation": validation}, path)
         return pool, validation, records
@@ -607,95 +420,6 @@ class Trainer:
         self._save()
 
 
-def test_features(trainer: Trainer, n: int) -> tuple[torch.Tensor, list[dict]]:
-    records = [sample(SPLIT_SEEDS["test"] + i) for i in range(n)]
-    trainer.model.eval()
-    with torch.inference_mode():
-        chunks = [
-            visual_tokens(
-                trainer.model, pixel_batch(trainer.processor, [r["image"] for r in records[s : s + 32]])
-            )
-            for s in range(0, n, 32)
-        ]
-    return torch.cat(chunks), records
-
-
-def export(trainer: Trainer, out_dir: Path, test_samples: int = 300) -> Path:
-    """Write the trained model (fp16 safetensors), its processor and a model card to ``out_dir/name``."""
-    if trainer.state.stage != "done":
-        raise RuntimeError(
-            f"{trainer.spec.name} is at stage {trainer.state.stage!r}; train it to the end first"
-        )
-    features, records = test_features(trainer, test_samples)
-    test = trainer.evaluate(features, records)
-    shuffled = trainer.evaluate(features, records, shuffle=True)["all"]
-    target = Path(out_dir) / trainer.spec.name
-    target.mkdir(parents=True, exist_ok=True)
-    half = build_model(trainer.spec)[0]
-    half.load_state_dict(trainer.model.state_dict())
-    half.to(torch.float16).save_pretrained(target, safe_serialization=True)
-    trainer.processor.save_pretrained(target)
-    summary = {
-        "spec": asdict(trainer.spec),
-        "recipe": asdict(trainer.recipe),
-        "train_seconds": round(trainer.state.seconds),
-        "test_accuracy_teacher_forced": test,
-        "test_accuracy_shuffled_images": shuffled,
-        "history": trainer.state.history,
-    }
-    (target / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (target / "README.md").write_text(model_card(trainer, test, shuffled))
-    logger.info(f"exported {trainer.spec.name} -> {target}: test {test}")
-    return target
-
-
-def model_card(trainer: Trainer, test: dict, shuffled: float) -> str:
-    spec, recipe = trainer.spec, trainer.recipe
-    params = sum(p.numel() for p in trainer.model.parameters())
-    last = next((h for h in reversed(trainer.state.history) if "validation" in h), {})
-    restarts = (
-        f" with warm restarts at steps {', '.join(map(str, recipe.lm_restarts))} "
-        f"(peak x{recipe.restart_peak:g})"
-        if recipe.lm_restarts
-        else ""
-    )
-    rows = "\n".join(
-        f"| {t} | {100 * last.get('validation', {}).get(t, float('nan')):.1f} | {100 * test[t]:.1f} |"
-        for t in (*QUESTION_TYPES, "all")
-    )
-    return f"""# {spec.name}
-
-The {spec.role} model of the lmms-sgl proving ground for the {spec.family} family: a
-`{type(trainer.model).__name__}` ({params / 1e6:.2f} M parameters; {spec.description}) trained from
-scratch on this repository's procedural shapes benchmark (`lmms_sgl/proving/shapes.py`), on a CPU.
-Weights are fp16; load them in fp32 on a CPU. Not a general-purpose model: it knows 256-token
-448 px scenes of coloured shapes and the four question forms of the `sgl_shapes` task.
-
-## Recipe (`python -m lmms_sgl.proving.train --models {spec.name}`, resumable)
-1. Dense vision pretraining: {recipe.vision_steps} steps of {recipe.vision_batch} fresh scenes, AdamW
-   {recipe.vision_lr:g}; linear heads on the projector output predict colour, shape and size of the
-   object under each visual token and the token holding each object's centre. The heads are dropped.
-2. Vision tower and projector frozen; their tokens cached for {recipe.pool_images} training scenes.
-   The text model trains {recipe.lm_steps} steps of {recipe.lm_batch} questions (loss on the answer),
-   AdamW {recipe.lm_lr:g}, cosine schedule{restarts}. Curriculum over the first
-   {recipe.curriculum_steps} steps: only the question's evidence tokens visible, then the other
-   objects, then the background (attention itself is never supervised); afterwards
-   {recipe.questions_per_image} questions about one image per sequence, the first turn being exactly
-   the evaluation prompt.
-
-Seed {spec.seed}. Training time on 2 CPU cores: {trainer.state.seconds / 60:.0f} min.
-
-## Accuracy (greedy answer equals the reference; 300 validation / 300 test scenes)
-| question type | validation % | test % |
-|---|---|---|
-{rows}
-
-With every question paired with another scene's image, test accuracy falls to {100 * shuffled:.1f} %:
-the answers come from the image. The lmms-eval numbers of this model (through `sgl_*` with
-`method=large_only` / `guide_only`) are in `reports/proving_ground.md`.
-"""
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -718,6 +442,8 @@ def main(argv: list[str] | None = None) -> None:
             trainer.restart_lm()
         state = trainer.run(args.max_minutes)
         if args.export is not None and state.stage == "done":
+            from lmms_sgl.proving.export import export
+
             export(trainer, args.export)
 
 
