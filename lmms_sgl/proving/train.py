@@ -323,33 +323,58 @@ class Trainer:
         logger.info(f"{self.spec.name}: paused at stage {self.state.stage} step {self.state.step}")
         return True
 
-    def _run_vision(self) -> None:
-        recipe = self.recipe
-        progress = tqdm(total=recipe.vision_steps, initial=self.state.step, desc=f"{self.spec.name} vision")
+    def _optimize(
+        self, total: int, base_lr: float, lr_factor, step_loss, clip, log_every: int, on_log
+    ) -> bool:
+        """The optimisation loop both stages share, from ``state.step`` to ``total``.
+
+        ``step_loss(step)`` returns the loss and a dict of numbers to show; ``on_log(shown)`` returns
+        extra fields for the log entry written every ``log_every`` steps. Returns False when paused.
+        """
+        progress = tqdm(total=total, initial=self.state.step, desc=f"{self.spec.name} {self.state.stage}")
         running = None
-        while self.state.step < recipe.vision_steps:
+        while self.state.step < total:
             if self._pause():
-                return
+                progress.close()
+                return False
             started = time.monotonic()
             for group in self._optimizer.param_groups:
-                group["lr"] = recipe.vision_lr * _schedule(
-                    self.state.step, recipe.vision_steps, recipe.warmup
-                )
-            loss, shape_accuracy = self.vision_step(self.state.step)
+                group["lr"] = base_lr * lr_factor(self.state.step)
+            loss, shown = step_loss(self.state.step)
             self._optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(vision_parameters(self.model), 1.0)
+            torch.nn.utils.clip_grad_norm_(clip, 1.0)
             self._optimizer.step()
             self.state.step += 1
             self.state.seconds += time.monotonic() - started
             running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
             progress.update()
-            progress.set_postfix(loss=f"{running:.3f}", shape_acc=f"{shape_accuracy:.2f}")
-            if self.state.step % 100 == 0 or self.state.step == recipe.vision_steps:
-                self._log(loss=round(running, 4), shape_token_accuracy=round(shape_accuracy, 3))
-            if self.state.step % recipe.checkpoint_every == 0:
+            progress.set_postfix(loss=f"{running:.3f}", **{k: f"{v:.2f}" for k, v in shown.items()})
+            if self.state.step % log_every == 0 or self.state.step == total:
+                self._log(loss=round(running, 4), **on_log(shown))
+            if self.state.step % self.recipe.checkpoint_every == 0:
                 self._save()
         progress.close()
+        return True
+
+    def _run_vision(self) -> None:
+        recipe = self.recipe
+
+        def step_loss(step: int):
+            loss, shape_accuracy = self.vision_step(step)
+            return loss, {"shape_acc": shape_accuracy}
+
+        finished = self._optimize(
+            recipe.vision_steps,
+            recipe.vision_lr,
+            lambda step: _schedule(step, recipe.vision_steps, recipe.warmup),
+            step_loss,
+            vision_parameters(self.model),
+            100,
+            lambda shown: {"shape_token_accuracy": round(shown["shape_acc"], 3)},
+        )
+        if not finished:
+            return
         self.state.stage, self.state.step = "lm", 0
         torch.save(self.model.state_dict(), self.work_dir / "vision_stage.pt")  # for --restart-lm
         self._make_optimizer()
@@ -376,48 +401,36 @@ class Trainer:
         recipe = self.recipe
         pool, validation, records = self._features()
         on_object = torch.stack([dense_targets(train_scene(i))[0] > 0 for i in range(len(pool))])
-        progress = tqdm(total=recipe.lm_steps, initial=self.state.step, desc=f"{self.spec.name} lm")
-        running = None
-        while self.state.step < recipe.lm_steps:
-            if self._pause():
-                return
-            started = time.monotonic()
-            for group in self._optimizer.param_groups:
-                group["lr"] = recipe.lm_lr * _schedule(
-                    self.state.step, recipe.lm_steps, recipe.warmup, recipe.lm_restarts, recipe.restart_peak
-                )
-            indices, rows = self.lm_rows(self.state.step)
+
+        def step_loss(step: int):
+            indices, rows = self.lm_rows(step)
             ids, mask, labels = self.prompts.conversations(rows)
             hidden = None
-            if self.state.step < recipe.curriculum_steps:
+            if step < recipe.curriculum_steps:
+                questions = [turns[0][0] for turns in rows]
                 on_evidence = torch.stack(
-                    [
-                        evidence_mask(train_scene(i), turns[0][0])
-                        for i, turns in zip(indices, rows, strict=True)
-                    ]
+                    [evidence_mask(train_scene(i), q) for i, q in zip(indices, questions, strict=True)]
                 )
-                hidden = self.curriculum_mask(self.state.step, on_object[indices], on_evidence)
-            _, loss = answer_logits_and_loss(self.model, ids, mask, labels, pool[indices], hidden)
-            self._optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-            self._optimizer.step()
-            self.state.step += 1
-            self.state.seconds += time.monotonic() - started
-            running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
-            progress.update()
-            progress.set_postfix(loss=f"{running:.3f}")
-            if self.state.step % recipe.eval_every == 0 or self.state.step == recipe.lm_steps:
-                self._log(
-                    loss=round(running, 4),
-                    validation=self.evaluate(validation, records),
-                    validation_shuffled_images=self.evaluate(validation, records, shuffle=True)["all"],
-                )
-            if self.state.step % recipe.checkpoint_every == 0:
-                self._save()
-        progress.close()
-        self.state.stage = "done"
-        self._save()
+                hidden = self.curriculum_mask(step, on_object[indices], on_evidence)
+            return answer_logits_and_loss(self.model, ids, mask, labels, pool[indices], hidden)[1], {}
+
+        finished = self._optimize(
+            recipe.lm_steps,
+            recipe.lm_lr,
+            lambda step: _schedule(
+                step, recipe.lm_steps, recipe.warmup, recipe.lm_restarts, recipe.restart_peak
+            ),
+            step_loss,
+            [p for p in self.model.parameters() if p.requires_grad],
+            recipe.eval_every,
+            lambda _: {
+                "validation": self.evaluate(validation, records),
+                "validation_shuffled_images": self.evaluate(validation, records, shuffle=True)["all"],
+            },
+        )
+        if finished:
+            self.state.stage = "done"
+            self._save()
 
 
 def main(argv: list[str] | None = None) -> None:
