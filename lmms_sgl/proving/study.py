@@ -29,6 +29,7 @@ FAMILIES = {
 }
 TARGET_RATIOS = (0.64, 0.5, 0.35, 0.2, 0.09)
 PRUNING_METHODS = ("sgl", "fastv", "random")
+SERIES = (*PRUNING_METHODS, "sgl K=0")
 EXIT_SWEEP_RATIO = 0.35
 NEVER = 1.0 + 1e-9  # an exit threshold no score reaches (scores lie in [0, 1])
 # The multi-tile case: InternVL on 896 x 448 images (two tiles plus a thumbnail, 768 visual tokens).
@@ -54,6 +55,8 @@ class Point:
         parts = [self.family, self.method] if self.task == TASK else [self.family, self.task, self.method]
         if self.target_ratio is not None:
             parts.append(f"r{self.target_ratio:g}")
+        if self.prune_layer is not None:
+            parts.append(f"p{self.prune_layer:.4f}")
         if self.exit_threshold is not None:
             parts.append(f"exit{self.exit_threshold!r}")
         return "-".join(parts)
@@ -85,11 +88,22 @@ def schedule(target: float, num_layers: int, layer_k: int = 1) -> tuple[float, f
 
 
 def points(family: str, num_layers: int) -> list[Point]:
+    """References, the three methods on the shared K = 1 schedule, and SGL pruning from layer 0
+    (which only a guide makes possible: FastV needs one full layer to rank)."""
     out = [Point(family, "large_only"), Point(family, "guide_only")]
     for ratio in TARGET_RATIOS:
         prune_layer, keep = schedule(ratio, num_layers)
         out += [Point(family, m, prune_layer, keep, target_ratio=ratio) for m in PRUNING_METHODS]
+        out.append(Point(family, "sgl", *schedule(ratio, num_layers, layer_k=0), target_ratio=ratio))
     return out
+
+
+def series(summary: dict) -> str:
+    """The curve a point belongs to: its method, with the layer K when it is not the shared K = 1."""
+    if summary["prune_layer"] is None:
+        return summary["method"]
+    k = prune_layer_index(summary["num_layers"], summary["prune_layer"])
+    return summary["method"] if k == 1 else f"{summary['method']} K={k}"
 
 
 def fingerprint(root: Path, family: str) -> str:
@@ -227,15 +241,16 @@ def plot_accuracy_vs_ratio(summaries: dict[str, list[dict]], path: Path) -> None
 
     fig, axes = plt.subplots(1, len(summaries), figsize=(5.5 * len(summaries), 4.2), squeeze=False)
     for ax, (family, rows) in zip(axes[0], summaries.items(), strict=True):
-        for method, marker in zip(PRUNING_METHODS, "osv", strict=True):
-            series = sorted((r for r in rows if r["method"] == method), key=lambda r: r["token_ratio"])
+        for name, marker in zip(SERIES, "osv^", strict=True):
+            curve = sorted((r for r in rows if r["series"] == name), key=lambda r: r["token_ratio"])
             ax.errorbar(
-                [100 * r["token_ratio"] for r in series],
-                [100 * r["accuracy"] for r in series],
-                yerr=[100 * r["stderr"] for r in series],
+                [100 * r["token_ratio"] for r in curve],
+                [100 * r["accuracy"] for r in curve],
+                yerr=[100 * r["stderr"] for r in curve],
                 marker=marker,
+                linestyle=":" if "K=" in name else "-",
                 capsize=3,
-                label=method,
+                label=name,
             )
         for method, style in (("large_only", "-"), ("guide_only", "--")):
             ref = next(r for r in rows if r["method"] == method)
@@ -302,17 +317,18 @@ def findings(summaries: dict[str, list[dict]], sweeps: dict[str, list[dict]]) ->
     """Plain statements, computed from the runs, next to the paper's claims."""
     lines = ["## What holds and what does not", ""]
     for family, rows in summaries.items():
-        by = {(r["method"], r["target_ratio"]): r for r in rows}
+        by = {(r["series"], r["target_ratio"]): r for r in rows}
         large, guide = by[("large_only", None)], by[("guide_only", None)]
         low = min(TARGET_RATIOS)
-        sgl, fastv, rnd = (by[(m, low)] for m in PRUNING_METHODS)
+        from_zero = by[("sgl K=0", low)]
         kept = {m: _pct(retained(by[(m, low)], large)) for m in PRUNING_METHODS}
         paper = {m: _pct(PAPER_RETAINED[(m, low)]) for m in ("sgl", "fastv")}
         lines.append(
             f"- **{family}**, at {_pct(low, 0)} % of visual tokens: SGL keeps {kept['sgl']} % of the "
             f"large model's accuracy (paper: {paper['sgl']} %), FastV {kept['fastv']} % "
             f"(paper: {paper['fastv']} %), random {kept['random']} %. "
-            f"The guide alone scores {_pct(retained(guide, large))} %."
+            f"The guide alone scores {_pct(retained(guide, large))} %. With pruning from layer 0 (keep "
+            f"{_pct(from_zero['keep_ratio'])} %), SGL keeps {_pct(retained(from_zero, large))} %."
         )
         for other in ("fastv", "random"):
             buckets: dict[str, list[str]] = {"better": [], "within two standard errors": [], "worse": []}
@@ -347,12 +363,12 @@ def results_table(rows: list[dict]) -> list[str]:
         "FLOPs % of large | color | shape | count | exists |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    ordered = sorted(rows, key=lambda r: (r["target_ratio"] is None, -(r["target_ratio"] or 0), r["method"]))
+    ordered = sorted(rows, key=lambda r: (r["target_ratio"] is None, -(r["target_ratio"] or 0), r["series"]))
     for r in ordered:
         k = "" if r["prune_layer"] is None else str(prune_layer_index(r["num_layers"], r["prune_layer"]))
         keep = "" if r["keep_ratio"] is None else f"{r['keep_ratio']:.3f}"
         lines.append(
-            f"| {r['method']} | {_pct(r['target_ratio'], 0) if r['target_ratio'] else ''} | "
+            f"| {r['series']} | {_pct(r['target_ratio'], 0) if r['target_ratio'] else ''} | "
             f"{_pct(r['token_ratio'])} | {k} | {keep} | {_pct(r['accuracy'])} | {_pct(r['stderr'])} | "
             f"{_pct(retained(r, large))} | {_pct(r['flops_ratio'])} | "
             + " | ".join(_pct(r["by_type"].get(t)) for t in ("color", "shape", "count", "exists"))
@@ -369,8 +385,10 @@ def write_report(out_dir: Path, data: dict, command: str) -> Path:
         "",
         f"Reproduce: `{command}`. Every point is an lmms-eval run of `sgl_internvl2` / `sgl_llava` on",
         f"the `{TASK}` test task with the bundled `models/shapes-*` pairs; all numbers come from those runs.",
-        "Pruning methods share one schedule per ratio: K = 1 (the earliest layer at which FastV can rank:",
-        "it reads layer K-1's attention), keep ratio chosen to reach the layer-averaged target.",
+        "`sgl`, `fastv` and `random` share one schedule per ratio: K = 1 (the earliest layer at which FastV",
+        "can rank: it reads layer K-1's attention), keep ratio chosen to reach the layer-averaged target;",
+        "they differ only in which tokens they keep. `sgl K=0` prunes before the first layer, which only a",
+        "guide makes possible (at 9 % it keeps 9 % of the tokens instead of 0.7 %).",
         '"±" is the binomial standard error of the accuracy.',
         "",
     ]
@@ -441,7 +459,7 @@ def run_study(
         for point in points(family, num_layers):
             summary = summarize(run_point(point, root, work_dir, limit, batch_size))
             summary["num_layers"] = num_layers
-            rows.append(summary)
+            rows.append({**summary, "series": series(summary)})
         summaries[family] = rows
         prune_layer, keep = schedule(EXIT_SWEEP_RATIO, num_layers)
         no_exit = run_point(
