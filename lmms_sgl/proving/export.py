@@ -79,7 +79,8 @@ Weights are fp16; load them in fp32 on a CPU. Not a general-purpose model: it kn
    {recipe.questions_per_image} questions about one image per sequence, the first turn being exactly
    the evaluation prompt.
 
-Seed {spec.seed}. Training time on 2 CPU cores: {trainer.state.seconds / 60:.0f} min.
+Seed {spec.seed}. Training time: {trainer.state.seconds / 60:.0f} min of optimizer steps on one thread of a
+2-core CPU machine that ran two trainings at once (caching and evaluation not counted).
 
 ## Accuracy (greedy answer equals the reference; 300 validation / 300 test scenes)
 | question type | validation % | test % |
