@@ -492,10 +492,14 @@ def run_study(
                 Point("internvl", m, prune_layer, keep, target_ratio=ratio, task=WIDE_TASK)
                 for m in PRUNING_METHODS
             ]
+            from_zero = schedule(ratio, num_layers, layer_k=0)
+            wide_points.append(Point("internvl", "sgl", *from_zero, target_ratio=ratio, task=WIDE_TASK))
         for point in wide_points:
-            wide.append(
-                {**summarize(run_point(point, root, work_dir, limit, batch_size)), "num_layers": num_layers}
-            )
+            summary = {
+                **summarize(run_point(point, root, work_dir, limit, batch_size)),
+                "num_layers": num_layers,
+            }
+            wide.append({**summary, "series": series(summary)})
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_accuracy_vs_ratio(summaries, out_dir / "proving_ground_ratio.png")
     plot_exit_sweep(sweeps, out_dir / "proving_ground_exit.png")
