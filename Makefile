@@ -33,9 +33,9 @@ study: $(STAMP)
 # Retrains and re-exports the four shipped checkpoints (about 1.5 h on 2 cores, two lanes in
 # parallel); resumable: run it again after an interruption.
 proving-models: $(STAMP)
-	$(BIN)/lmms-sgl-train-proving --models shapes-internvl-large --threads 1 --export models & \
+	$(BIN)/lmms-sgl-train-proving --models shapes-internvl-large --threads 1 --export models & lane=$$!; \
 	$(BIN)/lmms-sgl-train-proving --models shapes-llava-large shapes-internvl-guide shapes-llava-guide \
-		--threads 1 --export models; wait
+		--threads 1 --export models; status=$$?; wait $$lane && exit $$status
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
