@@ -13,6 +13,7 @@ with every number; finished points are cached under ``--work-dir`` so an interru
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -106,8 +107,10 @@ def series(summary: dict) -> str:
     return summary["method"] if k == 1 else f"{summary['method']} K={k}"
 
 
+@functools.lru_cache
 def fingerprint(root: Path, family: str) -> str:
-    """Short hash of the family's two checkpoints: cached points never outlive the weights they used."""
+    """Short hash of the family's two checkpoints: cached points never outlive the weights they used.
+    Computed once per process (the study asks for it at every point)."""
     import hashlib
 
     digest = hashlib.sha256()
@@ -197,11 +200,19 @@ def summarize(payload: dict) -> dict:
     }
 
 
-def normalize(text: str) -> str:
-    """The task's exact-match normalization (ignore case and punctuation, as sgl_shapes.yaml sets)."""
-    import string
+def guide_exact_match(rows: list[dict]) -> list[float]:
+    """The task's own metric on the guide's answers: lmms-eval's exact match with the flags that
+    sgl_shapes.yaml sets (ignore case and punctuation), as the large model's answers were scored."""
+    from lmms_eval.api.metrics import exact_match_hf_evaluate
 
-    return text.lower().translate(str.maketrans("", "", string.punctuation)).strip()
+    return [
+        float(
+            exact_match_hf_evaluate(
+                [r["guide_answer"]], [r["target"]], ignore_case=True, ignore_punctuation=True
+            )["exact_match"]
+        )
+        for r in rows
+    ]
 
 
 def exit_sweep(no_exit: dict, thresholds: list[float]) -> list[dict]:
@@ -210,13 +221,14 @@ def exit_sweep(no_exit: dict, thresholds: list[float]) -> list[dict]:
     at the guide's cost only."""
     rows = no_exit["rows"]
     alone = sum(r["flops_large_alone"] for r in rows)
+    guide_correct = guide_exact_match(rows)
     out = []
     for threshold in thresholds:
         correct = flops = calls = 0.0
-        for r in rows:
+        for r, guide_right in zip(rows, guide_correct, strict=True):
             guide_flops = r["extra"]["guide_flops"]
             if r["exit_score"] >= threshold:
-                correct += normalize(r["guide_answer"]) == normalize(r["target"])
+                correct += guide_right
                 flops += guide_flops
             else:
                 correct += r["exact_match"]

@@ -242,7 +242,7 @@ class Trainer:
         logger.info(f"{self.spec.name}: {entry}")
 
     # -- stage 1 -------------------------------------------------------------------------------
-    def vision_step(self, step: int) -> tuple[float, float]:
+    def vision_step(self, step: int) -> tuple[torch.Tensor, float]:
         """One dense-pretraining step on fresh scenes (scene indices depend only on ``step``)."""
         batch = self.recipe.vision_batch
         scenes = [train_scene(1_000_000 + step * batch + i) for i in range(batch)]
