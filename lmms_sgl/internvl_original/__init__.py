@@ -1,0 +1,1 @@
+"""Original-layout (remote-code) InternVL checkpoints served as transformers-native ones."""

@@ -1,0 +1,128 @@
+"""A SentencePiece BPE model as a ``tokenizers`` backend with the slow tokenizers' exact ids.
+
+The slow tokenizers of the original checkpoints (InternLM2Tokenizer; LlamaTokenizer for Phi-3 and
+Yi) cut the text at added tokens and run SentencePiece on each remaining chunk. SentencePiece
+normalises each chunk (character map, extra-whitespace removal, dummy ``▁`` prefix, spaces to
+``▁``) and then merges pieces by score. Both map onto ``tokenizers`` pieces: a normalizer applied
+per chunk, a BPE model whose merge ranks follow the piece scores, byte fallback, and SentencePiece's
+decoder. ``prefix`` chooses where the dummy prefix goes: ``"chunk"`` (SentencePiece on every chunk:
+InternLM2, legacy Llama), ``"first"`` (only at the start of the text: Llama with ``legacy=false``) or
+``"none"``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+from tokenizers.models import BPE
+
+from lmms_sgl.internvl_original.sentencepiece_model import (
+    ModelType,
+    PieceType,
+    SentencePieceModel,
+    read_sentencepiece_model,
+)
+
+Prefix = Literal["chunk", "first", "none"]
+SPACE = "▁"
+
+
+def _merges(pieces: list[str], mergeable: set[int]) -> list[tuple[str, str]]:
+    """BPE merges ranked like SentencePiece: by the merged piece's score (its order), then by parts."""
+    index = {pieces[i]: i for i in mergeable}
+    merges = []
+    for piece_id in sorted(mergeable):  # SentencePiece BPE scores decrease with the piece id
+        piece = pieces[piece_id]
+        splits = [(piece[:cut], piece[cut:]) for cut in range(1, len(piece))]
+        found = [(index[a], index[b], a, b) for a, b in splits if a in index and b in index]
+        merges += [(a, b) for _, _, a, b in sorted(found)]
+    return merges
+
+
+def _check_supported(model: SentencePieceModel, path: Path, prefix: Prefix) -> None:
+    if model.trainer.model_type != ModelType.BPE:
+        raise ValueError(
+            f"{path}: SentencePiece model_type is {model.trainer.model_type.name}; only BPE models "
+            "(InternLM2, Llama, Phi-3, Yi) are converted"
+        )
+    if model.trainer.treat_whitespace_as_suffix:
+        raise ValueError(f"{path}: treat_whitespace_as_suffix=true is not supported")
+    if model.normalizer.name not in ("", "identity") and not model.normalizer.precompiled_charsmap:
+        raise ValueError(
+            f"{path}: normalizer {model.normalizer.name!r} has no precompiled_charsmap; "
+            "only identity or precompiled normalisation can be reproduced"
+        )
+    if prefix == "first" and model.normalizer.remove_extra_whitespaces:
+        raise ValueError(
+            f"{path}: remove_extra_whitespaces=true with a start-only dummy prefix is not supported"
+        )
+    scores = [p.score for p in model.pieces if p.type == PieceType.NORMAL]
+    if any(a <= b for a, b in zip(scores, scores[1:], strict=False)):
+        raise ValueError(f"{path}: BPE piece scores are not strictly decreasing with the id")
+
+
+def _normalizer(model: SentencePieceModel, prefix: Prefix):
+    spec, steps = model.normalizer, []
+    if spec.precompiled_charsmap:
+        steps.append(normalizers.Precompiled(spec.precompiled_charsmap))
+    if spec.remove_extra_whitespaces:  # SentencePiece strips and collapses plain spaces only
+        steps += [normalizers.Replace(Regex(r"\A +| +\z"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
+    if prefix == "chunk" and spec.add_dummy_prefix:
+        steps.append(normalizers.Prepend(SPACE))  # skipped on empty chunks, as in SentencePiece
+    if spec.escape_whitespaces and prefix != "first":
+        steps.append(normalizers.Replace(" ", SPACE))
+    return normalizers.Sequence(steps) if steps else None
+
+
+def sentencepiece_backend(
+    model_file: Path, renamed: dict[int, AddedToken], prefix: Prefix = "chunk"
+) -> Tokenizer:
+    """Build the backend; ``renamed`` gives added tokens that take over ids inside the model's range.
+
+    Control and unknown pieces become special added tokens, user-defined pieces plain added tokens
+    matched on normalised text (as SentencePiece matches them); pieces renamed by the tokenizer
+    config keep their id under the new name.
+    """
+    model = read_sentencepiece_model(Path(model_file))
+    _check_supported(model, Path(model_file), prefix)
+    out_of_range = sorted(i for i in renamed if not 0 <= i < len(model.pieces))
+    if out_of_range:
+        raise ValueError(f"renamed token ids {out_of_range} are outside the SentencePiece vocabulary")
+    pieces = [renamed[i].content if i in renamed else p.piece for i, p in enumerate(model.pieces)]
+    if len(set(pieces)) != len(pieces):
+        raise ValueError(f"{model_file}: duplicate pieces after applying the tokenizer config's added tokens")
+    mergeable = {i for i, p in enumerate(model.pieces) if p.type == PieceType.NORMAL and i not in renamed}
+    backend = Tokenizer(
+        BPE(
+            {piece: i for i, piece in enumerate(pieces)},
+            _merges(pieces, mergeable),
+            unk_token=pieces[model.trainer.unk_id] if model.trainer.unk_id >= 0 else None,
+            fuse_unk=True,
+            byte_fallback=model.trainer.byte_fallback,
+        )
+    )
+    backend.normalizer = _normalizer(model, prefix)
+    if prefix == "first":
+        scheme = "first" if model.normalizer.add_dummy_prefix else "never"
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement=SPACE, prepend_scheme=scheme, split=False
+        )
+    steps = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if model.normalizer.add_dummy_prefix and prefix != "none":
+        steps.append(decoders.Strip(content=" ", left=1, right=0))
+    backend.decoder = decoders.Sequence(steps)
+
+    added = []
+    for i, piece in enumerate(model.pieces):
+        if i in renamed:
+            added.append(renamed[i])
+        elif piece.type in (PieceType.CONTROL, PieceType.UNKNOWN):
+            added.append(AddedToken(piece.piece, special=True, normalized=False))
+        elif piece.type == PieceType.USER_DEFINED:
+            added.append(AddedToken(piece.piece, special=False, normalized=True))
+    # already in the vocabulary, so their ids do not change
+    backend.add_special_tokens([t for t in added if t.special])
+    backend.add_tokens([t for t in added if not t.special])
+    return backend
