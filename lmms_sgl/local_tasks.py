@@ -8,6 +8,9 @@
 * ``sgl_shapes`` / ``sgl_shapes_wide``: the test split of the procedural benchmark in
   ``lmms_sgl.proving.shapes`` (several small objects, answers need local evidence), on 448 px
   square images (both families) and on 896 x 448 images (InternVL: 2 tiles plus a thumbnail).
+  ``sgl_shapes_anls`` scores the ``sgl_shapes`` data with ANLS and has no data of its own.
+* ``sgl_shapes_val``: the benchmark's validation split (disjoint seeds), for calibrating the exit
+  threshold (``lmms-sgl-calibrate``) away from the test split.
 
 Everything is deterministic from the seed. Regenerate the shipped files with
 ``python -m lmms_sgl.local_tasks --tasks-dir tasks``.
@@ -100,12 +103,12 @@ def write_parquet(records: list[dict], path: Path) -> Path:
     return path
 
 
-def shapes_records(n: int, width: int, height: int) -> list[dict]:
+def shapes_records(n: int, width: int, height: int, split_name: str = "test") -> list[dict]:
     from lmms_sgl.proving.shapes import split
 
     return [
         {key: r[key] for key in ("id", "question", "answer", "type", "image")}
-        for r in split("test", n, width, height)
+        for r in split(split_name, n, width, height)
     ]
 
 
@@ -115,7 +118,16 @@ def write_all(tasks_dir: Path) -> list[Path]:
         write_parquet(gqa_schema_records(), tasks_dir / "sgl_gqa_local" / "data" / "testdev.parquet"),
         write_parquet(shapes_records(300, 448, 448), tasks_dir / "sgl_shapes" / "data" / "test.parquet"),
         write_parquet(shapes_records(150, 896, 448), tasks_dir / "sgl_shapes_wide" / "data" / "test.parquet"),
+        write_shapes_val(tasks_dir),
     ]
+
+
+def write_shapes_val(tasks_dir: Path) -> Path:
+    """``sgl_shapes_val``: 300 validation scenes (seeds disjoint from the test split)."""
+    return write_parquet(
+        shapes_records(300, 448, 448, "validation"),
+        tasks_dir / "sgl_shapes_val" / "data" / "validation.parquet",
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

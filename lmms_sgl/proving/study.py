@@ -170,6 +170,7 @@ _RECORD_FIELDS = (
     "answer",
     "guide_answer",
     "exited",
+    "reached_large",
     "exit_score",
     "token_ratio",
     "flops",
@@ -216,33 +217,29 @@ def guide_exact_match(rows: list[dict]) -> list[float]:
 
 
 def exit_sweep(no_exit: dict, thresholds: list[float]) -> list[dict]:
-    """Accuracy, large-model call rate and FLOPs ratio for each threshold, from one no-exit SGL run:
-    a sample exits when its exit score reaches the threshold and then answers with the guide's answer
-    at the guide's cost only."""
+    """Accuracy, large-model call rate and FLOPs ratio for each threshold, from one no-exit SGL run,
+    replayed by the calibration tool's code (``lmms_sgl.calibration.replay``: the pipeline's exit
+    rule; an exiting sample answers with the guide's answer at the guide's cost only). A threshold
+    above 1 means no exit."""
+    from lmms_eval.api.metrics import mean
+
+    from lmms_sgl.calibration.replay import from_record, sweep
+
     rows = no_exit["rows"]
-    alone = sum(r["flops_large_alone"] for r in rows)
-    guide_correct = guide_exact_match(rows)
-    out = []
-    for threshold in thresholds:
-        correct = flops = calls = 0.0
-        for r, guide_right in zip(rows, guide_correct, strict=True):
-            guide_flops = r["extra"]["guide_flops"]
-            if r["exit_score"] >= threshold:
-                correct += guide_right
-                flops += guide_flops
-            else:
-                correct += r["exact_match"]
-                flops += r["flops"]
-                calls += 1
-        out.append(
-            {
-                "threshold": threshold,
-                "accuracy": correct / len(rows),
-                "large_call_rate": calls / len(rows),
-                "flops_ratio": flops / alone,
-            }
-        )
-    return out
+    samples = [
+        from_record(index, row, guide_right, row["exact_match"])
+        for index, (row, guide_right) in enumerate(zip(rows, guide_exact_match(rows), strict=True))
+    ]
+    points = sweep(samples, [None if t > 1 else t for t in thresholds], mean)
+    return [
+        {
+            "threshold": threshold,
+            "accuracy": point.accuracy,
+            "large_call_rate": point.large_call_rate,
+            "flops_ratio": point.flops_ratio,
+        }
+        for threshold, point in zip(thresholds, points, strict=True)
+    ]
 
 
 def plot_accuracy_vs_ratio(summaries: dict[str, list[dict]], path: Path) -> None:
