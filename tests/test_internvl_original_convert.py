@@ -1,0 +1,285 @@
+"""Original-layout InternVL checkpoints -> transformers-native ones, checked against the original maths.
+
+The tiny checkpoints come from ``lmms_sgl.factory_original`` (original names, fused tensors, two
+shards); the reference forward (``tests/internvl_original_reference.py``) is written from the
+original layer definitions and shares no code with the converter.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmms_sgl.checkpoints import CorruptCheckpointError
+from lmms_sgl.factory_original import SPECS, build_original_pair, build_originals
+from lmms_sgl.internvl_original import convert as convert_module
+from lmms_sgl.internvl_original.config import OriginalCheckpointError, read_original_config
+from lmms_sgl.internvl_original.convert import MARKER, convert_checkpoint, main, resolve_checkpoint
+from lmms_sgl.internvl_original.weights import WeightLayout, split_internlm2_wqkv
+from tests.internvl_original_reference import load_original, reference_logits
+
+TOLERANCE = 1e-5
+TILES = (1, 2)  # one tile, and two (longer than the tiny models' RoPE tables)
+
+
+@pytest.fixture(scope="session")
+def originals(tmp_path_factory) -> dict[str, Path]:
+    return build_originals(tmp_path_factory.mktemp("original_layout"))
+
+
+@pytest.fixture(scope="session")
+def converted(originals, tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("converted")
+    return {name: convert_checkpoint(src, out / name, progress=False) for name, src in originals.items()}
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("LMMS_SGL_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "converted"
+
+
+def copy_original(originals: dict[str, Path], name: str, dst: Path) -> Path:
+    return Path(shutil.copytree(originals[name], dst / name))
+
+
+def edit_config(folder: Path, edit) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    edit(config)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def prompt(image_token_id: int, tiles: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    generator = torch.Generator().manual_seed(seed)
+    text = torch.randint(3, 400, (1, 24), generator=generator)
+    text[text == image_token_id] = 7
+    if tiles == 0:
+        return text, None
+    ids = torch.cat([text[:, :12], torch.full((1, 256 * tiles), image_token_id), text[:, 12:]], dim=1)
+    return ids, torch.randn(tiles, 3, 448, 448, generator=generator)
+
+
+# -- exactness --------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_converted_model_equals_original_maths(name, originals, converted):
+    from transformers import AutoModelForImageTextToText
+
+    model, info = AutoModelForImageTextToText.from_pretrained(
+        converted[name], dtype=torch.float32, output_loading_info=True
+    )
+    assert not any(info.values()), info  # no missing, unexpected or mismatched tensors
+    config, weights = load_original(originals[name])
+    llm, image_token = config["llm_config"], model.config.image_token_id
+    lengths = []
+    for tiles in (0, *TILES):
+        ids, pixels = prompt(image_token, tiles, seed=tiles)
+        lengths.append(ids.shape[1])
+        with torch.no_grad():
+            got = model(input_ids=ids, pixel_values=pixels).logits
+        want = reference_logits(config, weights, ids, pixels, image_token)
+        assert (got - want).abs().max().item() <= TOLERANCE, (name, tiles)
+    # both RoPE regimes are crossed: plain and dynamic NTK (InternLM2), short and long factors (Phi-3)
+    threshold = llm.get("original_max_position_embeddings", llm["max_position_embeddings"])
+    assert min(lengths) < threshold < max(lengths)
+
+
+def test_wqkv_split_takes_query_heads_of_every_group_then_keys_then_values():
+    layout = WeightLayout("internlm2", num_heads=6, num_kv_heads=2, head_dim=2, vision_hidden=4)
+    # row label = 100 * group + 10 * slot + dim, slots 0-2 query heads, 3 key, 4 value
+    rows = [100 * g + 10 * s + d for g in range(2) for s in range(5) for d in range(2)]
+    fused = torch.tensor(rows, dtype=torch.float32)[:, None].repeat(1, 3)
+    q, k, v = split_internlm2_wqkv(fused, layout)
+    assert q[:, 0].tolist() == [100 * g + 10 * s + d for g in range(2) for s in range(3) for d in range(2)]
+    assert k[:, 0].tolist() == [100 * g + 30 + d for g in range(2) for d in range(2)]
+    assert v[:, 0].tolist() == [100 * g + 40 + d for g in range(2) for d in range(2)]
+
+
+def test_configs_translate_each_variant(originals, converted):
+    from transformers import AutoConfig, GenerationConfig
+
+    guide = read_original_config(originals["internvl2-orig-guide"])
+    assert (guide.text_arch, guide.num_layers, guide.template, guide.image_seq_length) == (
+        "internlm2",
+        2,
+        "internlm2-chat",
+        256,
+    )
+    large = AutoConfig.from_pretrained(converted["internvl2-orig-large"])
+    assert large.model_type == "internvl" and large.text_config.model_type == "llama"
+    assert large.text_config.rope_parameters["rope_type"] == "dynamic"
+    assert large.vision_config.norm_type == "rms_norm" and large.vision_config.use_qk_norm
+    assert not large.vision_config.attention_bias
+    assert AutoConfig.from_pretrained(converted["internvl2-orig-qwen2"]).vision_feature_layer == -2
+    phi3 = AutoConfig.from_pretrained(converted["internvl2-orig-phi3"])
+    assert phi3.text_config.rope_parameters["rope_type"] == "longrope"
+    for name, stop in (("internvl2-orig-guide", "<|im_end|>"), ("internvl2-orig-phi3", "<|end|>")):
+        tokenizer_ids = json.loads((converted[name] / "tokenizer.json").read_text())["added_tokens"]
+        stop_id = next(t["id"] for t in tokenizer_ids if t["content"] == stop)
+        assert GenerationConfig.from_pretrained(converted[name]).eos_token_id == stop_id
+
+
+def test_pair_for_end_to_end_runs(tmp_path):
+    pair = build_original_pair(tmp_path)
+    assert set(pair) == {"guide", "large"}
+    guide, large = (read_original_config(pair[role]) for role in ("guide", "large"))
+    assert guide.image_seq_length == large.image_seq_length == 256
+    assert guide.num_layers < large.num_layers
+
+
+# -- refusals, before any weights load --------------------------------------------------------
+@pytest.fixture
+def no_weight_reads(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("weights were read although the checkpoint should have been refused")
+
+    monkeypatch.setattr(convert_module, "_write_weights", fail)
+
+
+def test_truncated_shard_is_refused_before_any_weights_load(originals, tmp_path, no_weight_reads):
+    folder = copy_original(originals, "internvl2-orig-guide", tmp_path)
+    shard = folder / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(CorruptCheckpointError, match="model-00002-of-00002.safetensors.*truncated"):
+        convert_checkpoint(folder, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda c: c["llm_config"].update(architectures=["MistralForCausalLM"]),
+            r"llm_config\.architectures = \['MistralForCausalLM'\].*InternLM2ForCausalLM",
+        ),
+        (lambda c: c.pop("ps_version"), "lacks the field ps_version"),
+        (lambda c: c["llm_config"].pop("num_hidden_layers"), "lacks the field llm_config.num_hidden_layers"),
+        (lambda c: c["vision_config"].pop("norm_type"), "lacks the field vision_config.norm_type"),
+        (lambda c: c.update(ps_version="v1"), r"ps_version = 'v1'.*allowed: 'v2'"),
+        (lambda c: c.update(template="vicuna_v1.1"), r"template = 'vicuna_v1.1'.*internlm2-chat"),
+        (
+            lambda c: c["llm_config"].update(rope_scaling={"type": "yarn", "factor": 4.0}),
+            r"llm_config\.rope_scaling.*'dynamic'",
+        ),
+        (lambda c: c.update(force_image_size=224), "force_image_size = 224"),
+    ],
+)
+def test_bad_config_is_refused_naming_the_field(originals, tmp_path, no_weight_reads, edit, message):
+    folder = copy_original(originals, "internvl2-orig-guide", tmp_path)
+    edit_config(folder, edit)
+    with pytest.raises(OriginalCheckpointError, match=message):
+        read_original_config(folder, "guide")
+    with pytest.raises(OriginalCheckpointError, match=message):
+        convert_checkpoint(folder, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_weights_that_disagree_with_the_config_are_refused(originals, tmp_path, no_weight_reads):
+    folder = copy_original(originals, "internvl2-orig-guide", tmp_path)
+    edit_config(folder, lambda c: c["llm_config"].update(num_key_value_heads=4))  # wqkv has 2 groups
+    with pytest.raises(OriginalCheckpointError, match="wqkv"):
+        convert_checkpoint(folder, tmp_path / "out", progress=False)
+
+
+def test_native_checkpoints_pass_through(tmp_path, cache):
+    native = tmp_path / "native"
+    native.mkdir()
+    (native / "config.json").write_text(json.dumps({"model_type": "internvl", "architectures": ["X"]}))
+    assert read_original_config(native) is None
+    assert resolve_checkpoint(str(native)) == str(native)
+    assert resolve_checkpoint("org/not-in-the-hub-cache") == "org/not-in-the-hub-cache"
+    assert not cache.exists()
+
+
+# -- cache, determinism, command line ---------------------------------------------------------
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_converting_twice_gives_identical_files(originals, converted, tmp_path):
+    again = convert_checkpoint(originals["internvl2-orig-large"], tmp_path / "again", progress=False)
+    assert folder_bytes(again) == folder_bytes(converted["internvl2-orig-large"])
+
+
+@pytest.fixture
+def count_conversions(monkeypatch):
+    calls = []
+    real = convert_module.convert_checkpoint
+
+    def counting(*args, **kwargs):
+        calls.append(args[1])
+        time.sleep(0.2)  # widen the window in which a second process would also convert
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(convert_module, "convert_checkpoint", counting)
+    return calls
+
+
+def test_resolve_converts_once_then_reuses(originals, cache, count_conversions):
+    source = str(originals["internvl2-orig-qwen2"])
+    first = resolve_checkpoint(source, "guide")
+    assert Path(first).parent == cache and (Path(first) / MARKER).is_file()
+    assert resolve_checkpoint(source, "guide") == first
+    assert len(count_conversions) == 1
+
+
+def test_concurrent_resolves_convert_once(originals, cache, count_conversions):
+    source, results = str(originals["internvl2-orig-phi3"]), []
+    threads = [threading.Thread(target=lambda: results.append(resolve_checkpoint(source))) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(results)) == 1 and len(results) == 3
+    assert len(count_conversions) == 1
+
+
+def test_failed_or_crashed_conversion_is_never_used(originals, cache, monkeypatch):
+    source = str(originals["internvl2-orig-llama"])
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("simulated failure after the weights were written")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(convert_module, "_write_configs", crash)
+        with pytest.raises(RuntimeError, match="simulated failure"):
+            resolve_checkpoint(source)
+    assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []
+    # a hard crash (no cleanup) leaves a partial folder and maybe an unfinished target
+    target = Path(resolve_checkpoint(source))
+    shutil.rmtree(target)
+    target.mkdir()
+    (target / "config.json").write_text("{}")
+    partial = cache / f".{target.name}.partial-12345"
+    partial.mkdir()
+    assert Path(resolve_checkpoint(source)) == target
+    assert (target / MARKER).is_file() and not partial.exists()
+
+
+def test_hub_id_resolves_from_the_hub_cache(originals, cache, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    hub = tmp_path / "hub"
+    repo = hub / "models--OpenGVLab--InternVL2-tiny"
+    commit = "0" * 40
+    shutil.copytree(originals["internvl2-orig-guide"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    assert read_original_config("OpenGVLab/InternVL2-tiny").num_layers == 2
+    resolved = Path(resolve_checkpoint("OpenGVLab/InternVL2-tiny"))
+    assert resolved.name.startswith("InternVL2-tiny-") and (resolved / MARKER).is_file()
+
+
+def test_command_line_converts(originals, converted, tmp_path):
+    pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    assert 'lmms-sgl-convert = "lmms_sgl.internvl_original.convert:main"' in pyproject
+    main([str(originals["internvl2-orig-guide"]), str(tmp_path / "cli")])
+    assert folder_bytes(tmp_path / "cli") == folder_bytes(converted["internvl2-orig-guide"])
+    with pytest.raises(FileExistsError, match="not an empty folder"):
+        main([str(originals["internvl2-orig-guide"]), str(tmp_path / "cli")])
