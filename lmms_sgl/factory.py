@@ -349,6 +349,56 @@ def save_checkpoint(spec: ModelSpec, out_dir: Path) -> Path:
     return target
 
 
+def script_answer(model, processor, answer: str, scale: float = 40.0):
+    """Make ``model`` answer ``answer`` (then EOS) greedily, whatever the image and question.
+
+    For tests that need a known long-form answer, e.g. one with blank lines, where random weights
+    would need luck. Every decoder layer's output projections are zeroed, so the final hidden state
+    of a position is the normalised embedding of its own token; the LM head then maps each token of
+    the chain (the generation prompt's last token, then the answer's tokens) to the next one. Words
+    of the answer are added to the tokenizer when they are not single tokens, so that each token of
+    the chain is distinct. Attention (and so SGL's importance) still runs on the real prompt.
+    """
+    tokenizer = processor.tokenizer
+    pieces = [piece for piece in answer.replace("\n\n", "\0\n\n\0").split("\0") if piece]
+    tokenizer.add_tokens([piece for piece in pieces if len(tokenizer.tokenize(piece)) != 1])
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    sample = [{"role": "user", "content": [{"type": "text", "text": "?"}]}]
+    last_prompt_token = tokenizer(
+        processor.apply_chat_template(sample, tokenize=False, add_generation_prompt=True)
+    ).input_ids[-1]
+    chain = [
+        last_prompt_token,
+        *tokenizer(answer, add_special_tokens=False).input_ids,
+        tokenizer.eos_token_id,
+    ]
+    if len(set(chain[:-1])) != len(chain) - 1:
+        raise ValueError(
+            f"answer {answer!r} repeats a token of its chain {chain}: scripting needs distinct ones"
+        )
+    text_model = model.model.language_model
+    with torch.no_grad():
+        for layer in text_model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        hidden = text_model.norm(text_model.embed_tokens.weight[chain[:-1]])  # [n, d]
+        head = model.lm_head.weight
+        head.zero_()
+        head[chain[1:]] += scale * hidden / hidden.pow(2).sum(-1, keepdim=True)
+    model.config.text_config.vocab_size = len(tokenizer)
+    return model, processor
+
+
+def save_scripted(spec_name: str, answer: str, out_dir: Path) -> Path:
+    """A factory checkpoint scripted to answer ``answer`` (see :func:`script_answer`)."""
+    model, processor = script_answer(*build_model(SPECS[spec_name]), answer)
+    target = Path(out_dir) / f"{spec_name}-scripted"
+    target.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(target, safe_serialization=True)
+    processor.save_pretrained(target)
+    return target
+
+
 def build_all(out_dir: Path, names: list[str] | None = None) -> dict[str, Path]:
     unknown = sorted(set(names or []) - set(SPECS))
     if unknown:

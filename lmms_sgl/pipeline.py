@@ -31,10 +31,20 @@ from lmms_sgl.method.pruning import VisualTokenPruner
 from lmms_sgl.method.selection import keep_count, plan_from_scores, random_scores
 from lmms_sgl.method.settings import SGLSettings
 
+# lmms-eval writes its ``fewshot_delimiter`` into every task's ``until`` that has none (gqa, mmvet,
+# ...). Its own HF models never stop there (``llava_hf``/``internvl_hf`` ignore ``until``;
+# ``qwen2_5_vl`` removes exactly this string), and MM-Vet's step-by-step answers contain blank lines.
+LMMS_EVAL_DEFAULT_STOP = "\n\n"
+
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """The task's generation kwargs, validated (lmms-eval's HF models use the same defaults)."""
+    """The task's generation kwargs, validated (lmms-eval's HF models use the same defaults).
+
+    ``until`` keeps the task's stop strings except lmms-eval's injected default ``"\n\n"``, which
+    is dropped: lmms-eval writes it into the task's own ``generation_kwargs``, so an explicit
+    ``"\n\n"`` cannot be told apart from the injected one (as in lmms-eval's ``qwen2_5_vl``).
+    """
 
     max_new_tokens: int = 1024
     until: tuple[str, ...] = ()
@@ -47,6 +57,7 @@ class GenerationSettings:
         kwargs = dict(gen_kwargs)  # never mutate the request's dict
         until = kwargs.pop("until", ())
         until = (until,) if isinstance(until, str) else tuple(until or ())
+        until = tuple(stop for stop in until if stop and stop != LMMS_EVAL_DEFAULT_STOP)
         settings = cls(
             max_new_tokens=int(kwargs.pop("max_new_tokens", 1024)),
             until=until,
@@ -64,8 +75,11 @@ class GenerationSettings:
         return self.temperature > 0
 
     def large_kwargs(self) -> dict:
+        """``generate`` kwargs of the large model; ``min_new_tokens=1`` as the official code, so an
+        answer is never empty (the guide's run sets the same)."""
         kwargs = {
             "max_new_tokens": self.max_new_tokens,
+            "min_new_tokens": 1,
             "num_beams": self.num_beams,
             "do_sample": self.do_sample,
         }
@@ -380,7 +394,9 @@ class SGLPipeline:
             if prune:
                 scores = None
                 if self.settings.method == "sgl":
+                    guide_start = time.perf_counter()
                     importance, guide_flops = self._guide_prompt_importance(sample)
+                    record.guide_seconds = time.perf_counter() - guide_start
                     scores = [importance]
                 fastv_rows = torch.zeros_like(visual)
                 fastv_rows[:, context_length - 1] = True  # FastV's query: the last context token
@@ -397,7 +413,13 @@ class SGLPipeline:
         total = float(logprobs.gather(1, targets[:, None]).sum())
         greedy = bool((logprobs.argmax(-1) == targets).all())
         record.reached_large = scorer is self.large
-        record.large_seconds = time.perf_counter() - start
+        elapsed = time.perf_counter() - start - record.guide_seconds
+        if scorer is self.large:
+            record.large_seconds = elapsed
+        else:  # guide_only scores with the guide
+            record.guide_seconds = elapsed
+        if self.settings.exit_threshold is not None:
+            record.extra["exit_not_applied"] = True  # a log-likelihood has no guide answer to exit on
         record.total_visual = n_visual
         record.num_layers = scorer.num_layers
         record.kept_visual = plan.kept_visual[0] if plan is not None else n_visual
@@ -427,7 +449,7 @@ class SGLPipeline:
         inputs = guide.family.build_batch(guide, [sample.prompt])
         visual = inputs["input_ids"] == guide.image_token_id
         rows = prompt_rows_from_last_visual(visual, inputs["attention_mask"])
-        recorder = AttentionRecorder(rows)
+        recorder = AttentionRecorder(rows, visual_mask=visual)
         with recorder.active(), torch.no_grad():
             guide.model(**inputs, use_cache=False, logits_to_keep=1)
         length, n_visual = inputs["input_ids"].shape[1], int(visual.sum())

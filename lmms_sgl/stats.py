@@ -12,6 +12,8 @@ merge of ranks equals a single-process run over the same samples.
   evenly over the batch's samples).
 * ``fallbacks``: samples that left the SGL path (layout mismatch, errors); ``failed``: samples
   that got no answer at all.
+* ``exit_not_applied``: log-likelihood (multiple-choice) requests of a run with an exit threshold;
+  they have no guide answer, so they never exit and always reach the large model.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class Totals:
     reached_large: int = 0
     fallbacks: int = 0
     failed: int = 0
+    exit_not_applied: int = 0
     visual_given: float = 0.0
     visual_processed: float = 0.0
     flops: float = 0.0
@@ -40,6 +43,7 @@ class Totals:
         self.reached_large += int(record["reached_large"])
         self.fallbacks += int(record["fallback"] is not None)
         self.failed += int(bool(record.get("extra", {}).get("failed")))
+        self.exit_not_applied += int(bool(record.get("extra", {}).get("exit_not_applied")))
         if record["reached_large"] and record["token_ratio"] is not None and record["total_visual"]:
             self.visual_given += record["total_visual"]
             self.visual_processed += record["token_ratio"] * record["total_visual"]
@@ -67,6 +71,7 @@ class Totals:
             "large_seconds": self.large_seconds,
             "fallbacks": self.fallbacks,
             "failed": self.failed,
+            "exit_not_applied": self.exit_not_applied,
         }
 
 
@@ -123,6 +128,8 @@ def format_table(summary: dict) -> str:
         "guide_seconds",
         "large_seconds",
         "fallbacks",
+        "failed",
+        "exit_not_applied",
     ]
 
     def cell(value) -> str:

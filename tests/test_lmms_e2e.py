@@ -70,7 +70,12 @@ def test_sgl_model_end_to_end_with_wandb(tmp_path, models_dir, tasks_dir, model,
         assert raw_response(row) == record["answer"]
         if record["exited"]:
             assert record["answer"] == record["guide_answer"] and not record["reached_large"]
-    assert "SGL run statistics" in done.stdout
+    assert "SGL run statistics" in done.stdout and "| failed | exit_not_applied |" in done.stdout
+    for record in scored:  # multiple choice: the guide ranks, the large model scores, no exit
+        assert record["guide_seconds"] > 0 and record["large_seconds"] > 0 and not record["exited"]
+        assert record["extra"]["exit_not_applied"]
+    assert throughput(results, "overall", "exit_not_applied") == len(scored)
+    assert throughput(results, "sgl_smoke", "exit_not_applied") == 0
 
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, runs
@@ -97,10 +102,8 @@ def test_sgl_model_end_to_end_with_wandb(tmp_path, models_dir, tasks_dir, model,
 )
 def test_large_only_answers_equal_the_host_model(tmp_path, models_dir, tasks_dir, host, model, family, dtype):
     """Same checkpoint, same prompts: lmms-eval's own HF model and ours with pruning and exit off.
-
-    Deliberate difference: lmms-eval's HF models ignore the task's ``until`` stop strings, ours
-    honour them, so the host answers are cut at ``until`` ("\\n\\n" by default) before comparing.
-    """
+    Neither side is cut: these tasks have no ``until`` of their own, and lmms-eval's injected
+    "\\n\\n" stops neither (test_faithful_answers checks answers that contain one)."""
     large = models_dir / f"{family}-large"
     tasks = "sgl_smoke,sgl_gqa_local"
     host_args = f"pretrained={large},device=cpu,device_map=cpu" + (
@@ -110,7 +113,7 @@ def test_large_only_answers_equal_the_host_model(tmp_path, models_dir, tasks_dir
     ours = f"pretrained={large},method=large_only,dtype={dtype},max_tiles=12"
     run_lmms_eval(model, ours, tasks, tasks_dir, tmp_path / "ours", "--limit", "5", "--batch_size", "2")
     for task in tasks.split(","):
-        expected = [raw_response(row).split("\n\n")[0] for row in samples_of(tmp_path / "host", task)]
+        expected = [raw_response(row) for row in samples_of(tmp_path / "host", task)]
         got = [raw_response(row) for row in samples_of(tmp_path / "ours", task)]
         assert got == expected, task
 
@@ -154,6 +157,7 @@ def run_cli(model_args: str, model: str, tasks_dir: Path, cwd: Path) -> subproce
 
 def test_bad_arguments_fail_before_loading(tmp_path, models_dir, tasks_dir):
     pair = f"pretrained={models_dir / 'internvl-large'},guide={models_dir / 'internvl-guide'}"
+    broken_guide = truncated_copy(models_dir / "llava-guide", tmp_path)
     cases = [
         (f"{pair},keep_ratio=1.5", "sgl_internvl2", r"keep_ratio=1.5 is outside the allowed range (0, 1]"),
         (f"{pair},colour=red", "sgl_internvl2", "unknown model argument(s) ['colour']"),
@@ -167,7 +171,29 @@ def test_bad_arguments_fail_before_loading(tmp_path, models_dir, tasks_dir):
             "sgl_llava",
             "is a 'internvl' checkpoint; the llava family serves",
         ),
+        (  # the large model has 4 layers: int(4 * 0.05) = 0, and FastV ranks at layer K - 1
+            f"pretrained={models_dir / 'internvl-large'},method=fastv,token_ratio=0.09",
+            "sgl_internvl2",
+            "method='fastv' ranks at layer K-1 and needs K >= 1",
+        ),
+        (
+            f"pretrained={models_dir / 'llava-large'},guide={broken_guide}",
+            "sgl_llava",
+            f"guide={str(broken_guide)!r}: {broken_guide / 'model.safetensors'}: tensors need",
+        ),
     ]
     for model_args, model, message in cases:
         done = run_cli(model_args, model, tasks_dir, tmp_path)
         assert done.returncode != 0 and message in done.stderr, done.stderr[-3000:]
+        assert "Loading weights" not in done.stderr, "the error must come before any weights load"
+
+
+def truncated_copy(checkpoint: Path, tmp_path: Path) -> Path:
+    """A copy of ``checkpoint`` whose weights file lost its last kilobyte (an interrupted copy)."""
+    import shutil
+
+    copy = tmp_path / f"{checkpoint.name}-truncated"
+    shutil.copytree(checkpoint, copy)
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1024])
+    return copy

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from lmms_sgl.checkpoints import check_weights
 from lmms_sgl.method.cost import TransformerShape
 
 
@@ -82,7 +83,8 @@ class HFVisionLanguageFamily:
 
     # -- loading ---------------------------------------------------------------------------
     def check_checkpoint(self, path: str, argument: str):
-        """Read only the config (cheap) and fail fast on a checkpoint we cannot serve."""
+        """Read only the config and the weight files' headers (cheap) and fail fast on a checkpoint
+        we cannot serve or whose files are truncated."""
         from transformers import AutoConfig
 
         try:
@@ -102,6 +104,7 @@ class HFVisionLanguageFamily:
                 f"{argument}={path!r} is a {config.model_type!r} checkpoint; the {self.name} family serves "
                 f"model types {self.model_types} ({self.supported})"
             )
+        check_weights(path, argument)
         return config
 
     def _remote_code_message(self, argument: str, path: str) -> str:

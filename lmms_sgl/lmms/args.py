@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from lmms_sgl.method.importance import PRECISIONS
 from lmms_sgl.method.settings import METHODS, SGLSettings
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -85,6 +86,7 @@ def parse_model_args(
     attn_implementation="sdpa",
     max_tiles=12,
     seed=0,
+    importance_precision="fp32",
     batch_size=1,
     max_batch_size=None,
     **unknown,
@@ -103,6 +105,7 @@ def parse_model_args(
         "exit_threshold": as_float("exit_threshold", exit_threshold, allow_none=True),
         "consistency_ratio": as_float("consistency_ratio", consistency_ratio),
         "seed": as_int("seed", seed),
+        "importance_precision": as_choice("importance_precision", importance_precision, PRECISIONS),
     }
     if not _none(token_ratio):
         if not (_none(prune_layer) and _none(keep_ratio)):

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from lmms_sgl.families.base import HFVisionLanguageFamily, Prompt
 from lmms_sgl.lmms.args import ModelArgs, parse_model_args
-from lmms_sgl.method.importance import ATTENTION_NAME
+from lmms_sgl.method.importance import ATTENTION_NAME, recording_attention
 from lmms_sgl.pipeline import GenerationSettings, Sample, SampleRecord, SGLPipeline
 from lmms_sgl.stats import RunStats
 from lmms_sgl.tracking import print_summary, report_to_lmms_eval, report_to_wandb
@@ -57,9 +57,11 @@ class SGLModel(lmms):
         super().__init__()
         self.args: ModelArgs = parse_model_args(**model_args)
         self.family = self.family_class(max_tiles=self.args.max_tiles)
-        self.family.check_checkpoint(self.args.pretrained, "pretrained")  # fail fast: configs only
+        # Fail fast, before any weights load: configs, weight-file headers, the schedule.
+        large_config = self.family.check_checkpoint(self.args.pretrained, "pretrained")
         if self.args.guide is not None:
             self.family.check_checkpoint(self.args.guide, "guide")
+        self.args.settings.layer_k(large_config.text_config.num_hidden_layers)
         self.accelerator = Accelerator()
         self._rank = self.accelerator.process_index
         self._world_size = self.accelerator.num_processes
@@ -74,7 +76,10 @@ class SGLModel(lmms):
         guide = None
         if self.args.guide is not None:
             guide = self.family.load(
-                self.args.guide, dtype=dtype, device_map=str(large.device), text_attention=ATTENTION_NAME
+                self.args.guide,
+                dtype=dtype,
+                device_map=str(large.device),
+                text_attention=recording_attention(settings.importance_precision),
             )
         self.pipeline = SGLPipeline(large, guide, settings)
         self._records: list[dict] = []
@@ -183,6 +188,12 @@ class SGLModel(lmms):
         unchanged (and carries our per-sample record into the samples log).
         """
         results = []
+        if requests and self.args.settings.exit_threshold is not None:
+            logger.warning(
+                f"exit_threshold={self.args.settings.exit_threshold} does not apply to the "
+                f"{len(requests)} log-likelihood (multiple-choice) requests: they have no guide answer, "
+                "so the large model scores each one (counted as exit_not_applied)"
+            )
         for request in tqdm(requests, disable=self.rank != 0, desc="SGL log-likelihood"):
             context, target, doc_to_visual, doc_id, task, split = request.args[:6]
             begin = time.perf_counter()

@@ -126,11 +126,13 @@ def run_guide(
 ) -> GuideRun:
     """Greedy answer + importance + confidence for a left-padded batch.
 
-    ``model`` is the guide VLM whose text model runs the recording attention
-    (``lmms_sgl.method.importance.ATTENTION_NAME``).
+    ``model`` is the guide VLM whose text model runs a recording attention
+    (``lmms_sgl.method.importance.recording_attention(precision)``).
     """
     attention_mask = inputs["attention_mask"]
-    recorder = AttentionRecorder(prompt_rows_from_last_visual(visual_mask, attention_mask))
+    recorder = AttentionRecorder(
+        prompt_rows_from_last_visual(visual_mask, attention_mask), visual_mask=visual_mask
+    )
     step_logprobs = StepLogProbs()
     extra = {"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings and tokenizer else {}
     with recorder.active(), captured_prompt_embeddings(text_model) as captured, torch.no_grad():

@@ -19,6 +19,13 @@ buffer. Nothing of size N x N is ever kept, and ``output_attentions`` is never u
 Batches are supported: each decode step is kept as a separate ``[B, P]`` row, so that after
 generation every sample counts exactly the steps that fed one of *its* tokens (samples that
 finish early keep receiving padding in a batch; those steps are dropped in :meth:`finalize`).
+
+Precision (``importance_precision``): ``fp32`` (default) accumulates fp32 probabilities in fp32.
+``model`` reproduces the official code's arithmetic for users who need its exact rankings on
+bf16/fp16: the text model runs eager attention (``EAGER_ATTENTION_NAME``), whose probabilities are
+cast to the model dtype, each layer's slice over the visual span is summed in that dtype and added
+to a running total in that dtype, layer after layer, prefill first, then each decode step. On bf16
+the two differ at the top-k boundary on a sizeable share of samples (near-ties rounded away).
 """
 
 from __future__ import annotations
@@ -31,9 +38,12 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
+from transformers.models.llama.modeling_llama import eager_attention_forward
 
 ATTENTION_NAME = "sgl_sdpa_record"
+EAGER_ATTENTION_NAME = "sgl_eager_record"
+PRECISIONS = ("fp32", "model")
 
 _ACTIVE: contextvars.ContextVar[AttentionRecorder | None] = contextvars.ContextVar(
     "sgl_recorder", default=None
@@ -50,11 +60,33 @@ def recording_sdpa_attention(module, query, key, value, attention_mask, dropout=
     )
 
 
+def recording_eager_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers' eager attention; its model-dtype probabilities feed the active recorder."""
+    if scaling is None:
+        scaling = module.head_dim**-0.5
+    output, weights = eager_attention_forward(
+        module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+    )
+    recorder = _ACTIVE.get()
+    if recorder is not None:
+        recorder.observe_weights(module.layer_idx, weights)
+    return output, weights
+
+
 def register_attention() -> str:
-    """Register the recording attention (and SDPA's mask format for it); idempotent."""
+    """Register both recording attentions (with SDPA's / eager's mask format); idempotent."""
     AttentionInterface.register(ATTENTION_NAME, recording_sdpa_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
+    AttentionInterface.register(EAGER_ATTENTION_NAME, recording_eager_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(EAGER_ATTENTION_NAME, eager_mask)
     return ATTENTION_NAME
+
+
+def recording_attention(precision: str) -> str:
+    """The guide's attention implementation for an ``importance_precision``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"importance_precision={precision!r} is not one of {PRECISIONS}")
+    return ATTENTION_NAME if precision == "fp32" else EAGER_ATTENTION_NAME
 
 
 register_attention()
@@ -109,15 +141,20 @@ class AttentionRecorder:
         prompt_rows: ``[B, P]`` bool, the prefill query rows that count (per sample).
         layers: decoder layers to record (``None`` = all).
         record_decode: also record the single query row of each decode step.
+        visual_mask: ``[B, P]`` bool; needed by the model-dtype path (eager attention), which sums
+            each sample's visual span ``first..last`` as the official code slices it.
     """
 
     prompt_rows: torch.Tensor
     layers: frozenset[int] | None = None
     record_decode: bool = True
+    visual_mask: torch.Tensor | None = None
     prefill: torch.Tensor = field(init=False)
     decode_steps: list[torch.Tensor] = field(init=False, default_factory=list)
     _prefill_layers: set[int] = field(init=False, default_factory=set)
     _decode_calls: dict[int, int] = field(init=False, default_factory=dict)
+    _running: torch.Tensor | None = field(init=False, default=None)  # model-dtype total
+    _snapshots: list[torch.Tensor] = field(init=False, default_factory=list)  # total before step s+1
 
     def __post_init__(self) -> None:
         self.prompt_rows = self.prompt_rows.bool()
@@ -137,18 +174,56 @@ class AttentionRecorder:
         finally:
             _ACTIVE.reset(token)
 
-    def observe(self, layer_idx: int, query, key, attention_mask, scaling) -> None:
+    def _step(self, layer_idx: int, q_len: int) -> int | None:
+        """0 for this layer's prefill call, s >= 1 for its s-th decode step, ``None`` to skip."""
         if self.layers is not None and layer_idx not in self.layers:
-            return
-        q_len = query.shape[2]
-        prompt = self.prompt_length
+            return None
         if layer_idx not in self._prefill_layers:
-            if q_len != prompt:
+            if q_len != self.prompt_length:
                 raise RuntimeError(
-                    f"importance recording expects a prefill of {prompt} tokens first; "
+                    f"importance recording expects a prefill of {self.prompt_length} tokens first; "
                     f"layer {layer_idx} got {q_len} queries"
                 )
             self._prefill_layers.add(layer_idx)
+            return 0
+        if q_len != 1:
+            raise RuntimeError(f"importance recording expects single-token decode steps, got {q_len} queries")
+        if not self.record_decode:
+            return None
+        step = self._decode_calls.get(layer_idx, 0) + 1
+        self._decode_calls[layer_idx] = step
+        return step
+
+    def observe_weights(self, layer_idx: int, weights: torch.Tensor) -> None:
+        """Model-dtype path: ``weights`` ``[B, H, q, kv]`` are eager attention's probabilities."""
+        step = self._step(layer_idx, weights.shape[2])
+        if step is None:
+            return
+        if self.visual_mask is None:
+            raise RuntimeError("importance_precision='model' needs the recorder's visual_mask")
+        if self._running is None:
+            self._running = torch.zeros(
+                self.prompt_rows.shape, dtype=weights.dtype, device=self.prefill.device
+            )
+        while len(self._snapshots) < step:  # a new decode step: freeze the total of the previous one
+            self._snapshots.append(self._running.clone())
+        positions = torch.arange(self.prompt_length)
+        for b in range(weights.shape[0]):
+            visual = positions[self.visual_mask[b].cpu()]
+            rows = self.prompt_rows[b].nonzero()
+            if len(visual) == 0 or (step == 0 and len(rows) == 0):
+                continue
+            first, last = int(visual[0]), int(visual[-1]) + 1
+            from_row = int(rows[0]) if step == 0 else 0  # prefill: rows from the last visual token
+            queries = weights[b : b + 1, :, from_row:, first:last]
+            self._running[b, first:last] += queries.sum(dim=(0, 1, 2)).to(self._running.device)
+
+    def observe(self, layer_idx: int, query, key, attention_mask, scaling) -> None:
+        step = self._step(layer_idx, query.shape[2])
+        if step is None:
+            return
+        prompt = self.prompt_length
+        if step == 0:
             row_weights = self.prompt_rows.to(query.device)
             counted = row_weights.any(0).nonzero()
             if counted.numel() == 0:
@@ -158,18 +233,12 @@ class AttentionRecorder:
             mass = torch.einsum("bhqk,bq->bk", probs[..., :prompt], row_weights[:, rows].float())
             self.prefill += mass.to(self.prefill.device)
             return
-        if q_len != 1:
-            raise RuntimeError(f"importance recording expects single-token decode steps, got {q_len} queries")
-        if not self.record_decode:
-            return
-        step = self._decode_calls.get(layer_idx, 0)
-        self._decode_calls[layer_idx] = step + 1
-        if step == len(self.decode_steps):
+        if step > len(self.decode_steps):
             self.decode_steps.append(
                 torch.zeros(self.prefill.shape, dtype=torch.float32, device=query.device)
             )
         probs = attention_probabilities(query, key, attention_mask, slice(0, 1), scaling)
-        buffer = self.decode_steps[step]  # layers may sit on several devices (device_map=auto)
+        buffer = self.decode_steps[step - 1]  # layers may sit on several devices (device_map=auto)
         buffer += probs[..., :prompt].sum(dim=(1, 2)).to(buffer.device)
 
     def finalize(self, fed_tokens: torch.Tensor | list[int] | None = None) -> torch.Tensor:
@@ -177,7 +246,14 @@ class AttentionRecorder:
 
         ``fed_tokens[b]`` is how many decode steps belong to sample b: its generated tokens that were
         fed back, i.e. its answer length (EOS included) minus one. ``None`` counts every step.
+        The model-dtype path returns its running total in the model dtype.
         """
+        if self._running is not None:
+            totals = [*self._snapshots, self._running]  # totals[s]: after prefill and s decode steps
+            if fed_tokens is None:
+                return totals[-1].clone()
+            fed = torch.as_tensor(fed_tokens).clamp(0, len(totals) - 1).tolist()
+            return torch.stack([totals[s][b] for b, s in enumerate(fed)])
         total = self.prefill.clone()
         if not self.decode_steps:
             return total

@@ -41,7 +41,7 @@ def decoder_layers(text_model: nn.Module) -> nn.ModuleList:
 def mask_kind(layer: nn.Module) -> str:
     """``"additive"`` for eager attention, ``"bool"`` for SDPA-style (SDPA and our recording SDPA)."""
     implementation = layer.self_attn.config._attn_implementation
-    if implementation == "eager":
+    if implementation in ("eager", "sgl_eager_record"):
         return "additive"
     if implementation == "sdpa" or implementation.startswith("sgl_sdpa"):
         return "bool"

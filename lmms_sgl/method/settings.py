@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from lmms_sgl.method.cost import PAPER_PRESETS, prune_layer_index, token_ratio
+from lmms_sgl.method.importance import PRECISIONS
 
 METHODS = ("sgl", "fastv", "random", "large_only", "guide_only")
 
@@ -34,6 +35,9 @@ class SGLSettings:
             ``None`` never exits.
         consistency_ratio: visual tokens kept in the consistency pass, in (0, 1].
         seed: seed of the ``random`` baseline.
+        importance_precision: ``fp32`` (default: fp32 probabilities summed in fp32) or ``model``
+            (the official arithmetic: eager probabilities in the model dtype, summed in it; reproduces
+            the official rankings on bf16, where near-ties round differently).
     """
 
     method: str = "sgl"
@@ -42,10 +46,13 @@ class SGLSettings:
     exit_threshold: float | None = None
     consistency_ratio: float = 0.05
     seed: int = 0
+    importance_precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is not one of {METHODS}")
+        if self.importance_precision not in PRECISIONS:
+            raise ValueError(f"importance_precision={self.importance_precision!r} is not one of {PRECISIONS}")
         _check_range("prune_layer", self.prune_layer, 0.0, 1.0, low_open=False, high_open=True)
         _check_range("keep_ratio", self.keep_ratio, 0.0, 1.0, low_open=True, high_open=False)
         _check_range("consistency_ratio", self.consistency_ratio, 0.0, 1.0, low_open=True, high_open=False)

@@ -14,7 +14,8 @@ def doc_to_text(doc, lmms_eval_specific_kwargs=None):
 
 
 def doc_to_choice(doc):
-    return [f" {choice}" for choice in CHOICES]
+    # No leading space: lmms-eval puts its target_delimiter (" ") before each choice.
+    return list(CHOICES)
 
 
 def doc_to_target(doc):

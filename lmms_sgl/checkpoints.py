@@ -1,0 +1,74 @@
+"""Cheap integrity checks of checkpoint files, run before any weights load.
+
+A truncated or corrupt ``*.safetensors`` file otherwise fails deep inside ``from_pretrained`` with
+``Error while deserializing header`` (no file, no argument named), and only after the other model
+has spent minutes loading. Reading each file's header and comparing its declared size with the
+file's size costs a few kilobytes of I/O per shard.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file is unreadable; the message names the argument and the file."""
+
+
+def safetensors_header(path: Path) -> dict:
+    """The JSON header of one ``.safetensors`` file, after checking that the file holds every byte
+    its header declares (a truncated download or copy is caught here, not mid-load)."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise CorruptCheckpointError(f"{path}: {size} bytes, too short for a safetensors header")
+        (header_size,) = struct.unpack("<Q", prefix)
+        if header_size > size - 8:
+            raise CorruptCheckpointError(
+                f"{path}: header declares {header_size} bytes but the file has {size} (truncated?)"
+            )
+        try:
+            header = json.loads(handle.read(header_size))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise CorruptCheckpointError(f"{path}: unreadable safetensors header ({error})") from None
+    tensors = {name: info for name, info in header.items() if name != "__metadata__"}
+    end = max((info["data_offsets"][1] for info in tensors.values()), default=0)
+    if 8 + header_size + end != size:
+        raise CorruptCheckpointError(
+            f"{path}: tensors need {8 + header_size + end} bytes but the file has {size} (truncated?)"
+        )
+    return header
+
+
+def check_weights(folder: str | Path, argument: str) -> list[Path]:
+    """Validate every safetensors file of a local checkpoint folder; return them.
+
+    Raises :class:`CorruptCheckpointError` naming ``argument`` (e.g. ``pretrained``) and the file.
+    Hub ids that are not local folders are left to ``from_pretrained`` (nothing to read yet).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    files = sorted(folder.glob("*.safetensors"))
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            listed = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as error:
+            raise CorruptCheckpointError(
+                f"{argument}={str(folder)!r}: unreadable {index.name} ({error})"
+            ) from None
+        missing = [name for name in listed if not (folder / name).exists()]
+        if missing:
+            raise CorruptCheckpointError(
+                f"{argument}={str(folder)!r}: shards listed in {index.name} are missing: {missing}"
+            )
+    for file in files:
+        try:
+            safetensors_header(file)
+        except CorruptCheckpointError as error:
+            raise CorruptCheckpointError(f"{argument}={str(folder)!r}: {error}") from None
+    return files

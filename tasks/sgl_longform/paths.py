@@ -1,0 +1,5 @@
+"""The ``sgl_smoke`` data, shared (``dataset_path: !function paths.DATA_DIR``)."""
+
+from pathlib import Path
+
+DATA_DIR = str(Path(__file__).resolve().parent.parent / "sgl_smoke" / "data")
