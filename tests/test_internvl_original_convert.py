@@ -17,7 +17,15 @@ import pytest
 import torch
 
 from lmms_sgl.checkpoints import CorruptCheckpointError
-from lmms_sgl.factory_original import SPECS, build_original_pair, build_originals
+from lmms_sgl.factory_original import (
+    SPECS,
+    OriginalSpec,
+    TextDims,
+    VisionDims,
+    build_original_pair,
+    build_originals,
+    original_config,
+)
 from lmms_sgl.internvl_original import convert as convert_module
 from lmms_sgl.internvl_original.config import OriginalCheckpointError, read_original_config
 from lmms_sgl.internvl_original.convert import MARKER, convert_checkpoint, main, resolve_checkpoint
@@ -122,6 +130,41 @@ def test_configs_translate_each_variant(originals, converted):
         tokenizer_ids = json.loads((converted[name] / "tokenizer.json").read_text())["added_tokens"]
         stop_id = next(t["id"] for t in tokenizer_ids if t["content"] == stop)
         assert GenerationConfig.from_pretrained(converted[name]).eos_token_id == stop_id
+
+
+REAL_SCALE = {
+    # name: (spec with the released dimensions, parameters of the released checkpoint, in billions)
+    "InternVL2-2B": (
+        OriginalSpec(
+            "real", "internlm2", "300m", TextDims(2048, 24, 16, 8, 8192), VisionDims(1024, 24, 16, 4096), 0
+        ),
+        2.2,
+    ),
+    "InternVL2-26B": (
+        OriginalSpec(
+            "real", "internlm2", "6b", TextDims(6144, 48, 48, 8, 16384), VisionDims(3200, 45, 25, 12800), 0
+        ),
+        25.5,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_SCALE))
+def test_released_dimensions_validate_and_size_up(name, tmp_path):
+    """The paper's pair at full size, config only: accepted, and the model it builds (on the meta
+    device) has the released checkpoint's parameter count."""
+    from transformers import InternVLForConditionalGeneration
+
+    spec, billions = REAL_SCALE[name]
+    facts = {"vocab_size": 92553, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
+    config = original_config(spec, facts)
+    config["llm_config"]["max_position_embeddings"] = 32768
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    original = read_original_config(tmp_path, "pretrained")
+    assert original.num_layers == spec.text.num_hidden_layers
+    with torch.device("meta"):
+        model = InternVLForConditionalGeneration(original.transformers_config(image_token_id=92546))
+    assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(billions, abs=0.1)
 
 
 def test_pair_for_end_to_end_runs(tmp_path):

@@ -298,28 +298,29 @@ def cache_root() -> Path:
     return Path(os.environ.get("LMMS_SGL_CACHE") or Path.home() / ".cache" / "lmms_sgl") / "converted"
 
 
-def source_identity(folder: Path, max_tiles: int) -> str:
-    """A short hash of what the conversion depends on: files (name, size, mtime), converter, tiles."""
+def source_identity(folder: Path) -> str:
+    """A short hash of what the conversion depends on: the files (name, size, mtime), the converter."""
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     facts = {
         "folder": str(folder.resolve()),
         "files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files],
         "converter_version": CONVERTER_VERSION,
-        "max_tiles": max_tiles,
     }
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def resolve_checkpoint(
-    path_or_hub_id: str | Path, argument: str = "pretrained", *, max_tiles: int = DEFAULT_MAX_TILES
-) -> str:
-    """What to load for ``path_or_hub_id``: itself, or the converted cache folder of an original one."""
+def resolve_checkpoint(path_or_hub_id: str | Path, argument: str = "pretrained") -> str:
+    """What to load for ``path_or_hub_id``: itself, or the converted cache folder of an original one.
+
+    The cached processor tiles into at most 6 tiles by default; callers that want another limit pass
+    it per call (``max_patches``), so one conversion serves every setting.
+    """
     original = read_original_config(path_or_hub_id, argument)
     if original is None:
         return str(path_or_hub_id)
     folder = source_folder(path_or_hub_id)
     name = original.name.replace("/", "--")
-    target = cache_root() / f"{name}-{source_identity(folder, max_tiles)}"
+    target = cache_root() / f"{name}-{source_identity(folder)}"
     if (target / MARKER).is_file():
         logger.info(f"{argument}={str(path_or_hub_id)!r}: using the converted checkpoint {target}")
         return str(target)
@@ -337,7 +338,7 @@ def resolve_checkpoint(
             logger.warning(f"removing {target}: it lacks {MARKER}, so it is not a finished conversion")
             shutil.rmtree(target)
         logger.info(f"{argument}={str(path_or_hub_id)!r}: this process converts it (first use) -> {target}")
-        convert_checkpoint(folder, target, argument=argument, max_tiles=max_tiles)
+        convert_checkpoint(folder, target, argument=argument)
     return str(target)
 
 
