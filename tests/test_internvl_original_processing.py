@@ -12,7 +12,6 @@ import io
 import json
 import random
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,8 @@ ARCHITECTURES = {
     "internlm2": "InternLM2ForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "phi3": "Phi3ForCausalLM",
-    "llama": "LlamaForCausalLM",
+    "llama": "LlamaForCausalLM",  # Yi (InternVL2-40B): SentencePiece
+    "llama3": "LlamaForCausalLM",  # Llama-3 (InternVL2-76B): tokenizer.json only
 }
 MIXED_TEXTS = [
     "Hello world",
@@ -216,14 +216,15 @@ def test_llama_sentencepiece_ids_equal_slow_llama_tokenizer(layouts):
     check_ids(phi3, SlowReference(layouts["phi3"], "llama"), texts + [chat])
 
 
-def test_tokenizer_json_layout_and_refusals(layouts, tmp_path):
-    """Llama-3 style checkpoints ship only tokenizer.json: it is used as is."""
-    qwen = build_tokenizer(layouts["qwen2"], original_config("qwen2", "Hermes-2"))
-    qwen.backend_tokenizer.save(str(tmp_path / "tokenizer.json"))
-    shutil.copy(layouts["qwen2"] / "tokenizer_config.json", tmp_path / "tokenizer_config.json")
-    llama3 = build_tokenizer(tmp_path, original_config("llama", "Hermes-2"))
-    for text in MIXED_TEXTS:
-        assert llama3(text)["input_ids"] == qwen(text)["input_ids"], text
+def test_tokenizer_json_layout_and_refusals(layouts):
+    """Llama-3 style checkpoints ship only tokenizer.json: its own ids, BOS from its post-processor."""
+    from tokenizers import Tokenizer
+
+    tokenizer = build_tokenizer(layouts["llama3"], original_config("llama3", "Hermes-2"))
+    raw = Tokenizer.from_file(str(layouts["llama3"] / "tokenizer.json"))
+    for text in MIXED_TEXTS + corpus_fragments(60, seed=2):
+        assert tokenizer(text)["input_ids"] == raw.encode(text).ids, text
+    assert len(tokenizer) == raw.get_vocab_size(with_added_tokens=True)
     with pytest.raises(ValueError, match=r"llm_config.architectures.*supported"):
         build_tokenizer(layouts["qwen2"], {**original_config("qwen2", "Hermes-2"), "llm_config": {}})
 
@@ -269,6 +270,7 @@ PROMPT_CASES = [  # (template, text architecture of the checkpoints that use it)
     ("internlm2-chat", "internlm2"),
     ("Hermes-2", "qwen2"),
     ("Hermes-2", "llama"),
+    ("Hermes-2", "llama3"),
     ("phi3-chat", "phi3"),
     ("internvl2_5", "internlm2"),
     ("internvl2_5", "qwen2"),

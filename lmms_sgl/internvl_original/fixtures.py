@@ -11,6 +11,8 @@ config, same special tokens at the end of the vocabulary) but small, so tiny mod
 * ``phi3`` / ``llama``: a SentencePiece ``tokenizer.model`` with a LlamaTokenizer config (Phi-3's
   chat tokens; Yi / Hermes' ChatML tokens).
 * ``qwen2``: byte-level BPE ``vocab.json`` + ``merges.txt`` with Qwen2's special tokens.
+* ``llama3``: only a byte-level ``tokenizer.json`` (BOS ``<|begin_of_text|>`` added by its
+  post-processor) with ChatML tokens, as the Llama-3-based InternVL2-76B ships.
 
 ``write_tokenizer(dst, text_arch)`` writes the files; two calls give identical bytes.
 """
@@ -67,7 +69,7 @@ PHI3_ADDED = [
     "<|placeholder6|>",
     "<|user|>",
 ]
-TEXT_ARCHS = ("internlm2", "qwen2", "phi3", "llama")
+TEXT_ARCHS = ("internlm2", "qwen2", "phi3", "llama", "llama3")
 
 
 def _spec(content: str, special: bool = True, rstrip: bool = False) -> dict:
@@ -194,16 +196,53 @@ def _llama_like(dst: Path, added: list[str], legacy: bool, rstrip: set[str]) -> 
     )
 
 
-def _qwen2(dst: Path) -> None:
-    """Byte-level BPE vocab.json/merges.txt trained with ``tokenizers`` (deterministic)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+def _byte_level_bpe():
+    """A byte-level BPE trained with ``tokenizers`` on the fixed corpus (deterministic)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
     backend.train_from_iterator(CORPUS * 20, trainer=trainer)
+    return backend
+
+
+def _llama3(dst: Path) -> None:
+    """tokenizer.json only, with a BOS post-processor and ChatML + InternVL tokens after the BPE."""
+    from tokenizers import AddedToken, processors
+
+    backend = _byte_level_bpe()
+    size = backend.get_vocab_size(with_added_tokens=True)
+    tokens = ["<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>"] + INTERNVL_ADDED
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
+    bos = size  # <|begin_of_text|>
+    backend.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A",
+        pair="<|begin_of_text|> $A <|begin_of_text|> $B:1",
+        special_tokens=[("<|begin_of_text|>", bos)],
+    )
+    (dst / "tokenizer.json").write_text(backend.to_str(pretty=True) + "\n", encoding="utf-8")
+    _write_json(
+        dst / "tokenizer_config.json",
+        {
+            "added_tokens_decoder": {str(size + i): _spec(t) for i, t in enumerate(tokens)},
+            "bos_token": "<|begin_of_text|>",
+            "clean_up_tokenization_spaces": True,
+            "eos_token": "<|im_end|>",
+            "model_input_names": ["input_ids", "attention_mask"],
+            "model_max_length": 8192,
+            "pad_token": "<|end_of_text|>",
+            "tokenizer_class": "PreTrainedTokenizerFast",
+        },
+    )
+
+
+def _qwen2(dst: Path) -> None:
+    """Byte-level BPE vocab.json/merges.txt, as Qwen2 ships them."""
+    backend = _byte_level_bpe()
     model = json.loads(backend.to_str())["model"]
     vocab, merges = model["vocab"], model["merges"]
     (dst / "vocab.json").write_text(
@@ -242,6 +281,8 @@ def write_tokenizer(dst: Path, text_arch: str) -> Path:
         _internlm2(dst)
     elif text_arch == "qwen2":
         _qwen2(dst)
+    elif text_arch == "llama3":
+        _llama3(dst)
     elif text_arch == "phi3":
         # Phi-3-mini's chat tokens follow its 32000 SentencePiece pieces; several strip the space after them.
         _llama_like(
