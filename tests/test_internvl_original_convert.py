@@ -210,6 +210,7 @@ def test_truncated_shard_is_refused_before_any_weights_load(originals, tmp_path,
             r"llm_config\.rope_scaling.*'dynamic'",
         ),
         (lambda c: c.update(force_image_size=224), "force_image_size = 224"),
+        (lambda c: c.update(use_llm_lora=16), "use_llm_lora = 16"),
     ],
 )
 def test_bad_config_is_refused_naming_the_field(originals, tmp_path, no_weight_reads, edit, message):

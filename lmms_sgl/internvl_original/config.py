@@ -308,6 +308,11 @@ def _validate_top_level(original: OriginalInternVL) -> None:
         raise _fail(original, "select_layer", select, "an integer index into the vision hidden states")
     if isinstance(layers, int) and not -(layers + 1) <= select <= layers:
         raise _fail(original, "select_layer", select, f"an index in [{-(layers + 1)}, {layers}]")
+    for lora in ("use_backbone_lora", "use_llm_lora"):
+        if raw.get(lora):
+            raise _fail(original, lora, raw[lora], "0 or absent (merge LoRA adapters before converting)")
+    if raw.get("pad2square"):
+        raise _fail(original, "pad2square", raw["pad2square"], "false or absent (InternVL2 tiling)")
     forced, native = raw["force_image_size"], raw["vision_config"].get("image_size")
     if forced is not None and forced != native:
         raise _fail(
