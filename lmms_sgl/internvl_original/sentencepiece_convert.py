@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from loguru import logger
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
@@ -29,11 +30,15 @@ Prefix = Literal["chunk", "first", "none"]
 SPACE = "▁"
 
 
-def _merges(pieces: list[str], mergeable: set[int]) -> list[tuple[str, str]]:
-    """BPE merges ranked like SentencePiece: by the merged piece's score (its order), then by parts."""
+def _merges(model: SentencePieceModel, pieces: list[str], mergeable: set[int]) -> list[tuple[str, str]]:
+    """BPE merges ranked like SentencePiece merges: higher merged-piece score first, then lower id.
+
+    SentencePiece merges the adjacent pair whose concatenation is the best-scored piece; a merge
+    list ordered by that score makes ``tokenizers`` pick the same pair.
+    """
     index = {pieces[i]: i for i in mergeable}
     merges = []
-    for piece_id in sorted(mergeable):  # SentencePiece BPE scores decrease with the piece id
+    for piece_id in sorted(mergeable, key=lambda i: (-model.pieces[i].score, i)):
         piece = pieces[piece_id]
         splits = [(piece[:cut], piece[cut:]) for cut in range(1, len(piece))]
         found = [(index[a], index[b], a, b) for a, b in splits if a in index and b in index]
@@ -58,9 +63,10 @@ def _check_supported(model: SentencePieceModel, path: Path, prefix: Prefix) -> N
         raise ValueError(
             f"{path}: remove_extra_whitespaces=true with a start-only dummy prefix is not supported"
         )
-    scores = [p.score for p in model.pieces if p.type == PieceType.NORMAL]
-    if any(a <= b for a, b in zip(scores, scores[1:], strict=False)):
-        raise ValueError(f"{path}: BPE piece scores are not strictly decreasing with the id")
+    scores = [p.score for p in model.pieces if p.type == PieceType.NORMAL and len(p.piece) > 1]
+    if len(set(scores)) != len(scores):
+        # SentencePiece breaks score ties by position, a merge list by rank: rare texts may differ
+        logger.warning(f"{path}: some multi-character BPE pieces share a score; ties are ranked by id")
 
 
 def _normalizer(model: SentencePieceModel, prefix: Prefix):
@@ -97,7 +103,7 @@ def sentencepiece_backend(
     backend = Tokenizer(
         BPE(
             {piece: i for i, piece in enumerate(pieces)},
-            _merges(pieces, mergeable),
+            _merges(model, pieces, mergeable),
             unk_token=pieces[model.trainer.unk_id] if model.trainer.unk_id >= 0 else None,
             fuse_unk=True,
             byte_fallback=model.trainer.byte_fallback,
