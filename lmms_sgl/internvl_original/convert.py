@@ -324,12 +324,18 @@ def resolve_checkpoint(path_or_hub_id: str | Path, argument: str = "pretrained")
     if (target / MARKER).is_file():
         logger.info(f"{argument}={str(path_or_hub_id)!r}: using the converted checkpoint {target}")
         return str(target)
-    from filelock import FileLock
+    from filelock import FileLock, Timeout
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
+    lock, who = FileLock(str(target) + ".lock"), f"{argument}={str(path_or_hub_id)!r} (pid {os.getpid()})"
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        logger.info(f"{who}: another process is converting it into {target}; waiting")
+        lock.acquire()
+    try:
         if (target / MARKER).is_file():
-            logger.info(f"{argument}={str(path_or_hub_id)!r}: another process converted it; using {target}")
+            logger.info(f"{who}: another process converted it; using {target}")
             return str(target)
         for stale in target.parent.glob(f".{target.name}.partial-*"):
             logger.warning(f"removing {stale}, left by an interrupted conversion")
@@ -337,8 +343,10 @@ def resolve_checkpoint(path_or_hub_id: str | Path, argument: str = "pretrained")
         if target.exists():
             logger.warning(f"removing {target}: it lacks {MARKER}, so it is not a finished conversion")
             shutil.rmtree(target)
-        logger.info(f"{argument}={str(path_or_hub_id)!r}: this process converts it (first use) -> {target}")
+        logger.info(f"{who}: this process converts it (first use) -> {target}")
         convert_checkpoint(folder, target, argument=argument)
+    finally:
+        lock.release()
     return str(target)
 
 
