@@ -33,7 +33,7 @@ from lmms_sgl.internvl_original.weights import WeightLayout, split_internlm2_wqk
 from tests.internvl_original_reference import load_original, reference_logits
 
 TOLERANCE = 1e-5
-TILES = (1, 2)  # one tile, and two (longer than the tiny models' RoPE tables)
+TILES = (2,)  # two tiles: longer than the tiny models' RoPE tables (text-only runs stay below)
 
 
 @pytest.fixture(scope="session")
@@ -173,6 +173,43 @@ def test_pair_for_end_to_end_runs(tmp_path):
     guide, large = (read_original_config(pair[role]) for role in ("guide", "large"))
     assert guide.image_seq_length == large.image_seq_length == 256
     assert guide.num_layers < large.num_layers
+
+
+def test_streaming_writes_one_output_shard_per_source_shard(originals, tmp_path, monkeypatch):
+    """Peak memory is about one shard: every write holds only the tensors of one source shard."""
+    import safetensors.torch
+
+    source = originals["internvl2-orig-large"]
+    largest = max(p.stat().st_size for p in source.glob("*.safetensors"))
+    writes, real = [], safetensors.torch.save_file
+
+    def recording(tensors, filename, metadata=None):
+        writes.append(sum(t.numel() * t.element_size() for t in tensors.values()))
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", recording)
+    convert_checkpoint(source, tmp_path / "out", progress=False)
+    assert len(writes) == len(list(source.glob("*.safetensors"))) == 2
+    assert max(writes) <= largest
+
+
+def test_converted_checkpoint_runs_with_its_processor(converted):
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText
+
+    from lmms_sgl.internvl_original.processing import load_processor
+
+    folder = converted["internvl2-orig-guide"]
+    processor = load_processor(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(images=[Image.new("RGB", (900, 500), (200, 30, 30))], text=[text], return_tensors="pt")
+    tiles = inputs["pixel_values"].shape[0]
+    assert tiles > 1  # a wide image: several tiles plus the thumbnail
+    assert (inputs["input_ids"] == model.config.image_token_id).sum().item() == 256 * tiles
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] > inputs["input_ids"].shape[1]
 
 
 # -- refusals, before any weights load --------------------------------------------------------
