@@ -267,6 +267,14 @@ def test_weights_that_disagree_with_the_config_are_refused(originals, tmp_path, 
         convert_checkpoint(folder, tmp_path / "out", progress=False)
 
 
+def test_missing_tokenizer_is_refused_before_any_weights_load(originals, tmp_path, no_weight_reads):
+    folder = copy_original(originals, "internvl2-orig-phi3", tmp_path)
+    (folder / "tokenizer.model").unlink()
+    with pytest.raises(OriginalCheckpointError, match="tokenizer cannot be converted"):
+        convert_checkpoint(folder, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_native_checkpoints_pass_through(tmp_path, cache):
     native = tmp_path / "native"
     native.mkdir()
@@ -327,7 +335,7 @@ def test_failed_or_crashed_conversion_is_never_used(originals, cache, monkeypatc
         raise RuntimeError("simulated failure after the weights were written")
 
     with monkeypatch.context() as patch:
-        patch.setattr(convert_module, "_write_configs", crash)
+        patch.setattr(convert_module, "_write_companions", crash)
         with pytest.raises(RuntimeError, match="simulated failure"):
             resolve_checkpoint(source)
     assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []

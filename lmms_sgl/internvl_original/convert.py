@@ -204,40 +204,47 @@ def _write_weights(plan: ConversionPlan, out: Path, progress: bool) -> None:
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def _write_configs(plan: ConversionPlan, out: Path, max_tiles: int) -> None:
+@dataclass
+class Companions:
+    """Everything besides the weights, prepared (and checked) before any weights are written."""
+
+    config: object  # InternVLConfig
+    generation: object  # GenerationConfig
+    processor: object  # InternVLProcessor
+    marker: dict
+
+
+def prepare_companions(plan: ConversionPlan, max_tiles: int) -> Companions:
+    """Tokenizer, processor, configs: cheap, and refused here rather than after the weights."""
     from transformers import GenerationConfig
 
     from lmms_sgl.internvl_original.processing import build_processor, stop_token_ids
 
     original = plan.original
-    processor = build_processor(plan.folder, original.raw, max_tiles=max_tiles)
+    where = f"{original.argument}={original.source!r}"
+    try:
+        processor = build_processor(plan.folder, original.raw, max_tiles=max_tiles)
+        stop_ids = stop_token_ids(processor.tokenizer, original.template)
+    except (OSError, ValueError) as error:
+        raise OriginalCheckpointError(f"{where}: its tokenizer cannot be converted: {error}") from error
     tokenizer = processor.tokenizer
     image_token_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
     vocab = int(original.llm["vocab_size"])
     if image_token_id is None or image_token_id == tokenizer.unk_token_id or image_token_id >= vocab:
         raise OriginalCheckpointError(
-            f"{original.argument}={original.source!r}: the tokenizer has no usable <IMG_CONTEXT> token "
+            f"{where}: the tokenizer has no usable <IMG_CONTEXT> token "
             f"(id {image_token_id}, vocab_size {vocab})"
         )
     largest = max(tokenizer.get_vocab().values())
     if largest >= vocab:
         raise OriginalCheckpointError(
-            f"{original.argument}={original.source!r}: the tokenizer has token id {largest} but "
-            f"llm_config.vocab_size is {vocab}"
+            f"{where}: the tokenizer has token id {largest} but llm_config.vocab_size is {vocab}"
         )
-    config = original.transformers_config(image_token_id, dtype=str(plan.dtype).removeprefix("torch."))
-    config.to_json_file(str(out / "config.json"))
-    try:
-        stop_ids = stop_token_ids(tokenizer, original.template)
-    except ValueError as error:
-        raise OriginalCheckpointError(f"{original.argument}={original.source!r}: {error}") from None
     generation = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=stop_ids if len(stop_ids) > 1 else stop_ids[0],
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0],
     )
-    generation.to_json_file(str(out / "generation_config.json"))
-    processor.save_pretrained(str(out))
     marker = {
         "converter_version": CONVERTER_VERSION,
         "source": original.source,
@@ -247,7 +254,16 @@ def _write_configs(plan: ConversionPlan, out: Path, max_tiles: int) -> None:
         "max_tiles": max_tiles,
         "stop_token_ids": stop_ids,
     }
-    (out / MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
+    config = original.transformers_config(image_token_id, dtype=str(plan.dtype).removeprefix("torch."))
+    return Companions(config, generation, processor, marker)
+
+
+def _write_companions(companions: Companions, out: Path) -> None:
+    """Configs and processor; the marker last, as the sign of a finished conversion."""
+    companions.config.to_json_file(str(out / "config.json"))
+    companions.generation.to_json_file(str(out / "generation_config.json"))
+    companions.processor.save_pretrained(str(out))
+    (out / MARKER).write_text(json.dumps(companions.marker, indent=2, sort_keys=True) + "\n")
 
 
 def convert_checkpoint(
@@ -274,6 +290,7 @@ def convert_checkpoint(
         )
     original = OriginalInternVL(source=str(src), argument=argument, raw=original.raw)
     plan = plan_conversion(folder, original)
+    companions = prepare_companions(plan, max_tiles)
     logger.info(f"converting {original.describe()} from {folder} ({len(plan.shards)} shard(s)) -> {dst}")
     dst.parent.mkdir(parents=True, exist_ok=True)
     partial = dst.parent / f".{dst.name}.partial-{os.getpid()}"
@@ -282,7 +299,7 @@ def convert_checkpoint(
     partial.mkdir()
     try:
         _write_weights(plan, partial, progress)
-        _write_configs(plan, partial, max_tiles)
+        _write_companions(companions, partial)
         if dst.exists():
             dst.rmdir()  # checked empty above
         os.replace(partial, dst)
