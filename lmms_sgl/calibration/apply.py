@@ -71,9 +71,10 @@ def realised_from_run(run: Run, log: TaskLog, choice: Chosen) -> dict:
             "apply it to a run without exits"
         )
     scores = run.results.get("results", {}).get(log.name, {})
-    keys = [k for k in scores if k.split(",")[0] == choice.metric and "stderr" not in k]
+    metrics = [k for k in scores if "," in k and "stderr" not in k and isinstance(scores[k], (int, float))]
+    keys = [k for k in metrics if k.split(",")[0] == choice.metric] or metrics[:1]
     if not keys:
-        raise CalibrationError(f"{run.results_path.name}: no {choice.metric} result for {log.name}")
+        raise CalibrationError(f"{run.results_path.name}: no metric result for {log.name}")
     records = [s.record for s in log.samples]
     alone = sum(float(r.get("flops_large_alone") or 0) for r in records)
     return {
@@ -82,6 +83,7 @@ def realised_from_run(run: Run, log: TaskLog, choice: Chosen) -> dict:
         "exit_rate": sum(bool(r.get("exited")) for r in records) / len(records),
         "large_call_rate": sum(bool(r.get("reached_large")) for r in records) / len(records),
         "accuracy": float(scores[keys[0]]),
+        "metric": keys[0].split(",")[0],
         "flops_ratio": sum(float(r.get("flops") or 0) for r in records) / alone if alone else None,
         "source": "real run",
     }

@@ -31,7 +31,7 @@ from lmms_sgl.calibration.report import (
     write_all,
 )
 from lmms_sgl.calibration.runs import Run, load_run
-from lmms_sgl.calibration.scoring import build_scorer, check_judge, judged_by_llm, task_config, task_manager
+from lmms_sgl.calibration.scoring import build_scorer, check_judge, judged_by_llm, task_manager
 
 
 def _fraction(value: str, name: str, low: float, high: float | None) -> float:
@@ -117,7 +117,7 @@ def checked_manager(run: Run, paths: list[str]):
     that judged tasks have a judge."""
     manager = task_manager(paths, list(run.tasks), run.model or None)
     for name in run.tasks:
-        if judged_by_llm(task_config(name, manager)):
+        if judged_by_llm(name, manager):
             check_judge(name)
     return manager
 
@@ -160,15 +160,21 @@ def apply(args: argparse.Namespace) -> dict:
         if replay_needed:
             scorer = build_scorer(name, run, manager)
             with _quiet_lmms_eval():
-                metric = pick_metric(scorer, log, choice.metric)
+                metric = pick_metric(scorer, log, choice.metric if choice.metric in scorer.metrics else None)
                 cache_dir = args.cache_dir or run.results_path.parent / "sgl_calibration_cache"
                 samples = replay_samples(scorer, log, metric, cache_dir)
                 realised = {
                     **replay(samples, choice.threshold, scorer.aggregate(metric)).as_dict(),
+                    "metric": metric,
                     "source": "replayed on this run (it has no exits)",
                 }
         else:
             realised = realised_from_run(run, log, choice)
+        if realised["metric"] != choice.metric:
+            logger.warning(
+                f"{name} is scored by {realised['metric']}, the calibration by {choice.metric}: "
+                "compare exit rates and FLOPs, not the two metrics"
+            )
         comparisons[name] = {
             "calibrated_on": choice.source_task,
             "metric": choice.metric,
@@ -191,7 +197,10 @@ def apply_text(comparisons: dict) -> str:
         lines += [
             f"## exit_threshold={threshold_text(c['threshold'])} from {c['calibrated_on']} applied to {task}",
             "",
-            f"| | exit rate % | large-model calls % | {c['metric']}{unit} | FLOPs % of large alone |",
+            f"| | exit rate % | large-model calls % | {c['metric']}{unit} (realised: "
+            f"{c['realised']['metric']}) | FLOPs % of large alone |"
+            if c["realised"]["metric"] != c["metric"]
+            else f"| | exit rate % | large-model calls % | {c['metric']}{unit} | FLOPs % of large alone |",
             "|---|---|---|---|---|",
         ]
         for label, point in (
@@ -219,6 +228,8 @@ class _quiet_lmms_eval:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    import lmms_eval.models  # noqa: F401 -- replaces loguru's handlers when imported: before ours
+
     logger.remove()
     logger.add(sys.stderr, level=os.environ.get("LOGURU_LEVEL", "INFO"))
     if args.apply is not None and _target(args) is not None:

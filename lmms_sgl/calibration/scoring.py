@@ -14,8 +14,8 @@ interrupted one) does not pay again.
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import inspect
 import json
 import os
 from collections.abc import Callable
@@ -45,41 +45,71 @@ _JUDGE_MARKERS = ("lmms_eval.llm_judge", "OPENAI_API_KEY", "import openai", "fro
 def task_manager(include_paths: list[str], names: list[str], model_name: str | None = None):
     """lmms-eval's task index; only the include paths when they hold every task in ``names``
     (indexing lmms-eval's hundreds of built-in tasks takes seconds)."""
-    from lmms_eval.tasks import TaskManager
-
     if include_paths:
-        local = TaskManager(
-            "WARNING", include_path=include_paths, include_defaults=False, model_name=model_name
-        )
+        local = _index(tuple(include_paths), False, model_name)
         if all(name in local.all_tasks for name in names):
             return local
-    return TaskManager("WARNING", include_path=include_paths or None, model_name=model_name)
+    return _index(tuple(include_paths), True, model_name)
 
 
-def task_config(name: str, manager) -> dict:
-    """The task's YAML configuration with ``!function`` entries resolved, no data loaded."""
+@functools.lru_cache(maxsize=4)
+def _index(include_paths: tuple[str, ...], include_defaults: bool, model_name: str | None):
+    """One index per process and set of paths (it only reads YAML files; tasks are built fresh)."""
+    from lmms_eval.tasks import TaskManager
+
+    return TaskManager(
+        "WARNING",
+        include_path=list(include_paths) or None,
+        include_defaults=include_defaults,
+        model_name=model_name,
+    )
+
+
+def task_yaml(name: str, manager) -> str:
+    """The YAML file of task ``name`` (a clear error for unknown names, groups and tags)."""
     if name not in manager.all_tasks:
         raise CalibrationError(
             f"task {name!r} is not known to lmms-eval: for a local task pass --include-path DIR "
             "(the folder given to lmms-eval's --include_path)"
         )
-    config = manager._get_config(name)
-    if not config or "task" not in config:
-        raise CalibrationError(f"task {name!r} is a group or tag; calibrate its tasks one by one")
-    return config
+    entry = manager.task_index[name]
+    if entry.get("type") != "task" or not isinstance(entry.get("yaml_path"), str):
+        raise CalibrationError(f"task {name!r} is a {entry.get('type')}; calibrate its tasks one by one")
+    return entry["yaml_path"]
 
 
-def judged_by_llm(config: dict) -> bool:
-    """Whether the task's ``process_results`` lives in a module that calls an LLM judge."""
-    function = config.get("process_results")
-    if not callable(function):
+def _function_source(reference, yaml_path: str) -> str:
+    """Source text of the module a ``!function module.name`` entry points at, without importing it
+    (MM-Vet's module builds its judge client at import and fails without credentials)."""
+    import importlib.util
+
+    text = getattr(reference, "value", reference)
+    if not isinstance(text, str) or "." not in text:
+        return ""
+    module = text.rsplit(".", 1)[0]
+    where = getattr(getattr(reference, "start_mark", None), "name", None)
+    base = Path(where).parent if where and Path(where).exists() else Path(yaml_path).parent
+    path = base / f"{module}.py"
+    if not path.exists():
+        try:
+            spec = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            return ""
+        path = Path(spec.origin) if spec is not None and spec.origin else None
+    return path.read_text() if path is not None and path.exists() else ""
+
+
+def judged_by_llm(name: str, manager) -> bool:
+    """Whether the task's ``process_results`` lives in a module that calls an LLM judge, read from
+    its YAML and source text (nothing imported, no data loaded)."""
+    from lmms_eval.utils import load_yaml_config
+
+    yaml_path = task_yaml(name, manager)
+    config = load_yaml_config(yaml_path, mode="simple")
+    reference = config.get("process_results")
+    if reference is None:
         return False
-    module = inspect.getmodule(function)
-    try:
-        source = inspect.getsource(module) if module is not None else ""
-    except (OSError, TypeError):
-        return False
-    return any(marker in source for marker in _JUDGE_MARKERS)
+    return any(marker in _function_source(reference, yaml_path) for marker in _JUDGE_MARKERS)
 
 
 def judge_identity() -> dict:
@@ -186,8 +216,7 @@ def build_scorer(name: str, run: Run, manager) -> TaskScorer:
     from lmms_eval.api.reasoning import parse_reasoning_tags_config
     from lmms_eval.tasks import get_task_dict
 
-    config = task_config(name, manager)
-    judged = judged_by_llm(config)
+    judged = judged_by_llm(name, manager)
     if judged:
         check_judge(name)
     try:
