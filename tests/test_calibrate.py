@@ -247,8 +247,11 @@ def test_bad_input_fails_cleanly_and_writes_nothing(runs, tmp_path, capsys):
 
     # A run that already exited: only thresholds up to its lowest exited score can be replayed.
     _fails(
-        [*INCLUDE, str(runs["exit"]), "--task", "sgl_shapes_val", "--target-exit-rate", "0", *writes], capsys
+        [*INCLUDE, str(runs["exit"]), "--task", "sgl_shapes_val", "--target-exit-rate", "0", *writes],
+        capsys,
+        "already exited",
     )
+    _fails([*INCLUDE, str(runs["exit"]), "--max-drop", "1", *writes], capsys, "already exited")
     assert not out.exists() and not plot.exists()
 
     ok = tmp_path / "exited.json"

@@ -108,6 +108,12 @@ def calibrate_task(
             f"{ceiling!r} can be replayed and 'no exit' is unknown. Rerun without exit_threshold to see "
             "the whole curve."
         )
+    if ceiling is not None and target is not None and target.max_drop is not None:
+        raise CalibrationError(
+            f"--max-drop {target.max_drop:g} is measured from the accuracy without exit, which this run "
+            f"cannot replay ({sum(s.exited for s in samples)} samples of {log.name} already exited); "
+            "rerun without exit_threshold"
+        )
     curve = [replay(samples, t, aggregate) for t in candidates(samples)]
     table = [replay(samples, t, aggregate) for t in table_thresholds(samples)]
     recommended = None

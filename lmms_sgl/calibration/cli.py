@@ -232,9 +232,11 @@ def main(argv: list[str] | None = None) -> int:
 
     logger.remove()
     logger.add(sys.stderr, level=os.environ.get("LOGURU_LEVEL", "INFO"))
-    if args.apply is not None and _target(args) is not None:
+    if args.apply is not None and (_target(args) is not None or args.plot is not None):
         print(
-            "error: --apply takes its threshold from the calibration JSON; drop the target", file=sys.stderr
+            "error: --apply takes its threshold from the calibration JSON and draws no plot; "
+            "drop --target-exit-rate / --max-drop / --flops-budget / --plot",
+            file=sys.stderr,
         )
         return 2
     try:
