@@ -63,11 +63,11 @@ def task_text(result: TaskCalibration, run: Run) -> str:
             "for replayed exits the FLOPs ratio counts the large model alone at its own answer length."
         )
     if result.recommended is not None:
-        point = result.recommended
+        point, unit = result.recommended, " %" if result.fraction else ""
         lines += [
             f"Recommended for {result.target.describe()}: exit_threshold={threshold_text(point.threshold)} "
             f"(exit rate {_pct(point.exit_rate)} %, large-model calls {_pct(point.large_call_rate)} %, "
-            f"{result.metric} {accuracy_text(point.accuracy, result.fraction)}, "
+            f"{result.metric} {accuracy_text(point.accuracy, result.fraction)}{unit}, "
             f"FLOPs {_pct(point.flops_ratio)} %)",
             "",
             f"    --model_args {model_args_fragment(point)}",
