@@ -359,9 +359,17 @@ class SGLPipeline:
 
     # -- log-likelihood --------------------------------------------------------------------
     def loglikelihood(self, sample: Sample, continuation: str) -> tuple[tuple[float, bool], SampleRecord]:
-        """Log-probability of ``continuation`` after the prompt, with the large model pruned by the
-        guide's prompt-only importance (no generation, no exit). If the SGL path fails, the unpruned
-        large model answers and the record says why."""
+        """``(loss, is_greedy)`` of ``continuation`` after the prompt, with the large model pruned by
+        the guide's prompt-only importance (no generation, no exit). ``loss`` is the mean negative
+        log-likelihood per continuation token, what lmms-eval's own models return: its
+        multiple-choice scoring picks the choice with the lowest value. If the SGL path fails, the
+        unpruned large model answers and the record says why.
+
+        The prompt ends with the chat template's generation prompt, so the continuation is scored
+        as the answer the model would generate there: lmms-eval's ``target_delimiter`` (a leading
+        space) is removed first, else every choice starts with a token no answer starts with.
+        """
+        continuation = continuation.lstrip()
         try:
             return self._loglikelihood(sample, continuation, self.settings.prunes)
         except Exception as error:  # noqa: BLE001 -- fall back, counted in the statistics
@@ -410,7 +418,7 @@ class SGLPipeline:
             positions = plan.slot_of()[0].to(logits.device)[positions]
         logprobs = torch.log_softmax(logits[0, positions].float(), dim=-1)
         targets = input_ids[0, context_length:]
-        total = float(logprobs.gather(1, targets[:, None]).sum())
+        loss = -float(logprobs.gather(1, targets[:, None]).mean())
         greedy = bool((logprobs.argmax(-1) == targets).all())
         record.reached_large = scorer is self.large
         elapsed = time.perf_counter() - start - record.guide_seconds
@@ -440,7 +448,7 @@ class SGLPipeline:
             record.flops_large_alone = vision + cost.prefill_flops(scorer.text_shape, length, logits=length)
         else:
             record.flops_large_alone = self._large_prefill_flops(sample, continuation_ids.shape[1])
-        return (total, greedy), record
+        return (loss, greedy), record
 
     def _guide_prompt_importance(self, sample: Sample) -> tuple[torch.Tensor, float]:
         """Importance from the guide's prompt alone (one forward, no answer), for log-likelihood,

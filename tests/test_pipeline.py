@@ -51,13 +51,38 @@ def test_keep_ratio_one_equals_large_only(pair):
     assert all(r.token_ratio == 1.0 for r in full if r.total_visual)
 
 
-def test_batch_equals_one_by_one(pair):
+def kept_visual_sets(monkeypatch) -> list[list[int]]:
+    """Record, per sample the large model ran, which of its visual tokens the keep plan kept
+    (ordinals among that sample's visual tokens, so batch padding does not matter)."""
+    import lmms_sgl.pipeline as pipeline_module
+
+    kept: list[list[int]] = []
+    plan_from_scores = pipeline_module.plan_from_scores
+
+    def spy(scores, visual_mask, attention_mask, keep_ratio):
+        plan = plan_from_scores(scores, visual_mask, attention_mask, keep_ratio)
+        for b in range(visual_mask.shape[0]):
+            positions = set(plan.index[b][plan.valid[b]].tolist())
+            visual = visual_mask[b].nonzero().flatten().tolist()
+            kept.append([i for i, position in enumerate(visual) if position in positions])
+        return plan
+
+    monkeypatch.setattr(pipeline_module, "plan_from_scores", spy)
+    return kept
+
+
+def test_batch_equals_one_by_one(pair, monkeypatch):
     guide, large = pair
     pipeline = SGLPipeline(large, guide, SGLSettings(method="sgl", prune_layer=0.5, keep_ratio=0.2))
+    kept = kept_visual_sets(monkeypatch)
     together = pipeline.generate(samples(), GEN)
+    kept_together = list(kept)
+    kept.clear()
     alone = [pipeline.generate([s], GEN)[0] for s in samples()]
     assert answers(together) == answers(alone)
     assert [r.kept_visual for r in together] == [r.kept_visual for r in alone]
+    assert kept_together == kept and len(kept) == len(samples()), "keep sets must not depend on batching"
+    assert all(kept[:3]) and not kept[3], "three samples with images keep some, the text-only one none"
     for a, b in zip(together, alone, strict=True):
         assert a.confidence == pytest.approx(b.confidence, rel=1e-4)
         assert a.flops == pytest.approx(b.flops)
@@ -205,3 +230,22 @@ def test_loglikelihood_costs_are_per_request(pair):
     assert with_image.flops > 0 and with_image.kept_visual < with_image.total_visual
     _, text_only = pipeline.loglikelihood(samples()[3], " no")
     assert text_only.total_visual == 0 and text_only.flops == text_only.flops_large_alone
+
+
+def test_loglikelihood_is_the_mean_token_loss_of_the_answer(pair):
+    """What lmms-eval's own models return (it picks the lowest): transformers' mean cross-entropy
+    over the continuation tokens, here computed by the model itself from ``labels``."""
+    _, large = pair
+    sample = samples()[0]
+    (loss, _), _ = SGLPipeline(large, None, SGLSettings(method="large_only")).loglikelihood(sample, " red")
+    prompt = large.family.encode(
+        large, [large.family.prompt_text(large, sample.prompt)], sample.prompt.images
+    )
+    answer = large.tokenizer("red", add_special_tokens=False, return_tensors="pt").input_ids
+    input_ids = torch.cat([prompt["input_ids"], answer], dim=1)
+    labels = input_ids.clone()
+    labels[:, : prompt["input_ids"].shape[1]] = -100
+    inputs = {**prompt, "input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    with torch.no_grad():
+        expected = large.model(**inputs, labels=labels).loss
+    assert loss == pytest.approx(float(expected), abs=1e-5)

@@ -58,10 +58,10 @@ class SGLModel(lmms):
         self.args: ModelArgs = parse_model_args(**model_args)
         self.family = self.family_class(max_tiles=self.args.max_tiles)
         # Fail fast, before any weights load: configs, weight-file headers, the schedule.
-        large_config = self.family.check_checkpoint(self.args.pretrained, "pretrained")
+        large_layers = self.family.check_checkpoint(self.args.pretrained, "pretrained")
         if self.args.guide is not None:
             self.family.check_checkpoint(self.args.guide, "guide")
-        self.args.settings.layer_k(large_config.text_config.num_hidden_layers)
+        self.args.settings.layer_k(large_layers)
         self.accelerator = Accelerator()
         self._rank = self.accelerator.process_index
         self._world_size = self.accelerator.num_processes
@@ -80,6 +80,7 @@ class SGLModel(lmms):
                 dtype=dtype,
                 device_map=str(large.device),
                 text_attention=recording_attention(settings.importance_precision),
+                argument="guide",
             )
         self.pipeline = SGLPipeline(large, guide, settings)
         self._records: list[dict] = []
@@ -180,7 +181,8 @@ class SGLModel(lmms):
         return results
 
     def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
-        """``(log p(continuation | context), is_greedy)`` per request.
+        """``(mean token loss of the continuation, is_greedy)`` per request, as lmms-eval's own
+        models return it (lmms-eval 0.7.3 scores multiple choice by the argmin).
 
         Each pair is wrapped in a ``GenerationResult``: lmms-eval 0.7.3's
         ``unwrap_generation_output`` turns a bare ``(float, bool)`` into its string, which breaks
@@ -200,17 +202,15 @@ class SGLModel(lmms):
             try:
                 doc = self.task_dict[task][split][doc_id]
                 continuation = target(doc) if callable(target) else target
-                (logprob, greedy), record = self.pipeline.loglikelihood(
-                    self._sample(request), str(continuation)
-                )
+                (loss, greedy), record = self.pipeline.loglikelihood(self._sample(request), str(continuation))
             except Exception as error:  # noqa: BLE001 -- counted as failed, the run goes on
-                logprob, greedy = float("-inf"), False
+                loss, greedy = float("inf"), False
                 record = SampleRecord(task, doc_id, fallback=f"{type(error).__name__}: {error}")
                 record.extra["failed"] = True
                 logger.error(f"{task}/{doc_id}: log-likelihood failed: {record.fallback}")
             self._seconds += time.perf_counter() - begin
             data = record.as_dict() if request.metadata.get("__padding_only__") else self._keep(record)
-            results.append(GenerationResult(text=(logprob, greedy), token_counts=SGLTokenCounts(0, data)))
+            results.append(GenerationResult(text=(loss, greedy), token_counts=SGLTokenCounts(0, data)))
         return results
 
     def generate_until_multi_round(self, requests) -> list[str]:
