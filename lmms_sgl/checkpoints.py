@@ -13,7 +13,11 @@ import struct
 from pathlib import Path
 
 
-class CorruptCheckpointError(ValueError):
+class CheckpointError(ValueError):
+    """A checkpoint lmms-sgl cannot serve; the message says what is supported."""
+
+
+class CorruptCheckpointError(CheckpointError):
     """A checkpoint file is unreadable; the message names the argument and the file."""
 
 

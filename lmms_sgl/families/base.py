@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from lmms_sgl.checkpoints import check_weights
+from lmms_sgl.checkpoints import CheckpointError, check_weights
 from lmms_sgl.method.cost import TransformerShape
 
 
@@ -67,10 +67,6 @@ class LoadedVLM:
         return sorted({i for i in ids if i is not None})
 
 
-class CheckpointError(ValueError):
-    """A checkpoint this family cannot serve; the message says what is supported."""
-
-
 class HFVisionLanguageFamily:
     """A transformers-native VLM family (``AutoModelForImageTextToText`` + ``AutoProcessor``)."""
 
@@ -82,9 +78,10 @@ class HFVisionLanguageFamily:
         self.max_tiles = max_tiles
 
     # -- loading ---------------------------------------------------------------------------
-    def check_checkpoint(self, path: str, argument: str):
+    def check_checkpoint(self, path: str, argument: str) -> int:
         """Read only the config and the weight files' headers (cheap) and fail fast on a checkpoint
-        we cannot serve or whose files are truncated."""
+        we cannot serve or whose files are truncated. Returns the text model's layer count (what
+        the prune layer K is a fraction of)."""
         from transformers import AutoConfig
 
         try:
@@ -105,7 +102,7 @@ class HFVisionLanguageFamily:
                 f"model types {self.model_types} ({self.supported})"
             )
         check_weights(path, argument)
-        return config
+        return config.text_config.num_hidden_layers
 
     def _remote_code_message(self, argument: str, path: str) -> str:
         return (
@@ -122,19 +119,33 @@ class HFVisionLanguageFamily:
         device_map: str | dict | None,
         text_attention: str,
         max_memory: dict | None = None,
+        argument: str = "pretrained",
     ) -> LoadedVLM:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        """Load a checkpoint (``argument`` names it in messages) with the text model's attention
+        ``text_attention``; ``path`` stays what the user gave (lmms-eval names outputs after it)."""
+        from transformers import AutoModelForImageTextToText
 
+        folder = self.resolve(path, argument)
         model = AutoModelForImageTextToText.from_pretrained(
-            path,
+            folder,
             dtype=dtype,
             device_map=device_map,
             max_memory=max_memory,
             attn_implementation={"text_config": text_attention, "vision_config": "sdpa"},
         ).eval()
-        processor = AutoProcessor.from_pretrained(path)
+        processor = self.load_processor(folder)
         processor.tokenizer.padding_side = "left"  # the method's batching assumes left padding
         return LoadedVLM(self, model, processor, str(path))
+
+    def resolve(self, path: str, argument: str) -> str:
+        """The folder or hub id ``from_pretrained`` loads for ``path`` (families that convert
+        checkpoints return the converted folder)."""
+        return path
+
+    def load_processor(self, folder: str):
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(folder)
 
     # -- prompting -------------------------------------------------------------------------
     def text_model(self, model: nn.Module) -> nn.Module:

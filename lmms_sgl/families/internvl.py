@@ -1,14 +1,33 @@
-"""InternVL (transformers-native ``InternVLForConditionalGeneration``: InternVL2.5/3/3.5 ``-hf``).
+"""InternVL: transformers-native ``InternVLForConditionalGeneration`` (InternVL2.5/3/3.5 ``-hf``)
+and the original remote-code layout (InternVL2 1B-76B, InternVL2.5/3 ``InternVLChatModel``), which is
+converted once into the native layout without running its code (``lmms_sgl.internvl_original``).
 
 Visual tokens: ``<IMG_CONTEXT>`` x 256 per 448 px tile (patch 14, pixel shuffle 0.5), dynamic tiling
 into up to ``max_tiles`` tiles plus a thumbnail. Guide and large model must tile identically, so
-both processors get the same ``max_patches``.
+both processors get the same ``max_patches``: by default 12 for ``-hf`` checkpoints (as lmms-eval's
+``internvl_hf``) and 6 when the large model is an original checkpoint (the paper's and lmms-eval's
+``internvl2`` setting). Original checkpoints tile with the PIL image processor, pixel-exact with the
+original preprocessing.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from lmms_sgl.checkpoints import check_weights
 from lmms_sgl.families.base import HFVisionLanguageFamily, LoadedVLM
+from lmms_sgl.internvl_original.config import read_original_config
+from lmms_sgl.internvl_original.convert import DEFAULT_MAX_TILES as ORIGINAL_MAX_TILES
+from lmms_sgl.internvl_original.convert import MARKER, resolve_checkpoint
+from lmms_sgl.internvl_original.processing import load_processor
 from lmms_sgl.method.cost import TransformerShape, mlp_chain_flops, vit_flops
+
+NATIVE_MAX_TILES = 12
+
+
+def converted_from_original(folder: str) -> bool:
+    """A folder written by ``lmms-sgl-convert`` (or the conversion cache)."""
+    return (Path(folder) / MARKER).is_file()
 
 
 def _first(value):
@@ -20,11 +39,41 @@ class InternVLFamily(HFVisionLanguageFamily):
     model_types = ("internvl",)
     supported = (
         "InternVL2.5 / InternVL3 / InternVL3.5 '-hf' checkpoints "
-        "(InternVLForConditionalGeneration), 1B to 78B"
+        "(InternVLForConditionalGeneration), 1B to 78B, and original InternVL2 / 2.5 / 3 checkpoints "
+        "(InternVLChatModel), converted on first use"
     )
 
+    def __init__(self, max_tiles: int | None = None):
+        super().__init__(max_tiles)
+        self.large_is_original = False
+
+    def check_checkpoint(self, path: str, argument: str) -> int:
+        original = read_original_config(path, argument)  # None: not the original layout
+        if original is None:
+            layers = super().check_checkpoint(path, argument)
+        else:
+            check_weights(path, argument)
+            layers = original.num_layers
+        if argument == "pretrained":
+            self.large_is_original = original is not None or converted_from_original(path)
+        return layers
+
+    def resolve(self, path: str, argument: str) -> str:
+        return resolve_checkpoint(path, argument)
+
+    def load_processor(self, folder: str):
+        if converted_from_original(folder):  # the original preprocessing: PIL, pixel-exact
+            return load_processor(folder)
+        return super().load_processor(folder)
+
+    @property
+    def tiles(self) -> int:
+        if self.max_tiles is not None:
+            return self.max_tiles
+        return ORIGINAL_MAX_TILES if self.large_is_original else NATIVE_MAX_TILES
+
     def processor_kwargs(self) -> dict:
-        return {} if self.max_tiles is None else {"max_patches": self.max_tiles}
+        return {"max_patches": self.tiles}
 
     def tile_flops(self, loaded: LoadedVLM) -> int:
         config = loaded.model.config

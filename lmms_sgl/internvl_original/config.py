@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmms_sgl.families.base import CheckpointError
+from lmms_sgl.checkpoints import CheckpointError
 from lmms_sgl.internvl_original.templates import FORMATS
 
 ORIGINAL_ARCHITECTURE = "InternVLChatModel"

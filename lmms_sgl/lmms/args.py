@@ -84,7 +84,7 @@ def parse_model_args(
     device_map=None,
     dtype="auto",
     attn_implementation="sdpa",
-    max_tiles=12,
+    max_tiles=None,
     seed=0,
     importance_precision="fp32",
     batch_size=1,

@@ -1,0 +1,63 @@
+"""``sgl_internvl2`` on original-layout InternVL checkpoints (the paper's own models), end to end
+through the lmms-eval CLI: the large model through the conversion cache, the guide converted with
+``lmms-sgl-convert``; a second run reuses the cache."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmms_sgl.factory_original import build_original_pair
+from lmms_sgl.families import InternVLFamily
+from lmms_sgl.internvl_original.config import OriginalCheckpointError
+from tests.helpers import raw_response, run_lmms_eval, samples_of
+
+
+@pytest.mark.slow
+def test_sgl_internvl2_serves_original_checkpoints(tmp_path, tasks_dir, monkeypatch):
+    pair = build_original_pair(tmp_path / "originals")
+    monkeypatch.setenv("LMMS_SGL_CACHE", str(tmp_path / "cache"))
+    guide = tmp_path / "guide-converted"
+    convert = Path(sys.executable).with_name("lmms-sgl-convert")
+    subprocess.run(
+        [str(convert), str(pair["guide"]), str(guide)], check=True, capture_output=True, timeout=300
+    )
+
+    args = f"pretrained={pair['large']},guide={guide},prune_layer=0.5,keep_ratio=0.2"
+    results, first = run_lmms_eval(
+        "sgl_internvl2", args, "sgl_smoke", tasks_dir, tmp_path / "one", "--limit", "3"
+    )
+    assert "this process converts it (first use)" in first.stdout + first.stderr
+    assert "exact_match,none" in results["results"]["sgl_smoke"]
+    rows = samples_of(tmp_path / "one", "sgl_smoke")
+    assert len(rows) == 3
+    for row in rows:
+        record = row["token_counts"][0]["sgl"]
+        assert record["fallback"] is None and record["reached_large"], record
+        assert raw_response(row) == record["answer"] and record["answer"].strip()
+        # 256 tokens per tile, at most 6 tiles plus the thumbnail by default for original checkpoints
+        assert record["total_visual"] % 256 == 0 and record["total_visual"] <= 7 * 256
+        assert record["kept_visual"] == max(1, int(record["total_visual"] * 0.2))
+
+    _, second = run_lmms_eval("sgl_internvl2", args, "sgl_smoke", tasks_dir, tmp_path / "two", "--limit", "1")
+    assert "using the converted checkpoint" in second.stdout + second.stderr
+    assert "converts it (first use)" not in second.stdout + second.stderr
+
+
+def test_original_checkpoints_default_to_six_tiles_and_fail_fast(tmp_path):
+    pair = build_original_pair(tmp_path / "originals")
+    family = InternVLFamily()
+    assert family.check_checkpoint(str(pair["large"]), "pretrained") == 4  # the large spec's layers
+    assert family.tiles == 6
+    assert InternVLFamily(max_tiles=3).tiles == 3
+    shard = sorted(pair["large"].glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=rf"pretrained=.*{shard.name}.*truncated"):
+        family.check_checkpoint(str(pair["large"]), "pretrained")
+    config = pair["guide"] / "config.json"
+    config.write_text(config.read_text().replace('"template"', '"templat"'))
+    with pytest.raises(OriginalCheckpointError, match="template"):
+        family.check_checkpoint(str(pair["guide"]), "guide")
