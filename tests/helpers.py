@@ -88,3 +88,23 @@ def raw_response(row: dict) -> str:
     while isinstance(value, list):
         value = value[0]
     return value
+
+
+def evaluate(
+    model: str, model_args: str, tasks: str, tasks_dir: Path, limit: int, batch_size: int = 1
+) -> dict:
+    """lmms-eval's evaluator in this process (no CLI start-up), samples logged; it raises on errors."""
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    return simple_evaluate(
+        model=model,
+        model_args=model_args,
+        tasks=tasks.split(","),
+        batch_size=batch_size,
+        limit=limit,
+        log_samples=True,
+        bootstrap_iters=0,
+        task_manager=TaskManager("WARNING", include_path=str(tasks_dir)),
+        verbosity="WARNING",
+    )

@@ -14,7 +14,7 @@ from lmms_sgl.method.importance import ATTENTION_NAME, EAGER_ATTENTION_NAME, pro
 from lmms_sgl.method.selection import keep_count, plan_from_scores
 from lmms_sgl.method.settings import SGLSettings
 from lmms_sgl.pipeline import GenerationSettings, Sample, SGLPipeline
-from tests.helpers import batch, load, raw_response, run_lmms_eval, samples_of
+from tests.helpers import batch, evaluate, load, raw_response
 
 LONG_ANSWER = "red\n\nblue green."
 FAMILIES = {"internvl": InternVLFamily, "llava": LlavaFamily}
@@ -83,20 +83,17 @@ def test_scripted_answer_with_blank_line_comes_back_whole(scripted):
 
 
 @pytest.mark.slow
-def test_long_answers_equal_lmms_eval_models_uncut(tmp_path, scripted, tasks_dir):
+@pytest.mark.parametrize(
+    "host,model,family", [("internvl_hf", "sgl_internvl2", "internvl"), ("llava_hf", "sgl_llava", "llava")]
+)
+def test_long_answers_equal_lmms_eval_models_uncut(scripted, tasks_dir, host, model, family):
     """lmms-eval's own models and ours, large model only, on a task with no ``until`` of its own."""
-    for host, model, family in (
-        ("internvl_hf", "sgl_internvl2", "internvl"),
-        ("llava_hf", "sgl_llava", "llava"),
-    ):
-        large = scripted[f"{family}-large"]
-        host_args = f"pretrained={large},device=cpu,device_map=cpu"
-        run_lmms_eval(host, host_args, "sgl_longform", tasks_dir, tmp_path / host, "--limit", "2")
-        ours = f"pretrained={large},method=large_only,max_tiles=12"
-        run_lmms_eval(model, ours, "sgl_longform", tasks_dir, tmp_path / model, "--limit", "2")
-        expected = [raw_response(row) for row in samples_of(tmp_path / host, "sgl_longform")]
-        got = [raw_response(row) for row in samples_of(tmp_path / model, "sgl_longform")]
-        assert got == expected == [LONG_ANSWER] * 2, family
+    large = scripted[f"{family}-large"]
+    theirs = evaluate(host, f"pretrained={large},device=cpu,device_map=cpu", "sgl_longform", tasks_dir, 2)
+    ours = evaluate(model, f"pretrained={large},method=large_only,max_tiles=12", "sgl_longform", tasks_dir, 2)
+    expected = [raw_response(row) for row in theirs["samples"]["sgl_longform"]]
+    got = [raw_response(row) for row in ours["samples"]["sgl_longform"]]
+    assert got == expected == [LONG_ANSWER] * 2
 
 
 def official_bf16_importance(model, inputs, visual, steps):
