@@ -8,7 +8,9 @@
   inserted), so the consistency pass does not run the vision tower again (as the official code).
 
 ``consistency_pass`` then runs one teacher-forced forward over prompt + answer with only the top
-``ratio`` of visual tokens, dropped before layer 0 with original positions kept (K = 0 pruning).
+``ratio`` of visual tokens, dropped before layer 0 with original positions kept (K = 0 pruning):
+the prefill's own position ids (multimodal RoPE's 3-D ones included) and visual features
+(Qwen3-VL's deepstack) are captured and reused.
 """
 
 from __future__ import annotations
@@ -42,14 +44,21 @@ class StepLogProbs(LogitsProcessor):
         return scores
 
 
+# What a text model takes besides embeddings and positions to add visual features (Qwen3-VL's deepstack).
+VISUAL_TEXT_KWARGS = ("visual_pos_masks", "deepstack_visual_embeds")
+
+
 @contextmanager
 def captured_prompt_embeddings(text_model: nn.Module) -> Iterator[dict]:
-    """Keep the ``inputs_embeds`` of the first call of ``text_model`` (the prefill)."""
+    """Keep the ``inputs_embeds`` of the first call of ``text_model`` (the prefill), its position ids
+    (``[B, P]``, or multimodal ``[3 or 4, B, P]``) and its visual kwargs (``VISUAL_TEXT_KWARGS``)."""
     store: dict = {}
 
     def grab(module, args, kwargs):
         if "embeds" not in store and kwargs.get("inputs_embeds") is not None:
             store["embeds"] = kwargs["inputs_embeds"].detach()
+            store["positions"] = kwargs.get("position_ids")
+            store["visual_kwargs"] = {k: kwargs[k] for k in VISUAL_TEXT_KWARGS if kwargs.get(k) is not None}
 
     handle = text_model.register_forward_pre_hook(grab, with_kwargs=True)
     try:
@@ -112,6 +121,8 @@ class GuideRun:
     prompt_embeds: torch.Tensor  # [B, P, d]
     visual_mask: torch.Tensor  # [B, P]
     attention_mask: torch.Tensor  # [B, P]
+    prompt_positions: torch.Tensor | None = None  # position ids of the prefill, [..., B, P]
+    visual_kwargs: dict | None = None  # the prefill's VISUAL_TEXT_KWARGS
 
 
 def run_guide(
@@ -157,7 +168,20 @@ def run_guide(
         prompt_embeds=captured["embeds"],
         visual_mask=visual_mask,
         attention_mask=attention_mask,
+        prompt_positions=captured["positions"],
+        visual_kwargs=captured["visual_kwargs"],
     )
+
+
+def answer_positions(run: GuideRun, mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of prompt + answer: the prefill's own (multimodal RoPE's 3-D positions
+    included) continued by one per answer token after the last prompt token, as ``generate``
+    numbers decode steps (``rope_deltas`` included); ``cumsum - 1`` if the prefill had none."""
+    if run.prompt_positions is None:
+        return positions_from_mask(mask)
+    prompt = run.prompt_positions.to(mask.device)
+    steps = torch.arange(1, mask.shape[1] - prompt.shape[-1] + 1, device=mask.device)
+    return torch.cat([prompt, prompt[..., -1:] + steps], dim=-1)
 
 
 def consistency_pass(model: nn.Module, text_model: nn.Module, run: GuideRun, ratio: float) -> torch.Tensor:
@@ -171,12 +195,22 @@ def consistency_pass(model: nn.Module, text_model: nn.Module, run: GuideRun, rat
     mask = torch.cat([run.attention_mask.to(device), answer_mask.to(device).long()], dim=1)
     visual = torch.cat([run.visual_mask.to(device), torch.zeros_like(answer_mask, device=device)], dim=1)
     plan = plan_from_scores(run.importance, visual, mask, ratio)
+    visual_kwargs = dict(run.visual_kwargs or {})
+    if "visual_pos_masks" in visual_kwargs:  # the answer has no visual positions
+        prompt_visual = visual_kwargs["visual_pos_masks"]
+        answer = torch.zeros(answer_mask.shape, dtype=prompt_visual.dtype, device=prompt_visual.device)
+        visual_kwargs["visual_pos_masks"] = torch.cat([prompt_visual, answer], dim=1)
     pruner = VisualTokenPruner(text_model, 0)
     with pruner.installed(), torch.no_grad():
         pruner.arm(plan)
-        logits = model(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False
-        ).logits
+        hidden = text_model(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=answer_positions(run, mask),
+            use_cache=False,
+            **visual_kwargs,
+        ).last_hidden_state
+        logits = model.get_output_embeddings()(hidden)
     slot_of = plan.slot_of()
     prompt_length = run.attention_mask.shape[1]
     token_logprobs = []

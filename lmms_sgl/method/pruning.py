@@ -11,6 +11,12 @@ on decoder layers ``>= K``; transformers' code is neither patched nor copied:
   gives them a mask of that length. Position embeddings need no change: generate numbers new tokens
   after the full prompt, as the official code does.
 
+Positions are gathered along their token dimension whatever their leading dimensions, so
+multimodal RoPE (Qwen-VL: 3-D temporal/height/width positions, ``rope_deltas`` continuing the
+decode positions) keeps each kept token's original 3-D position. Features a text model adds at
+visual positions after its first layers (Qwen3-VL's deepstack, ``deepstack_visual_embeds``) are
+added by forward hooks at the kept visual positions in layers >= K, K = 0 included.
+
 Each sample of a batch may keep a different number of tokens: the kept tokens are re-packed with
 left padding to the longest, and the padding is masked. The model-level ``attention_mask`` and
 ``position_ids`` keep their full, unpruned meaning throughout.
@@ -68,6 +74,31 @@ def pruned_prefill_mask(valid: torch.Tensor) -> torch.Tensor:
     return allowed[:, None]
 
 
+def gather_tokens(tensor: torch.Tensor, index: torch.Tensor, token_dim: int) -> torch.Tensor:
+    """Rows ``index`` [B, P'] of ``tensor`` along its token dimension ``token_dim``, the batch being
+    the dimension before it, whatever comes before or after: position ids ``[B, P]`` or multimodal
+    ``[3, B, P]`` (``token_dim=-1``), cos/sin ``[B, P, D]`` or ``[3, B, P, D]`` (``token_dim=-2``).
+    A batch dimension of 1 is broadcast to B."""
+    token_dim %= tensor.dim()
+    if token_dim < 1:
+        raise ValueError(f"tensor of shape {tuple(tensor.shape)} has no batch dimension before {token_dim}")
+    shape = list(tensor.shape)
+    shape[token_dim - 1] = index.shape[0]
+    tensor = tensor.expand(*shape)
+    view = [1] * (token_dim - 1) + list(index.shape) + [1] * (tensor.dim() - token_dim - 1)
+    shape[token_dim] = index.shape[1]
+    return tensor.gather(token_dim, index.view(view).expand(*shape))
+
+
+@dataclass
+class _Deepstack:
+    """Features a text model adds to its hidden states at visual positions after its first layers
+    (Qwen3-VL's deepstack): ``embeds[j]`` is added after layer ``layer_k + j``, in pruned space."""
+
+    visual: torch.Tensor  # [B, P] the visual positions of the unpruned prompt
+    embeds: list[torch.Tensor]  # one [n_visual_in_batch, d] per layer >= K, rows in visual order
+
+
 @dataclass
 class _ForwardState:
     plan: KeepPlan  # as applied (rows repeated for beam search)
@@ -98,6 +129,7 @@ class VisualTokenPruner:
         self._handles: list = []
         self._source: PlanSource | None = None
         self._state: _ForwardState | None = None
+        self._deepstack: _Deepstack | None = None
 
     @contextmanager
     def installed(self) -> Iterator[VisualTokenPruner]:
@@ -113,6 +145,10 @@ class VisualTokenPruner:
         for index in range(self.layer_k, len(self._layers)):
             hook = self._make_hook(index)
             self._handles.append(self._layers[index].register_forward_pre_hook(hook, with_kwargs=True))
+            self._handles.append(self._layers[index].register_forward_hook(self._make_deepstack_hook(index)))
+        self._handles.append(
+            self.text_model.register_forward_pre_hook(self._take_deepstack, with_kwargs=True)
+        )
         return self
 
     def remove(self) -> None:
@@ -129,6 +165,7 @@ class VisualTokenPruner:
     def disarm(self) -> None:
         self._source = None
         self._state = None
+        self._deepstack = None
 
     @property
     def plan(self) -> KeepPlan | None:
@@ -156,6 +193,33 @@ class VisualTokenPruner:
 
         return hook
 
+    def _take_deepstack(self, module: nn.Module, args: tuple, kwargs: dict):
+        """Text-model pre-hook: the model itself adds the deepstack features of layers < K (full
+        sequence); those of layers >= K are taken from it and added by :meth:`_make_deepstack_hook`
+        at the kept visual positions."""
+        self._deepstack = None
+        embeds = kwargs.get("deepstack_visual_embeds")
+        if self._source is None or embeds is None or len(embeds) <= self.layer_k:
+            return None
+        self._deepstack = _Deepstack(kwargs["visual_pos_masks"], list(embeds[self.layer_k :]))
+        return args, {**kwargs, "deepstack_visual_embeds": list(embeds[: self.layer_k])}
+
+    def _make_deepstack_hook(self, index: int):
+        def hook(module: nn.Module, args: tuple, output):
+            stack, step = self._deepstack, index - self.layer_k
+            if stack is None or step >= len(stack.embeds) or self._state is None or self._state.decoding:
+                return None
+            plan = self._state.plan
+            visual = stack.visual.to(output.device)
+            row_of = (visual.flatten().cumsum(0) - 1).view(visual.shape)  # feature row of each position
+            kept = visual.gather(1, plan.index) & plan.valid
+            rows = row_of.gather(1, plan.index)[kept]
+            output = output.clone()
+            output[kept] = output[kept] + stack.embeds[step].to(output.device, output.dtype)[rows]
+            return output
+
+        return hook
+
     def _begin(self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> None:
         """At layer K: start a prefill (compute the pruned kwargs) or a decode step (its mask)."""
         q_len = hidden.shape[1]
@@ -174,18 +238,10 @@ class VisualTokenPruner:
                     f"pruning plan is for a prompt of {plan.prompt_length} tokens, prefill has {q_len}"
                 )
             cos, sin = kwargs["position_embeddings"]
-            batch = hidden.shape[0]
-
-            def gather_rows(t: torch.Tensor) -> torch.Tensor:
-                t = t.expand(batch, *t.shape[1:])
-                index = plan.index.view(*plan.index.shape, *([1] * (t.dim() - 2))).expand(
-                    -1, -1, *t.shape[2:]
-                )
-                return t.gather(1, index)
-
-            pruned = {"position_embeddings": (gather_rows(cos), gather_rows(sin))}
+            cos, sin = gather_tokens(cos, plan.index, -2), gather_tokens(sin, plan.index, -2)
+            pruned = {"position_embeddings": (cos, sin)}
             if kwargs.get("position_ids") is not None:
-                pruned["position_ids"] = gather_rows(kwargs["position_ids"])
+                pruned["position_ids"] = gather_tokens(kwargs["position_ids"], plan.index, -1)
             if kind == "bool" and bool(plan.valid.all()):
                 pruned["attention_mask"] = None  # SDPA's is_causal, as the model itself would do
             else:
