@@ -14,6 +14,9 @@ with the same visual-token layout for the same image, which is what SGL needs:
 * LLaVA (``LlavaForConditionalGeneration``, CLIP vision + Llama text): 224 px, patch 14, 256 tokens.
 * LLaVA-OneVision (``LlavaOnevisionForConditionalGeneration``, SigLIP + Qwen2): 112 px crops of 64
   tokens, any-resolution grid up to 2 x 2 crops plus the base image, image-newline tokens.
+* Qwen2-VL / Qwen2.5-VL / Qwen3-VL (``variant``): dynamic resolution, one token per 2 x 2 merged
+  patches (28 px, 32 px for Qwen3-VL), 4 to 64 tokens per image by default; multimodal RoPE with
+  a real ``mrope_section``; Qwen2.5-VL with window attention, Qwen3-VL with deepstack features.
 
 Command line: ``lmms-sgl-build-models --out models/`` (``--help`` lists the specs).
 """
@@ -71,13 +74,14 @@ class ModelSpec:
     """One small checkpoint: its family, its role in an SGL pair and its sizes."""
 
     name: str
-    family: str  # "internvl" or "llava"
+    family: str  # "internvl", "llava" or "qwen_vl"
     role: str  # "guide" or "large"
     text: TextSpec
     vision: VisionSpec
     seed: int
     max_patches: int = 6  # InternVL dynamic tiling: tiles besides the thumbnail
-    variant: str = "default"  # llava: "default" (LLaVA-1.5 layout) or "onevision" (any-resolution)
+    # llava: "default" (LLaVA-1.5) | "onevision"; qwen_vl: "qwen2_vl" | "qwen2_5_vl" | "qwen3_vl"
+    variant: str = "default"
 
     @property
     def description(self) -> str:
@@ -141,6 +145,60 @@ SPECS: dict[str, ModelSpec] = {
             seed=24,
             variant="onevision",
         ),
+        ModelSpec(
+            "qwen2-vl-guide",
+            "qwen_vl",
+            "guide",
+            TextSpec(64, 2, 2, 1, 128),
+            VisionSpec(32, 2, 2, 64),
+            seed=31,
+            variant="qwen2_vl",
+        ),
+        ModelSpec(
+            "qwen2-vl-large",
+            "qwen_vl",
+            "large",
+            TextSpec(128, 4, 4, 2, 256),
+            VisionSpec(64, 3, 4, 128),
+            seed=32,
+            variant="qwen2_vl",
+        ),
+        ModelSpec(
+            "qwen2.5-vl-guide",
+            "qwen_vl",
+            "guide",
+            TextSpec(64, 2, 2, 1, 128),
+            VisionSpec(32, 2, 2, 64),
+            seed=33,
+            variant="qwen2_5_vl",
+        ),
+        ModelSpec(
+            "qwen2.5-vl-large",
+            "qwen_vl",
+            "large",
+            TextSpec(128, 4, 4, 2, 256),
+            VisionSpec(64, 3, 4, 128),
+            seed=34,
+            variant="qwen2_5_vl",
+        ),
+        ModelSpec(
+            "qwen3-vl-guide",
+            "qwen_vl",
+            "guide",
+            TextSpec(64, 2, 2, 1, 128),
+            VisionSpec(32, 2, 2, 64),
+            seed=35,
+            variant="qwen3_vl",
+        ),
+        ModelSpec(
+            "qwen3-vl-large",
+            "qwen_vl",
+            "large",
+            TextSpec(128, 4, 4, 2, 256),
+            VisionSpec(64, 3, 4, 128),
+            seed=36,
+            variant="qwen3_vl",
+        ),
     )
 }
 # LLaVA-OneVision: SigLIP crops of 112 px (64 tokens each), any-resolution grid up to 2 x 2 crops
@@ -154,6 +212,18 @@ INTERNVL_SPECIAL = {
     "extra": ["<|im_start|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"],
 }
 LLAVA_SPECIAL = {"bos": "<s>", "eos": "</s>", "pad": "<pad>", "extra": ["<image>"]}
+QWEN_NAMED_TOKENS = {
+    "image_token": "<|image_pad|>",
+    "video_token": "<|video_pad|>",
+    "vision_bos_token": "<|vision_start|>",
+    "vision_eos_token": "<|vision_end|>",
+}
+QWEN_SPECIAL = {
+    "bos": None,
+    "eos": "<|im_end|>",
+    "pad": "<|endoftext|>",
+    "extra": ["<|im_start|>", *QWEN_NAMED_TOKENS.values()],
+}
 
 INTERNVL_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -190,7 +260,7 @@ def build_tokenizer(family: str):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    special = INTERNVL_SPECIAL if family == "internvl" else LLAVA_SPECIAL
+    special = {"internvl": INTERNVL_SPECIAL, "qwen_vl": QWEN_SPECIAL}.get(family, LLAVA_SPECIAL)
     special_tokens = [t for t in (special["bos"], special["eos"], special["pad"]) if t] + special["extra"]
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -219,6 +289,8 @@ def build_tokenizer(family: str):
             "context_image_token": "<IMG_CONTEXT>",
             "video_token": "<video>",
         }
+    elif family == "qwen_vl":
+        kwargs["extra_special_tokens"] = QWEN_NAMED_TOKENS
     else:
         kwargs["extra_special_tokens"] = {"image_token": "<image>"}
     return PreTrainedTokenizerFast(**kwargs)
@@ -227,6 +299,10 @@ def build_tokenizer(family: str):
 def build_processor(spec: ModelSpec):
     """The family's real processor around our tokenizer."""
     tokenizer = build_tokenizer(spec.family)
+    if spec.family == "qwen_vl":
+        from lmms_sgl.factory_qwen import build_qwen_processor
+
+        return build_qwen_processor(spec, tokenizer)
     if spec.family == "internvl":
         from transformers import GotOcr2ImageProcessor, InternVLProcessor, InternVLVideoProcessor
 
@@ -287,6 +363,10 @@ def build_config(spec: ModelSpec, tokenizer):
         **text,
     }
     vision = asdict(spec.vision)
+    if spec.family == "qwen_vl":
+        from lmms_sgl.factory_qwen import build_qwen_config
+
+        return build_qwen_config(spec, tokenizer, common_text)
     if spec.family == "internvl":
         from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config
 
