@@ -137,6 +137,19 @@ def truncate_at(text: str, until: tuple[str, ...]) -> str:
     return text
 
 
+def with_continuation(prompt_inputs: dict, continuation_ids: torch.Tensor) -> dict:
+    """A one-sample prompt's model inputs followed by text tokens: ``input_ids`` and every other
+    per-token tensor grow (a text token's type is 0, e.g. Qwen-VL's ``mm_token_type_ids``, which
+    its multimodal RoPE reads), the attention mask covers everything."""
+    prompt_ids = prompt_inputs["input_ids"]
+    inputs = dict(prompt_inputs)
+    for key, value in prompt_inputs.items():
+        if key not in ("input_ids", "attention_mask") and value.shape == prompt_ids.shape:
+            inputs[key] = torch.cat([value, torch.zeros_like(continuation_ids, dtype=value.dtype)], dim=1)
+    input_ids = torch.cat([prompt_ids, continuation_ids], dim=1)
+    return {**inputs, "input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+
 class SGLPipeline:
     """Guide, prune, maybe exit, for batches of samples sharing generation settings."""
 
@@ -391,8 +404,8 @@ class SGLPipeline:
             continuation, add_special_tokens=False, return_tensors="pt"
         ).input_ids
         continuation_ids = continuation_ids.to(scorer.device)
-        input_ids = torch.cat([prompt_inputs["input_ids"], continuation_ids], dim=1)
-        inputs = {**prompt_inputs, "input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+        inputs = with_continuation(prompt_inputs, continuation_ids)
+        input_ids = inputs["input_ids"]
         context_length = prompt_inputs["input_ids"].shape[1]
         visual = input_ids == scorer.image_token_id
         n_visual = int(visual.sum())

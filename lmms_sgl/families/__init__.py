@@ -3,6 +3,7 @@
 from lmms_sgl.families.base import CheckpointError, HFVisionLanguageFamily, LoadedVLM, Prompt
 from lmms_sgl.families.internvl import InternVLFamily
 from lmms_sgl.families.llava import LlavaFamily
+from lmms_sgl.families.qwen_vl import QwenVLFamily
 
 __all__ = [
     "CheckpointError",
@@ -11,4 +12,5 @@ __all__ = [
     "LlavaFamily",
     "LoadedVLM",
     "Prompt",
+    "QwenVLFamily",
 ]

@@ -65,6 +65,8 @@ class ModelArgs:
     attn_implementation: str
     max_tiles: int | None
     batch_size: int
+    min_pixels: int | None = None
+    max_pixels: int | None = None
 
     @property
     def settings_dict(self) -> dict:
@@ -85,6 +87,8 @@ def parse_model_args(
     dtype="auto",
     attn_implementation="sdpa",
     max_tiles=None,
+    min_pixels=None,
+    max_pixels=None,
     seed=0,
     importance_precision="fp32",
     batch_size=1,
@@ -122,6 +126,15 @@ def parse_model_args(
             keep_ratio=defaults.keep_ratio if _none(keep_ratio) else as_float("keep_ratio", keep_ratio),
             **settings_kwargs,
         )
+    pixels = {
+        "min_pixels": as_int("min_pixels", min_pixels, minimum=1, allow_none=True),
+        "max_pixels": as_int("max_pixels", max_pixels, minimum=1, allow_none=True),
+    }
+    if None not in pixels.values() and pixels["min_pixels"] > pixels["max_pixels"]:
+        raise ValueError(
+            f"min_pixels={pixels['min_pixels']} must be <= max_pixels={pixels['max_pixels']} "
+            "(the image area range of Qwen-VL's dynamic resolution)"
+        )
     batch = str(batch_size).strip()
     if batch.startswith("auto"):
         raise ValueError(f"batch_size={batch_size!r}: automatic batch sizes are not supported; give a number")
@@ -135,4 +148,5 @@ def parse_model_args(
         attn_implementation=as_choice("attn_implementation", attn_implementation, LARGE_ATTENTION),
         max_tiles=as_int("max_tiles", max_tiles, minimum=1, allow_none=True),
         batch_size=as_int("batch_size", batch, minimum=1),
+        **pixels,
     )

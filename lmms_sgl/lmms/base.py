@@ -56,7 +56,7 @@ class SGLModel(lmms):
     def __init__(self, **model_args) -> None:
         super().__init__()
         self.args: ModelArgs = parse_model_args(**model_args)
-        self.family = self.family_class(max_tiles=self.args.max_tiles)
+        self.family = self.make_family()
         # Fail fast, before any weights load: configs, weight-file headers, the schedule.
         large_layers = self.family.check_checkpoint(self.args.pretrained, "pretrained")
         if self.args.guide is not None:
@@ -85,6 +85,17 @@ class SGLModel(lmms):
         self.pipeline = SGLPipeline(large, guide, settings)
         self._records: list[dict] = []
         self._seconds = 0.0
+
+    def make_family(self) -> HFVisionLanguageFamily:
+        """The family adapter for these model args (a model whose family takes more options, such
+        as ``sgl_qwen2_vl``'s ``min_pixels``/``max_pixels``, overrides this)."""
+        for name in ("min_pixels", "max_pixels"):
+            if getattr(self.args, name) is not None:
+                raise ValueError(
+                    f"{name}={getattr(self.args, name)} sets Qwen-VL's dynamic resolution; "
+                    f"{type(self).__name__} does not take it (allowed with sgl_qwen2_vl)"
+                )
+        return self.family_class(max_tiles=self.args.max_tiles)
 
     # -- placement -------------------------------------------------------------------------
     def _placement(self) -> tuple[torch.device, dict]:

@@ -14,6 +14,7 @@ import sys
 MODELS = {
     "sgl_internvl2": "lmms_sgl.lmms.sgl_internvl2.SGLInternVL2",
     "sgl_llava": "lmms_sgl.lmms.sgl_llava.SGLLlava",
+    "sgl_qwen2_vl": "lmms_sgl.lmms.sgl_qwen2_vl.SGLQwen2VL",
 }
 _WANDB_FLAGS_WITH_VALUE = ("--wandb_args",)
 _WANDB_FLAGS = ("--wandb_log_samples",)
