@@ -25,7 +25,7 @@ def test_config_is_valid(path, monkeypatch):
     assert runs
     for run in runs:
         assert set(run) <= valid, sorted(set(run) - valid)
-        assert run["model"] in ("sgl_internvl2", "sgl_llava")
+        assert run["model"] in ("sgl_internvl2", "sgl_llava", "sgl_qwen2_vl")
         parse_model_args(**simple_parse_args_string(run["model_args"]), batch_size=run.get("batch_size", 1))
 
 
