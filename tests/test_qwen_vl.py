@@ -216,6 +216,20 @@ def test_consistency_pass_keeps_3d_positions_and_deepstack(pair):
     assert float(ours[0].double().log()) == pytest.approx(float(expected), abs=1e-4)
 
 
+def test_guide_with_other_pixel_bounds_is_a_counted_fallback(models_dir):
+    """Different bounds give the guide other token counts: no pruning, a recorded fallback."""
+    path = str(models_dir / "qwen2.5-vl-{}")
+    guide = QwenVLFamily(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS).load(
+        path.format("guide"), text_attention=ATTENTION_NAME, **LOAD
+    )
+    large = QwenVLFamily(min_pixels=MIN_PIXELS, max_pixels=2 * MAX_PIXELS).load(
+        path.format("large"), text_attention="sdpa", **LOAD
+    )
+    settings = SGLSettings(method="sgl", prune_layer=0.5, keep_ratio=0.2)
+    record = SGLPipeline(large, guide, settings).generate(samples()[:1], GEN)[0]
+    assert "layout mismatch" in record.fallback and record.kept_visual == record.total_visual
+
+
 # -- importance, FLOPs ------------------------------------------------------------------------------
 def test_importance_equals_output_attentions(pair):
     guide, _ = pair
