@@ -1,7 +1,7 @@
 """``lmms-sgl-calibrate``: a replayed threshold equals a real run at that threshold; bad input fails
 cleanly and writes nothing; LLM-judged tasks are judged through the task's own code, once.
 
-Two real lmms-eval runs are shared by the module (the shipped trained LLaVA pair, 16 documents of
+Two real lmms-eval runs are shared by the module (the shipped trained LLaVA pair, 12 documents of
 ``sgl_shapes_val`` and of ``sgl_shapes_anls``): one without exit, one at the threshold calibrated
 on the first for a 40 % exit rate.
 """
@@ -31,7 +31,7 @@ ARGS = (
     f"pretrained={ROOT / 'models/shapes-llava-large'},guide={ROOT / 'models/shapes-llava-guide'},"
     "prune_layer=0.125,keep_ratio=0.290909"
 )
-LIMIT = 16
+LIMIT = 12
 INCLUDE = ["--include-path", str(ROOT / "tasks")]  # in-process runs do not log the CLI's own
 
 
