@@ -1,10 +1,5 @@
-"""Prompt and visual functions of the ``sgl_shapes_anls`` task."""
+"""Prompt and visual functions of the ``sgl_shapes_anls`` task (shared by the local tasks)."""
 
+from lmms_sgl.task_utils import doc_to_text, doc_to_visual
 
-def doc_to_visual(doc):
-    return [doc["image"].convert("RGB")]
-
-
-def doc_to_text(doc, lmms_eval_specific_kwargs=None):
-    kwargs = lmms_eval_specific_kwargs or {}
-    return f"{kwargs.get('pre_prompt', '')}{doc['question']}{kwargs.get('post_prompt', '')}"
+__all__ = ["doc_to_text", "doc_to_visual"]
