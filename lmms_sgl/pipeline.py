@@ -5,6 +5,11 @@ The pipeline composes the method (``lmms_sgl.method``) with two loaded models of
 guide's answer was final, what the large model kept, exit scores, FLOPs and seconds. It knows
 nothing of lmms-eval.
 
+Guidance across resolutions: the guide's importance travels with the boxes of the guide's visual
+tokens (:class:`GuideScores`); when the large model tiles the images differently, the scores are
+mapped onto its tokens by image geometry (``lmms_sgl.method.transfer``). A sample whose boxes cannot
+be derived keeps index transfer if the counts match, else falls back (kept all visual tokens).
+
 Robustness: if a batch fails, its samples are retried one by one; a sample that still fails on the
 SGL path is answered by the unpruned large model and marked as a fallback with the reason, so one
 bad sample never loses the rest of an evaluation.
@@ -30,6 +35,7 @@ from lmms_sgl.method.importance import AttentionRecorder, prompt_rows_from_last_
 from lmms_sgl.method.pruning import VisualTokenPruner
 from lmms_sgl.method.selection import keep_count, plan_from_scores, random_scores
 from lmms_sgl.method.settings import SGLSettings
+from lmms_sgl.method.transfer import BoxesUnavailable, TokenBoxes, transfer_importance
 
 # lmms-eval writes its ``fewshot_delimiter`` into every task's ``until`` that has none (gqa, mmvet,
 # ...). Its own HF models never stop there (``llava_hf``/``internvl_hf`` ignore ``until``;
@@ -88,6 +94,25 @@ class GenerationSettings:
             if self.top_p is not None:
                 kwargs["top_p"] = self.top_p
         return kwargs
+
+
+@dataclass(frozen=True)
+class GuideScores:
+    """The guide's importance of one sample, with the boxes of its visual tokens (or why they
+    could not be derived)."""
+
+    values: torch.Tensor
+    boxes: TokenBoxes | BoxesUnavailable
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+def layout_text(boxes: TokenBoxes | BoxesUnavailable) -> str:
+    """What the samples log records of a layout: its tiles per image, or why it is unknown."""
+    if isinstance(boxes, BoxesUnavailable):
+        return f"unknown: {boxes}"
+    return "; ".join(boxes.layout)
 
 
 @dataclass
@@ -253,6 +278,7 @@ class SGLPipeline:
         seconds = (time.perf_counter() - start) / len(samples)
 
         n_visual, real, vision = self._layout(guide, inputs, samples)
+        boxes = guide.family.visual_boxes(guide, inputs, [s.prompt for s in samples])
         rows = prompt_rows_from_last_visual(visual, inputs["attention_mask"]).sum(1).tolist()
         shape = guide.text_shape
         for b, record in enumerate(records):
@@ -276,8 +302,9 @@ class SGLPipeline:
             )
             record.flops += guide_flops
             record.extra["guide_flops"] = guide_flops
+            record.extra["guide_layout"] = layout_text(boxes[b])
             record.output_tokens = length  # replaced by the large model's if it runs
-        return run.importance, exited
+        return [GuideScores(v, box) for v, box in zip(run.importance, boxes, strict=True)], exited
 
     def _reference_cost(self, samples: list[Sample], records: list[SampleRecord]) -> None:
         """FLOPs the unpruned large model would have spent on exited samples (same answer length)."""
@@ -294,9 +321,10 @@ class SGLPipeline:
     def _plan_source(self, samples, records, inputs, visual, scores, fastv_rows=None):
         """The keep plan for this method, and the FastV recorder if one must be active.
 
-        ``scores`` (guide importance per sample, or ``None`` to keep everything) must match each
-        sample's visual-token count; a sample where it does not keeps all its visual tokens and is
-        marked as a fallback. ``fastv_rows`` overrides FastV's query rows (default: last prompt row).
+        ``scores`` (:class:`GuideScores` per sample, or ``None`` to keep everything) are mapped onto
+        the large model's tokens (:meth:`_large_scores`); a sample where that is impossible keeps all
+        its visual tokens and is marked as a fallback with the reason. ``fastv_rows`` overrides
+        FastV's query rows (default: last prompt row).
         """
         attention_mask = inputs["attention_mask"]
         method = self.settings.method
@@ -308,17 +336,48 @@ class SGLPipeline:
         else:
             per_sample = []
             counts = visual.sum(1).tolist()
+            large_boxes = None
+            if scores is not None:
+                large_boxes = self.large.family.visual_boxes(self.large, inputs, [s.prompt for s in samples])
             for b, record in enumerate(records):
-                if scores is None or len(scores[b]) == counts[b]:
-                    per_sample.append(None if scores is None else scores[b])
+                if scores is None:
+                    per_sample.append(None)
                     continue
-                record.fallback = (
-                    f"layout mismatch: guide has {len(scores[b])} visual tokens, "
-                    f"large model has {counts[b]}; kept all visual tokens"
-                )
-                logger.warning(f"{record.task}/{record.doc_id}: {record.fallback}")
-                per_sample.append(None)
+                record.extra["large_layout"] = layout_text(large_boxes[b])
+                per_sample.append(self._large_scores(scores[b], large_boxes[b], counts[b], record))
         return plan_from_scores(per_sample, visual, attention_mask, self.settings.keep_ratio), None
+
+    @staticmethod
+    def _large_scores(
+        scores: GuideScores, large: TokenBoxes | BoxesUnavailable, count: int, record: SampleRecord
+    ) -> torch.Tensor | None:
+        """One score per large visual token: the guide's own when both models tile alike (or the
+        boxes are unknown but the counts match: index transfer), else mapped by geometry; ``None``
+        (keep everything, a counted fallback) when neither is possible."""
+        guide = scores.boxes
+        known = not isinstance(guide, BoxesUnavailable) and not isinstance(large, BoxesUnavailable)
+        if known and guide.same_layout(large):
+            return scores.values
+        if known:
+            try:
+                mapped = transfer_importance(scores.values, guide, large)
+            except BoxesUnavailable as error:
+                reason = f"geometric transfer failed: {error}"
+            else:
+                record.extra["transfer"] = "geometric"
+                return mapped
+        elif len(scores) == count:
+            return scores.values
+        else:
+            unknown = guide if isinstance(guide, BoxesUnavailable) else large
+            which = "guide" if unknown is guide else "large model"
+            reason = f"{which} token boxes unknown ({unknown})"
+        record.fallback = (
+            f"layout mismatch: guide has {len(scores)} visual tokens, large model has {count}; "
+            f"{reason}; kept all visual tokens"
+        )
+        logger.warning(f"{record.task}/{record.doc_id}: {record.fallback}")
+        return None
 
     def _run_large(self, samples, records, gen: GenerationSettings, scores, prune: bool) -> None:
         large = self.large
@@ -345,6 +404,10 @@ class SGLPipeline:
             text = large.tokenizer.decode(generated[b, : lengths[b]], skip_special_tokens=True)
             record.answer = truncate_at(text, gen.until)
             record.reached_large = True
+            if record.guide_answer is not None:  # what _reference_cost would count had it exited
+                record.extra["exit_flops_large_alone"] = vision[b] + cost.generation_flops(
+                    shape, real[b], max(record.output_tokens, 1)
+                )
             record.output_tokens = lengths[b]
             record.large_seconds = seconds
             record.total_visual = n_visual[b]
@@ -418,6 +481,7 @@ class SGLPipeline:
                     guide_start = time.perf_counter()
                     importance, guide_flops = self._guide_prompt_importance(sample)
                     record.guide_seconds = time.perf_counter() - guide_start
+                    record.extra["guide_layout"] = layout_text(importance.boxes)
                     scores = [importance]
                 fastv_rows = torch.zeros_like(visual)
                 fastv_rows[:, context_length - 1] = True  # FastV's query: the last context token
@@ -463,7 +527,7 @@ class SGLPipeline:
             record.flops_large_alone = self._large_prefill_flops(sample, continuation_ids.shape[1])
         return (loss, greedy), record
 
-    def _guide_prompt_importance(self, sample: Sample) -> tuple[torch.Tensor, float]:
+    def _guide_prompt_importance(self, sample: Sample) -> tuple[GuideScores, float]:
         """Importance from the guide's prompt alone (one forward, no answer), for log-likelihood,
         and the FLOPs that forward cost."""
         guide = self.guide
@@ -479,7 +543,8 @@ class SGLPipeline:
             + cost.prefill_flops(guide.text_shape, length)
             + cost.recording_flops(guide.text_shape, length, int(rows.sum()), 0)
         )
-        return visual_scores(recorder.prefill, visual.to(recorder.prefill.device))[0], flops
+        values = visual_scores(recorder.prefill, visual.to(recorder.prefill.device))[0]
+        return GuideScores(values, guide.family.visual_boxes(guide, inputs, [sample.prompt])[0]), flops
 
     def _large_prefill_flops(self, sample: Sample, continuation_tokens: int) -> float:
         """FLOPs of the unpruned large model scoring the same prompt and continuation (used when

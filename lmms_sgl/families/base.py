@@ -17,6 +17,7 @@ from torch import nn
 
 from lmms_sgl.checkpoints import CheckpointError, check_weights
 from lmms_sgl.method.cost import TransformerShape
+from lmms_sgl.method.transfer import BoxesUnavailable, TokenBoxes
 
 
 @dataclass
@@ -76,6 +77,17 @@ class HFVisionLanguageFamily:
 
     def __init__(self, max_tiles: int | None = None):
         self.max_tiles = max_tiles
+
+    def for_guide(self, **layout) -> HFVisionLanguageFamily:
+        """The family instance that serves the guide: this one, unless the guide gets its own
+        image layout (``guide_max_tiles`` / ``guide_max_crops``, validated by the family)."""
+        given = {name: value for name, value in layout.items() if value is not None}
+        if given:
+            raise ValueError(
+                f"{', '.join(f'{k}={v!r}' for k, v in given.items())}: the {self.name} family has no "
+                "separate guide layout"
+            )
+        return self
 
     # -- loading ---------------------------------------------------------------------------
     def check_checkpoint(self, path: str, argument: str) -> int:
@@ -188,3 +200,35 @@ class HFVisionLanguageFamily:
     def vision_flops(self, loaded: LoadedVLM, inputs: dict, n_visual: list[int]) -> list[int]:
         """Vision tower + projector FLOPs per sample of a batch."""
         raise NotImplementedError
+
+    # -- geometry --------------------------------------------------------------------------
+    def image_boxes(self, loaded: LoadedVLM, image: Image.Image, inputs: dict, index: int) -> TokenBoxes:
+        """The original-image box of each visual token of one image (``index``: its place among the
+        batch's images), as the processor tiled it for ``inputs``."""
+        raise BoxesUnavailable(f"the {self.name} family does not derive token boxes")
+
+    def visual_boxes(
+        self, loaded: LoadedVLM, inputs: dict, prompts: list[Prompt]
+    ) -> list[TokenBoxes | BoxesUnavailable]:
+        """Per sample, the boxes of its visual tokens (images in order), or why they cannot be
+        derived; checked against the visual-token count the processor produced."""
+        counts = (inputs["input_ids"] == loaded.image_token_id).sum(1).tolist()
+        out: list[TokenBoxes | BoxesUnavailable] = []
+        first = 0
+        for prompt, count in zip(prompts, counts, strict=True):
+            first += len(prompt.images)
+            try:
+                parts = [
+                    self.image_boxes(loaded, image, inputs, first - len(prompt.images) + index).shifted(index)
+                    for index, image in enumerate(prompt.images)
+                ]
+                boxes = TokenBoxes.cat(parts)
+                if len(boxes) != count:
+                    layout = "; ".join(boxes.layout)
+                    raise BoxesUnavailable(
+                        f"derived {len(boxes)} token boxes ({layout}) for {count} visual tokens"
+                    )
+                out.append(boxes)
+            except BoxesUnavailable as error:
+                out.append(error)
+        return out

@@ -3,16 +3,22 @@ and the original remote-code layout (InternVL2 1B-76B, InternVL2.5/3 ``InternVLC
 converted once into the native layout without running its code (``lmms_sgl.internvl_original``).
 
 Visual tokens: ``<IMG_CONTEXT>`` x 256 per 448 px tile (patch 14, pixel shuffle 0.5), dynamic tiling
-into up to ``max_tiles`` tiles plus a thumbnail. Guide and large model must tile identically, so
-both processors get the same ``max_patches``: by default 12 for ``-hf`` checkpoints (as lmms-eval's
-``internvl_hf``) and 6 when the large model is an original checkpoint (the paper's and lmms-eval's
-``internvl2`` setting). Original checkpoints tile with the PIL image processor, pixel-exact with the
-original preprocessing.
+into up to ``max_tiles`` tiles plus a thumbnail. Both processors get the same ``max_patches``: by
+default 12 for ``-hf`` checkpoints (as lmms-eval's ``internvl_hf``) and 6 when the large model is an
+original checkpoint (the paper's and lmms-eval's ``internvl2`` setting), unless the guide gets its own
+``guide_max_tiles`` (a cheaper guide; its importance is then mapped by the boxes of
+:meth:`InternVLFamily.image_boxes`). Original checkpoints tile with the PIL image processor,
+pixel-exact with the original preprocessing.
 """
 
 from __future__ import annotations
 
+import math
+import sys
 from pathlib import Path
+
+import torch
+from PIL import Image
 
 from lmms_sgl.checkpoints import check_weights
 from lmms_sgl.families.base import HFVisionLanguageFamily, LoadedVLM
@@ -21,6 +27,7 @@ from lmms_sgl.internvl_original.convert import DEFAULT_MAX_TILES as ORIGINAL_MAX
 from lmms_sgl.internvl_original.convert import MARKER, resolve_checkpoint
 from lmms_sgl.internvl_original.processing import load_processor
 from lmms_sgl.method.cost import TransformerShape, mlp_chain_flops, vit_flops
+from lmms_sgl.method.transfer import BoxesUnavailable, TokenBoxes, even_edges
 
 NATIVE_MAX_TILES = 12
 
@@ -46,6 +53,15 @@ class InternVLFamily(HFVisionLanguageFamily):
     def __init__(self, max_tiles: int | None = None):
         super().__init__(max_tiles)
         self.large_is_original = False
+
+    def for_guide(self, guide_max_tiles: int | None = None, **layout) -> InternVLFamily:
+        """A separate instance tiling the guide's images into at most ``guide_max_tiles`` tiles."""
+        super().for_guide(**layout)  # any other layout argument is not InternVL's
+        if guide_max_tiles is None:
+            return self
+        family = InternVLFamily(max_tiles=guide_max_tiles)
+        family.large_is_original = self.large_is_original
+        return family
 
     def check_checkpoint(self, path: str, argument: str) -> int:
         original = read_original_config(path, argument)  # None: not the original layout
@@ -94,3 +110,39 @@ class InternVLFamily(HFVisionLanguageFamily):
         per_tile = self.tile_flops(loaded)
         tokens_per_tile = loaded.model.config.image_seq_length
         return [per_tile * (n // tokens_per_tile) for n in n_visual]
+
+    def image_boxes(self, loaded: LoadedVLM, image: Image.Image, inputs: dict, index: int) -> TokenBoxes:
+        """Tiles row-major (the grid the image processor's own ``get_optimal_tiled_canvas`` picks),
+        then the thumbnail when there is more than one tile; each tile's tokens row-major on a
+        ``sqrt(image_seq_length)`` square grid (pixel shuffle keeps the patch order)."""
+        processor = loaded.processor.image_processor
+        side = math.isqrt(loaded.model.config.image_seq_length)
+        if side * side != loaded.model.config.image_seq_length:
+            raise BoxesUnavailable(f"image_seq_length={loaded.model.config.image_seq_length} is not a square")
+        width, height = image.size
+        columns = rows = 1
+        if getattr(processor, "crop_to_patches", False) and self.tiles > 1:
+            size = processor.size
+            tile = (size["height"], size["width"]) if isinstance(size, dict) else (size.height, size.width)
+            module = sys.modules[type(processor).__module__]
+            canvas = getattr(module, "get_optimal_tiled_canvas", None)
+            if canvas is None:
+                raise BoxesUnavailable(f"{type(processor).__name__} has no get_optimal_tiled_canvas")
+            columns, rows = canvas((height, width), tile, processor.min_patches, self.tiles)
+        x_edges = even_edges(0.0, float(width), columns * side)
+        y_edges = even_edges(0.0, float(height), rows * side)
+        tiles = TokenBoxes.grid(x_edges, y_edges, 0, 0)
+        # reorder the global grid into tile-major order: tile (row, column), then its tokens row-major
+        order = torch.arange(rows * side * columns * side).reshape(rows, side, columns, side)
+        tiles = TokenBoxes(
+            tiles.boxes[order.permute(0, 2, 1, 3).flatten()], tiles.image, tiles.view, tiles.newline
+        )
+        layout = f"{columns}x{rows} tiles" + (" + thumbnail" if columns * rows > 1 else "")
+        parts = [tiles]
+        if columns * rows > 1:
+            whole = TokenBoxes.grid(
+                even_edges(0.0, float(width), side), even_edges(0.0, float(height), side), 0, 1
+            )
+            parts.append(whole)
+        boxes = TokenBoxes.cat(parts)
+        return TokenBoxes(boxes.boxes, boxes.image, boxes.view, boxes.newline, (f"{layout} ({len(boxes)})",))

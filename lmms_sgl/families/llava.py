@@ -1,20 +1,93 @@
 """LLaVA (transformers-native ``llava``, ``llava_next`` and ``llava_onevision`` checkpoints).
 
 Visual tokens: every ``<image>`` position (for NeXT/OneVision this includes the image-newline
-tokens the processor expands). Guide and large must use the same vision resolution, patch size
-and any-resolution grid so that they see the same number of visual tokens.
+tokens the processor expands). Guide and large see the same layout unless the guide of an
+any-resolution checkpoint gets ``guide_max_crops`` (only the checkpoint's grid pinpoints of at most
+that many crops); its importance is then mapped by the boxes of :meth:`LlavaFamily.image_boxes`.
 """
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+
 from lmms_sgl.families.base import HFVisionLanguageFamily, LoadedVLM
 from lmms_sgl.method.cost import TransformerShape, mlp_chain_flops, vit_flops
+from lmms_sgl.method.transfer import BoxesUnavailable, TokenBoxes, even_edges
+
+ANY_RESOLUTION = ("llava_next", "llava_onevision")
+
+
+def _size(value) -> dict:
+    """A processor size (dict or ``SizeDict``) as a plain dict of its set keys."""
+    if value is None:
+        return {}
+    items = value.items() if isinstance(value, dict) else vars(value).items()
+    return {key: item for key, item in items if item is not None}
+
+
+def _shape_only(height: int, width: int) -> np.ndarray:
+    """A zero-memory ``(height, width, 1)`` array: transformers' size helpers read only its shape."""
+    return np.broadcast_to(np.zeros((1, 1, 1), dtype=np.uint8), (height, width, 1))
+
+
+def _pinpoint_crops(pinpoint, crop: int) -> int:
+    return (pinpoint[0] // crop) * (pinpoint[1] // crop)
 
 
 class LlavaFamily(HFVisionLanguageFamily):
     name = "llava"
     model_types = ("llava", "llava_next", "llava_onevision")
     supported = "LLaVA-1.5 / LLaVA-NeXT / LLaVA-OneVision '-hf' checkpoints (0.5B to 72B)"
+
+    def __init__(self, max_tiles: int | None = None, max_crops: int | None = None):
+        super().__init__(max_tiles)
+        self.max_crops = max_crops
+
+    def for_guide(self, guide_max_crops: int | None = None, **layout) -> LlavaFamily:
+        """A separate instance whose any-resolution grid keeps only the checkpoint's pinpoints of at
+        most ``guide_max_crops`` crops (the guide sees its images in fewer crops)."""
+        super().for_guide(**layout)  # any other layout argument is not LLaVA's
+        return self if guide_max_crops is None else LlavaFamily(self.max_tiles, guide_max_crops)
+
+    def check_checkpoint(self, path: str, argument: str) -> int:
+        layers = super().check_checkpoint(path, argument)
+        if self.max_crops is not None:
+            from transformers import AutoConfig
+
+            self.grid_within(AutoConfig.from_pretrained(path), argument, path)
+        return layers
+
+    def grid_within(self, config, argument: str, path: str) -> list:
+        """The checkpoint's ``image_grid_pinpoints`` of at most ``max_crops`` crops (checked)."""
+        if config.model_type not in ANY_RESOLUTION:
+            raise ValueError(
+                f"guide_max_crops={self.max_crops}: {argument}={path!r} is a {config.model_type!r} "
+                f"checkpoint with a single grid; only any-resolution checkpoints {ANY_RESOLUTION} have crops"
+            )
+        crop = config.vision_config.image_size
+        kept = [p for p in config.image_grid_pinpoints if _pinpoint_crops(p, crop) <= self.max_crops]
+        if not kept:
+            fewest = min(_pinpoint_crops(p, crop) for p in config.image_grid_pinpoints)
+            raise ValueError(
+                f"guide_max_crops={self.max_crops}: {argument}={path!r} has no grid pinpoint of so few "
+                f"{crop} px crops (its smallest has {fewest}); allowed: guide_max_crops >= {fewest}"
+            )
+        return kept
+
+    def load(self, path: str, **kwargs) -> LoadedVLM:
+        """With ``max_crops``, the processor and the model share the reduced pinpoint list (the
+        model unpacks crops by its config's grid, the processor counts tokens by its own)."""
+        loaded = super().load(path, **kwargs)
+        if self.max_crops is not None:
+            kept = self.grid_within(loaded.model.config, kwargs.get("argument", "pretrained"), path)
+            loaded.model.config.image_grid_pinpoints = kept
+            loaded.model.model.config.image_grid_pinpoints = kept
+            loaded.processor.image_processor.image_grid_pinpoints = kept
+        return loaded
 
     def crop_flops(self, loaded: LoadedVLM) -> int:
         config = loaded.model.config
@@ -59,3 +132,155 @@ class LlavaFamily(HFVisionLanguageFamily):
         per_crop = self.crop_flops(loaded)
         crops = iter(self.crops_per_image(loaded, inputs))
         return [per_crop * sum(next(crops) for _ in range(count)) for count in images_per_sample]
+
+    # -- geometry --------------------------------------------------------------------------
+    def image_boxes(self, loaded: LoadedVLM, image: Image.Image, inputs: dict, index: int) -> TokenBoxes:
+        config = loaded.model.config
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        if config.model_type in ANY_RESOLUTION:
+            return self._any_resolution_boxes(loaded, image, self._patched(inputs, index), side)
+        return self._single_grid_boxes(loaded, image, side)
+
+    def _single_grid_boxes(self, loaded: LoadedVLM, image: Image.Image, side: int) -> TokenBoxes:
+        """LLaVA-1.5: one ``side x side`` grid over what the processor keeps (shortest-edge resize
+        and centre crop: the middle of a non-square image; a fixed-size resize: all of it)."""
+        from transformers.image_transforms import get_resize_output_image_size
+        from transformers.image_utils import ChannelDimension
+
+        processor = loaded.processor.image_processor
+        width, height = image.size
+        size, crop = _size(processor.size), _size(getattr(processor, "crop_size", None))
+        if "height" in size and "width" in size and not getattr(processor, "do_center_crop", False):
+            x0, y0, x1, y1 = 0.0, 0.0, float(width), float(height)
+        elif "shortest_edge" in size and getattr(processor, "do_center_crop", False) and crop:
+            new_h, new_w = get_resize_output_image_size(
+                _shape_only(height, width),
+                size["shortest_edge"],
+                default_to_square=False,
+                input_data_format=ChannelDimension.LAST,
+            )
+            if crop["height"] > new_h or crop["width"] > new_w:
+                raise BoxesUnavailable(f"centre crop {crop} larger than the resized image {(new_h, new_w)}")
+            top, left = int((new_h - crop["height"]) / 2.0), int((new_w - crop["width"]) / 2.0)
+            x0, x1 = left * width / new_w, (left + crop["width"]) * width / new_w
+            y0, y1 = top * height / new_h, (top + crop["height"]) * height / new_h
+        else:
+            raise BoxesUnavailable(f"{type(processor).__name__} with size={size}, crop_size={crop}")
+        grid = TokenBoxes.grid(even_edges(x0, x1, side), even_edges(y0, y1, side), 0, 0)
+        layout = f"1 crop {side}x{side} ({len(grid)})"
+        extra = loaded.processor.num_additional_image_tokens
+        if loaded.processor.vision_feature_select_strategy == "full" and extra:  # the class token(s)
+            whole = torch.tensor([[x0, y0, x1, y1]] * extra, dtype=torch.float64)
+            grid = TokenBoxes.cat([TokenBoxes.of(whole, 0, 1), grid])
+        return TokenBoxes(grid.boxes, grid.image, grid.view, grid.newline, (layout,))
+
+    @staticmethod
+    def _patched(inputs: dict, index: int) -> bool:
+        """Whether the processor cut image ``index`` into crops: OneVision does not for images of a
+        multi-image group (``batch_num_images``, as its image processor decides)."""
+        groups = inputs.get("batch_num_images")
+        if groups is None:
+            return True
+        flags = [int(n) == 1 for n in groups.tolist() for _ in range(int(n))]
+        if index >= len(flags):
+            raise BoxesUnavailable(f"image {index} is not in batch_num_images={groups.tolist()}")
+        return flags[index]
+
+    def _any_resolution_boxes(
+        self, loaded: LoadedVLM, image: Image.Image, patched: bool, side: int
+    ) -> TokenBoxes:
+        """LLaVA-NeXT / OneVision: the base image (view 0), then the crop grid (view 1) the
+        processor's ``select_best_resolution`` picks, unpadded by the model's own ``unpad_image``,
+        each row closed by an image-newline token. OneVision prompts with several images give each
+        image its base view only (padded to a square), plus one newline."""
+        from transformers.image_processing_utils import get_patch_output_size, select_best_resolution
+        from transformers.image_utils import ChannelDimension
+
+        config = loaded.model.config
+        width, height = image.size
+        onevision = config.model_type == "llava_onevision"
+        if config.vision_feature_select_strategy == "full" and not onevision:
+            raise BoxesUnavailable("llava_next with vision_feature_select_strategy='full'")
+        if onevision and not patched:  # pad_to_square, then one resize: the base view only
+            square = max(width, height)
+            left, top = (square - width) // 2, (square - height) // 2
+            edges_x = even_edges(0.0, float(square), side) - left
+            edges_y = even_edges(0.0, float(square), side) - top
+            base = TokenBoxes.grid(edges_x.clamp(0, width), edges_y.clamp(0, height), 0, 0)
+            line = TokenBoxes.of(torch.tensor([[0.0, 0.0, width, height]]), 0, 0, newline=True)
+            return self._named(
+                TokenBoxes.cat([base, line]), f"base only, padded to a square ({side * side + 1})"
+            )
+        base = TokenBoxes.grid(
+            even_edges(0.0, float(width), side), even_edges(0.0, float(height), side), 0, 0
+        )
+        pinpoints = config.image_grid_pinpoints
+        best_h, best_w = select_best_resolution((height, width), pinpoints)
+        crop = config.vision_config.image_size
+        rows, columns = best_h // crop, best_w // crop
+        if rows * columns == 0:
+            raise BoxesUnavailable(f"grid pinpoint {(best_h, best_w)} is smaller than one {crop} px crop")
+        new_h, new_w = get_patch_output_size(
+            _shape_only(height, width), (best_h, best_w), ChannelDimension.LAST
+        )
+        paste_x, paste_y = (best_w - new_w) // 2, (best_h - new_h) // 2
+        # the full feature grid on the padded canvas, mapped back to original pixels
+        x_edges = ((even_edges(0.0, float(best_w), columns * side) - paste_x) * width / new_w).clamp(0, width)
+        y_edges = ((even_edges(0.0, float(best_h), rows * side) - paste_y) * height / new_h).clamp(0, height)
+        kept = self._unpadded_cells(loaded, rows * side, columns * side, (height, width))
+        keep_rows = kept.any(1).nonzero().flatten()
+        keep_cols = kept.any(0).nonzero().flatten()
+        x_edges = x_edges[keep_cols[0] : keep_cols[-1] + 2]
+        y_edges = y_edges[keep_rows[0] : keep_rows[-1] + 2]
+        grid_h, grid_w = len(y_edges) - 1, len(x_edges) - 1
+        aspect = getattr(config, "vision_aspect_ratio", "anyres_max_9") if onevision else None
+        if aspect is not None:  # OneVision's anyres_max_N: bilinear shrink of the unpadded grid
+            most = int(aspect.removeprefix("anyres_max_"))
+            ratio = math.sqrt(grid_h * grid_w / (most * side**2))
+            if ratio > 1.1:
+                grid_h, grid_w = int(grid_h // ratio), int(grid_w // ratio)
+                x_edges = even_edges(float(x_edges[0]), float(x_edges[-1]), grid_w)
+                y_edges = even_edges(float(y_edges[0]), float(y_edges[-1]), grid_h)
+        cells = TokenBoxes.grid(x_edges, y_edges, 0, 1)
+        rows_out = []
+        for row in range(grid_h):
+            rows_out.append(
+                TokenBoxes(
+                    *(
+                        t[row * grid_w : (row + 1) * grid_w]
+                        for t in (cells.boxes, cells.image, cells.view, cells.newline)
+                    )
+                )
+            )
+            band = torch.tensor(
+                [[float(x_edges[0]), float(y_edges[row]), float(x_edges[-1]), float(y_edges[row + 1])]]
+            )
+            rows_out.append(TokenBoxes.of(band, 0, 1, newline=True))
+        boxes = TokenBoxes.cat([base, *rows_out])
+        return self._named(
+            boxes,
+            f"base {side}x{side} + {columns}x{rows} crops unpadded to {grid_w}x{grid_h} "
+            f"+ {grid_h} newlines ({len(boxes)})",
+        )
+
+    @staticmethod
+    def _named(boxes: TokenBoxes, layout: str) -> TokenBoxes:
+        return TokenBoxes(boxes.boxes, boxes.image, boxes.view, boxes.newline, (layout,))
+
+    @staticmethod
+    def _unpadded_cells(
+        loaded: LoadedVLM, grid_h: int, grid_w: int, image_size: tuple[int, int]
+    ) -> torch.Tensor:
+        """``[grid_h, grid_w]`` bool: the feature cells the model's own ``unpad_image`` keeps."""
+        import importlib
+
+        module = importlib.import_module(type(loaded.model).__module__)
+        index = torch.arange(grid_h * grid_w, dtype=torch.float64).reshape(1, grid_h, grid_w)
+        survivors = module.unpad_image(index, torch.tensor(image_size)).flatten().long()
+        kept = torch.zeros(grid_h * grid_w, dtype=torch.bool)
+        kept[survivors] = True
+        kept = kept.reshape(grid_h, grid_w)
+        rows, cols = kept.any(1), kept.any(0)
+        if not torch.equal(kept, rows[:, None] & cols[None, :]):
+            raise BoxesUnavailable("unpad_image kept a non-rectangular set of cells")
+        return kept

@@ -67,6 +67,13 @@ class ModelArgs:
     batch_size: int
     min_pixels: int | None = None
     max_pixels: int | None = None
+    guide_max_tiles: int | None = None
+    guide_max_crops: int | None = None
+
+    @property
+    def guide_layout(self) -> dict:
+        """The guide's own image layout (``for_guide`` of the family validates it)."""
+        return {"guide_max_tiles": self.guide_max_tiles, "guide_max_crops": self.guide_max_crops}
 
     @property
     def settings_dict(self) -> dict:
@@ -89,6 +96,8 @@ def parse_model_args(
     max_tiles=None,
     min_pixels=None,
     max_pixels=None,
+    guide_max_tiles=None,
+    guide_max_crops=None,
     seed=0,
     importance_precision="fp32",
     batch_size=1,
@@ -126,6 +135,16 @@ def parse_model_args(
             keep_ratio=defaults.keep_ratio if _none(keep_ratio) else as_float("keep_ratio", keep_ratio),
             **settings_kwargs,
         )
+    guide_layout = {
+        "guide_max_tiles": as_int("guide_max_tiles", guide_max_tiles, minimum=1, allow_none=True),
+        "guide_max_crops": as_int("guide_max_crops", guide_max_crops, minimum=1, allow_none=True),
+    }
+    for name, value in guide_layout.items():
+        if value is not None and method not in ("sgl", "guide_only"):
+            raise ValueError(
+                f"{name}={value} sets the guide's image layout; method={method!r} runs no guide "
+                "(allowed with method 'sgl' or 'guide_only')"
+            )
     pixels = {
         "min_pixels": as_int("min_pixels", min_pixels, minimum=1, allow_none=True),
         "max_pixels": as_int("max_pixels", max_pixels, minimum=1, allow_none=True),
@@ -149,4 +168,5 @@ def parse_model_args(
         max_tiles=as_int("max_tiles", max_tiles, minimum=1, allow_none=True),
         batch_size=as_int("batch_size", batch, minimum=1),
         **pixels,
+        **guide_layout,
     )

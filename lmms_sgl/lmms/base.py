@@ -59,8 +59,10 @@ class SGLModel(lmms):
         self.family = self.make_family()
         # Fail fast, before any weights load: configs, weight-file headers, the schedule.
         large_layers = self.family.check_checkpoint(self.args.pretrained, "pretrained")
+        # The guide's own family instance: its layout may differ (guide_max_tiles / guide_max_crops).
+        self.guide_family = self.family.for_guide(**self.args.guide_layout)
         if self.args.guide is not None:
-            self.family.check_checkpoint(self.args.guide, "guide")
+            self.guide_family.check_checkpoint(self.args.guide, "guide")
         self.args.settings.layer_k(large_layers)
         self.accelerator = Accelerator()
         self._rank = self.accelerator.process_index
@@ -75,7 +77,7 @@ class SGLModel(lmms):
         )
         guide = None
         if self.args.guide is not None:
-            guide = self.family.load(
+            guide = self.guide_family.load(
                 self.args.guide,
                 dtype=dtype,
                 device_map=str(large.device),
