@@ -228,3 +228,35 @@ def test_the_resolution_study_asks_lmms_eval_for_the_guide_layout(tmp_path):
         resolution.insert_section(report, [resolution.START, body, resolution.END])
     assert report.read_text() == f"# head\n\n{resolution.START}\nsecond\n{resolution.END}\n"
     assert resolution._ratio_stderr([1.0, 0.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]) == pytest.approx(0.25)
+
+
+def test_a_rerun_of_the_study_report_keeps_the_resolution_section(tmp_path):
+    import json
+
+    from lmms_sgl.proving import resolution, study
+
+    def row(method, ratio=None, tiles=None, accuracy=0.5):
+        return {
+            "method": method,
+            "target_ratio": ratio,
+            "guide_max_tiles": tiles,
+            "n": 4,
+            "accuracy": accuracy,
+            "stderr": 0.25,
+            "retained": accuracy / 0.5,
+            "retained_stderr": 0.1,
+            "guide_flops": None if method == "large_only" else (2e6 if tiles is None else 1e6, 0.0),
+            "guide_flops_ratio": None if method == "large_only" else 0.2,
+            "flops_ratio": 1.0 if method == "large_only" else 0.6,
+            "flops_ratio_stderr": 0.0,
+            "mapped": 4 if tiles == 1 else 0,
+            "fallbacks": 0,
+        }
+
+    rows = [row("large_only")] + [row("sgl", r, t, 0.25) for r in (0.35, 0.09) for t in (None, 1)]
+    data = {"task": study.WIDE_TASK, "limit": 4, "rows": rows, "command": "python -m x --limit 4"}
+    (tmp_path / "proving_ground_resolution.json").write_text(json.dumps(data))
+    study.write_report(tmp_path, {"summaries": {}, "sweeps": {}, "checks": {}, "wide": []}, "cmd")
+    text = (tmp_path / "proving_ground.md").read_text()
+    assert text.count(resolution.START) == 1 and text.rstrip().endswith(resolution.END)
+    assert "| sgl | 9 | 1 tile | 25.0 |" in text and "python -m x --limit 4" in text

@@ -451,6 +451,12 @@ def write_report(out_dir: Path, data: dict, command: str) -> Path:
             f"{_pct(check['replay']['accuracy'])} %, {_pct(1 - check['replay']['large_call_rate'])} %, "
             f"{_pct(check['replay']['flops_ratio'])} %."
         )
+    resolution = out_dir / "proving_ground_resolution.json"
+    if resolution.exists():  # keep the section of ``python -m lmms_sgl.proving.resolution``
+        from lmms_sgl.proving.resolution import section
+
+        saved = json.loads(resolution.read_text())
+        lines += ["", *section(saved, saved["command"])]
     path = out_dir / "proving_ground.md"
     path.write_text("\n".join(lines) + "\n")
     return path
