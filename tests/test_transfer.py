@@ -251,9 +251,13 @@ def test_a_rerun_of_the_study_report_keeps_the_resolution_section(tmp_path):
             "flops_ratio_stderr": 0.0,
             "mapped": 4 if tiles == 1 else 0,
             "fallbacks": 0,
+            "gap": 0.0,
+            "gap_stderr": 0.1,
         }
 
-    rows = [row("large_only")] + [row("sgl", r, t, 0.25) for r in (0.35, 0.09) for t in (None, 1)]
+    rows = [row("large_only"), row("random", 0.09)] + [
+        row("sgl", r, t, 0.25) for r in (0.35, 0.09) for t in (None, 1)
+    ]
     data = {"task": study.WIDE_TASK, "limit": 4, "rows": rows, "command": "python -m x --limit 4"}
     (tmp_path / "proving_ground_resolution.json").write_text(json.dumps(data))
     study.write_report(tmp_path, {"summaries": {}, "sweeps": {}, "checks": {}, "wide": []}, "cmd")

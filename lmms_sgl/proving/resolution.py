@@ -47,6 +47,9 @@ def points(num_layers: int) -> list[ResolutionPoint]:
     out += [ResolutionPoint("internvl", "guide_only", task=WIDE_TASK, guide_max_tiles=t) for t in GUIDE_TILES]
     for ratio in WIDE_RATIOS:
         prune_layer, keep = schedule(ratio, num_layers)
+        out.append(
+            ResolutionPoint("internvl", "random", prune_layer, keep, target_ratio=ratio, task=WIDE_TASK)
+        )
         out += [
             ResolutionPoint(
                 "internvl", "sgl", prune_layer, keep, target_ratio=ratio, task=WIDE_TASK, guide_max_tiles=t
@@ -108,9 +111,21 @@ def run(root: Path, work_dir: Path, limit: int | None, batch_size: int) -> dict:
     num_layers = config["text_config"]["num_hidden_layers"]
     payloads = {p: run_point(p, root, work_dir, limit, batch_size) for p in points(num_layers)}
     large = next(v for p, v in payloads.items() if p.method == "large_only")
-    rows = [
-        {**describe(v, large, num_layers), "guide_max_tiles": p.guide_max_tiles} for p, v in payloads.items()
-    ]
+    rows = []
+    for point, payload in payloads.items():
+        row = {**describe(payload, large, num_layers), "guide_max_tiles": point.guide_max_tiles}
+        if point.guide_max_tiles is not None:  # paired over the same samples: minus the large layout
+            same = next(
+                v
+                for p, v in payloads.items()
+                if (p.method, p.target_ratio, p.guide_max_tiles) == (point.method, point.target_ratio, None)
+            )
+            diffs = [
+                a["exact_match"] - b["exact_match"]
+                for a, b in zip(payload["rows"], same["rows"], strict=True)
+            ]
+            row["gap"], row["gap_stderr"] = _mean_stderr(diffs)
+        rows.append(row)
     return {"task": WIDE_TASK, "limit": limit, "rows": rows}
 
 
@@ -119,6 +134,8 @@ def _pct(value: float | None, digits: int = 1) -> str:
 
 
 def _guide_label(row: dict) -> str:
+    if row["method"] == "random":
+        return "- (no guide)"
     return (
         "large layout (2 tiles + thumbnail)"
         if row["guide_max_tiles"] is None
@@ -172,15 +189,23 @@ def findings(rows: list[dict]) -> list[str]:
     out = []
     for ratio in sorted({r["target_ratio"] for r in rows if r["target_ratio"] is not None}, reverse=True):
         same, low = (
-            next(r for r in rows if r["target_ratio"] == ratio and r["guide_max_tiles"] == t)
+            next(
+                r for r in rows if (r["method"], r["target_ratio"], r["guide_max_tiles"]) == ("sgl", ratio, t)
+            )
             for t in GUIDE_TILES
         )
-        gap = low["accuracy"] - same["accuracy"]
-        gap_se = math.sqrt(low["stderr"] ** 2 + same["stderr"] ** 2)
+        control = next((r for r in rows if (r["method"], r["target_ratio"]) == ("random", ratio)), None)
+        versus = (
+            ""
+            if control is None
+            else f"; random tokens at the same ratio: {_pct(control.get('retained'))} ± "
+            f"{_pct(control.get('retained_stderr'))} %"
+        )
         out.append(
             f"- At {_pct(ratio, 0)} %: the 1-tile guide retains {_pct(low.get('retained'))} % of the large "
-            f"model's accuracy (same-layout guide: {_pct(same.get('retained'))} %; difference "
-            f"{100 * gap:+.1f} ± {100 * gap_se:.1f} points) and brings the pipeline's FLOPs from "
+            f"model's accuracy (same-layout guide: {_pct(same.get('retained'))} %; paired difference "
+            f"{100 * low['gap']:+.1f} ± {100 * low['gap_stderr']:.1f} points{versus}) and brings the "
+            "pipeline's FLOPs from "
             f"{_pct(same['flops_ratio'])} % to {_pct(low['flops_ratio'])} % of the large model alone "
             f"(guide share {_pct(same['guide_flops_ratio'])} % -> {_pct(low['guide_flops_ratio'])} %)."
         )
