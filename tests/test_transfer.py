@@ -177,13 +177,13 @@ def test_boxes_that_cannot_be_derived_fall_back_with_the_reason(wide_pair, monke
     large, guides = wide_pair
     guide = guides[1]
 
-    def unknown(*args, **kwargs):
-        raise BoxesUnavailable("simulated unknown processor")
+    def unknown(*args, **kwargs):  # a processor attribute the family does not find
+        raise AttributeError("simulated unknown processor")
 
     monkeypatch.setattr(guide.family, "image_boxes", unknown)
     settings = SGLSettings(method="sgl", prune_layer=0.5, keep_ratio=0.2)
     record = SGLPipeline(large, guide, settings).generate(wide_samples()[:1], GEN)[0]
-    assert "simulated unknown processor" in record.fallback and "256" in record.fallback
+    assert "AttributeError: simulated unknown processor" in record.fallback and "256" in record.fallback
     assert record.kept_visual == record.total_visual == 768
 
 

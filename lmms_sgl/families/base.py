@@ -231,4 +231,6 @@ class HFVisionLanguageFamily:
                 out.append(boxes)
             except BoxesUnavailable as error:
                 out.append(error)
+            except (AttributeError, KeyError, TypeError, ValueError) as error:  # a processor we do not know
+                out.append(BoxesUnavailable(f"{type(error).__name__}: {error}"))
         return out
