@@ -173,6 +173,24 @@ def run_guide(
     )
 
 
+@contextmanager
+def passed_to(text_model: nn.Module, kwargs: dict) -> Iterator[None]:
+    """Give ``text_model`` these keyword arguments on every call (the VLM's forward, run on
+    embeddings without pixels, would pass none: Qwen3-VL's deepstack features)."""
+    if not kwargs:
+        yield
+        return
+
+    def add(module, args, call_kwargs):
+        return args, {**call_kwargs, **kwargs}
+
+    handle = text_model.register_forward_pre_hook(add, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def answer_positions(run: GuideRun, mask: torch.Tensor) -> torch.Tensor:
     """Position ids of prompt + answer: the prefill's own (multimodal RoPE's 3-D positions
     included) continued by one per answer token after the last prompt token, as ``generate``
@@ -201,16 +219,12 @@ def consistency_pass(model: nn.Module, text_model: nn.Module, run: GuideRun, rat
         answer = torch.zeros(answer_mask.shape, dtype=prompt_visual.dtype, device=prompt_visual.device)
         visual_kwargs["visual_pos_masks"] = torch.cat([prompt_visual, answer], dim=1)
     pruner = VisualTokenPruner(text_model, 0)
-    with pruner.installed(), torch.no_grad():
+    # the visual kwargs go in before the pruner's own text-model hook (hooks run in order) sees them
+    with passed_to(text_model, visual_kwargs), pruner.installed(), torch.no_grad():
         pruner.arm(plan)
-        hidden = text_model(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            position_ids=answer_positions(run, mask),
-            use_cache=False,
-            **visual_kwargs,
-        ).last_hidden_state
-        logits = model.get_output_embeddings()(hidden)
+        positions = answer_positions(run, mask)
+        out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
+    logits = out.logits
     slot_of = plan.slot_of()
     prompt_length = run.attention_mask.shape[1]
     token_logprobs = []
