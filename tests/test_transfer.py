@@ -264,3 +264,37 @@ def test_a_rerun_of_the_study_report_keeps_the_resolution_section(tmp_path):
     text = (tmp_path / "proving_ground.md").read_text()
     assert text.count(resolution.START) == 1 and text.rstrip().endswith(resolution.END)
     assert "| sgl | 9 | 1 tile | 25.0 |" in text and "python -m x --limit 4" in text
+
+
+def test_the_resolution_benchmark_reports_its_target_honestly(tmp_path):
+    from lmms_sgl import benchmark_resolution as bench
+
+    def row(config, time_ratio, flops_ratio):
+        return {
+            "config": config,
+            "guide_layout": None,
+            "transfer": None,
+            "seconds": time_ratio,
+            "time_ratio": time_ratio,
+            "guide_seconds": 0.0,
+            "large_seconds": time_ratio,
+            "flops_ratio": flops_ratio,
+            "guide_flops_ratio": 0.0,
+            "token_ratio": 0.09,
+        }
+
+    for low, verdict in ((0.40, "(not met in time"), (0.30, "(met in time")):
+        results = {
+            "new_tokens": 10,
+            "rounds": 5,
+            "rows": [
+                row("large_only", 1.0, 1.0),
+                row("sgl, guide at the large layout", 0.5, 0.32),
+                row("sgl, guide at 1 tile", low, 0.2),
+            ],
+        }
+        out = tmp_path / "benchmarks.md"
+        bench.insert_section(out, bench.section(results, "cmd"))
+        text = out.read_text()
+        assert f"measured {low:.2f}x in time and 0.20x in FLOPs {verdict}" in text
+        assert text.count(bench.START) == 1

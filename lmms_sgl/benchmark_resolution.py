@@ -1,0 +1,144 @@
+"""Benchmark, guidance across resolutions: end to end at 9 % with 1,792 large-model visual tokens,
+the guide at the large model's layout (6 tiles + thumbnail) versus at one tile (256 tokens).
+
+Same models, image, question and measuring rules as ``lmms_sgl.benchmark`` (its full specs, configs
+interleaved after a warm-up round, medians); the one-tile guide is the same checkpoint served by an
+``InternVLFamily(max_tiles=1)`` (what ``guide_max_tiles=1`` does), its importance mapped onto the
+large model's tokens by image geometry. Target (issue 14): the pipeline at <= 0.35x of the large
+model alone, no exit.
+
+    python -m lmms_sgl.benchmark_resolution --out reports/benchmarks.md   # a few minutes here
+
+Writes ``benchmarks_resolution.json`` next to ``--out`` and the marked section of ``--out``
+(replaced in place, or appended).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from lmms_sgl.benchmark import FULL, IMAGES, QUESTION, SMOKE, interleaved, load_pair, machine
+from lmms_sgl.families import InternVLFamily, LoadedVLM, Prompt
+from lmms_sgl.method.settings import PAPER_PRESETS, SGLSettings
+from lmms_sgl.pipeline import GenerationSettings, Sample, SGLPipeline
+
+START, END = "<!-- guide-resolution-benchmark:start -->", "<!-- guide-resolution-benchmark:end -->"
+PRESET, N_VISUAL, TARGET = 0.09, 1792, 0.35
+
+
+def measure(specs: dict, new_tokens: int, rounds: int) -> dict:
+    guide, large = load_pair(specs)
+    low = LoadedVLM(InternVLFamily(max_tiles=1), guide.model, guide.processor, f"{guide.path} (1 tile)")
+    prune_layer, keep_ratio = PAPER_PRESETS[PRESET]
+    settings = SGLSettings(prune_layer=prune_layer, keep_ratio=keep_ratio)
+    configs = {
+        "large_only": SGLPipeline(large, None, SGLSettings(method="large_only")),
+        "sgl, guide at the large layout": SGLPipeline(large, guide, settings),
+        "sgl, guide at 1 tile": SGLPipeline(large, low, settings),
+    }
+    sample = Sample("bench", 0, Prompt(QUESTION, [Image.new("RGB", IMAGES[N_VISUAL], (90, 140, 200))]))
+    gen = GenerationSettings(max_new_tokens=new_tokens)
+
+    def run(pipeline: SGLPipeline):
+        start = time.perf_counter()
+        record = pipeline.generate([sample], gen)[0]
+        return time.perf_counter() - start, record
+
+    measured = interleaved({name: (lambda p=p: run(p)) for name, p in configs.items()}, rounds)
+    alone = statistics.median(t for t, _ in measured["large_only"])
+    rows = []
+    for name, runs in measured.items():
+        record = runs[-1][1]
+        seconds = statistics.median(t for t, _ in runs)
+        rows.append(
+            {
+                "config": name,
+                "seconds": seconds,
+                "time_ratio": seconds / alone,
+                "guide_seconds": statistics.median(r.guide_seconds for _, r in runs),
+                "large_seconds": statistics.median(r.large_seconds for _, r in runs),
+                "flops_ratio": record.flops / record.flops_large_alone,
+                "guide_flops_ratio": record.extra.get("guide_flops", 0.0) / record.flops_large_alone,
+                "token_ratio": record.token_ratio,
+                "total_visual": record.total_visual,
+                "guide_layout": record.extra.get("guide_layout"),
+                "transfer": record.extra.get(
+                    "transfer", "index" if record.extra.get("guide_layout") else None
+                ),
+                "fallback": record.fallback,
+            }
+        )
+    return {"machine": machine(), "preset": PRESET, "new_tokens": new_tokens, "rounds": rounds, "rows": rows}
+
+
+def section(results: dict, command: str) -> list[str]:
+    low = next(r for r in results["rows"] if r["config"] == "sgl, guide at 1 tile")
+    met = "met" if low["time_ratio"] <= TARGET else "not met"
+    lines = [
+        START,
+        "## Guidance across resolutions: guide at 1 tile, large model at 1,792 visual tokens",
+        "",
+        f"Reproduce: `{command}` (raw numbers: `benchmarks_resolution.json`). End to end per sample at the "
+        f"{PRESET:.0%} preset, no exit, {results['new_tokens']} new tokens, {results['rounds']} interleaved "
+        "rounds after a warm-up (medians); same models, image and question as section 3. The one-tile guide "
+        "is the same checkpoint tiling the image into one tile (`guide_max_tiles=1`), its importance mapped "
+        "onto the large model's tokens by area-weighted overlap.",
+        "",
+        "| configuration | guide layout | transfer | seconds | time ratio | guide s | large s | "
+        "FLOPs ratio | guide FLOPs / large alone | token ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["rows"]:
+        lines.append(
+            f"| {r['config']} | {r['guide_layout'] or '-'} | {r['transfer'] or '-'} | {r['seconds']:.3f} | "
+            f"{r['time_ratio']:.3f} | {r['guide_seconds']:.3f} | {r['large_seconds']:.3f} | "
+            f"{r['flops_ratio']:.3f} | {r['guide_flops_ratio']:.3f} | {r['token_ratio']:.3f} |"
+        )
+    same = next(r for r in results["rows"] if r["config"] == "sgl, guide at the large layout")
+    lines += [
+        "",
+        f"Target (issue 14): the pipeline at <= {TARGET}x of the large model alone with the low-resolution "
+        f"guide, no exit: measured {low['time_ratio']:.2f}x in time and {low['flops_ratio']:.2f}x in FLOPs "
+        f"({met} in time; the guide at the large layout: {same['time_ratio']:.2f}x and "
+        f"{same['flops_ratio']:.2f}x).",
+        END,
+    ]
+    return lines
+
+
+def insert_section(path: Path, lines: list[str]) -> None:
+    text = path.read_text() if path.exists() else ""
+    block = "\n".join(lines)
+    if START in text and END in text:
+        before, rest = text.split(START, 1)
+        text = before + block + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("reports/benchmarks.md"))
+    parser.add_argument("--smoke", action="store_true", help="tiny models, one round (seconds)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    results = measure(SMOKE if args.smoke else FULL, 4 if args.smoke else 10, 1 if args.smoke else 5)
+    command = (
+        "python -m lmms_sgl.benchmark_resolution" + (" --smoke" if args.smoke else "") + f" --out {args.out}"
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_name("benchmarks_resolution.json").write_text(json.dumps(results, indent=2) + "\n")
+    insert_section(args.out, section(results, command))
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()
