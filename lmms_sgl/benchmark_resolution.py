@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -51,7 +52,9 @@ def measure(specs: dict, new_tokens: int, rounds: int) -> dict:
         record = pipeline.generate([sample], gen)[0]
         return time.perf_counter() - start, record
 
+    load_before = os.getloadavg()[0]
     measured = interleaved({name: (lambda p=p: run(p)) for name, p in configs.items()}, rounds)
+    load = (load_before, os.getloadavg()[0])
     alone = statistics.median(t for t, _ in measured["large_only"])
     rows = []
     for name, runs in measured.items():
@@ -75,7 +78,14 @@ def measure(specs: dict, new_tokens: int, rounds: int) -> dict:
                 "fallback": record.fallback,
             }
         )
-    return {"machine": machine(), "preset": PRESET, "new_tokens": new_tokens, "rounds": rounds, "rows": rows}
+    return {
+        "machine": machine(),
+        "load_average": load,  # 1-minute load before and after: other processes share the cores
+        "preset": PRESET,
+        "new_tokens": new_tokens,
+        "rounds": rounds,
+        "rows": rows,
+    }
 
 
 def section(results: dict, command: str) -> list[str]:
@@ -108,6 +118,15 @@ def section(results: dict, command: str) -> list[str]:
         f"guide, no exit: measured {low['time_ratio']:.2f}x in time and {low['flops_ratio']:.2f}x in FLOPs "
         f"({met} in time; the guide at the large layout: {same['time_ratio']:.2f}x and "
         f"{same['flops_ratio']:.2f}x).",
+        *(
+            [
+                f"1-minute load average before / after: {results['load_average'][0]:.1f} / "
+                f"{results['load_average'][1]:.1f} on {results['machine']['cores']} cores."
+            ]
+            if results.get("load_average")
+            else []
+        ),
+        *([results["notes"]] if results.get("notes") else []),
         END,
     ]
     return lines
