@@ -317,4 +317,14 @@ def write_report(results: dict, out: Path, command: str, notes: str = READING) -
         *memory_table(results),
         "",
     ]
+    resolution = out.with_name("benchmarks_resolution.json")
+    if resolution.exists():  # keep the section of ``python -m lmms_sgl.benchmark_resolution``
+        from lmms_sgl.benchmark_resolution import section
+
+        text += [
+            *section(
+                json.loads(resolution.read_text()), f"python -m lmms_sgl.benchmark_resolution --out {out}"
+            ),
+            "",
+        ]
     out.write_text("\n".join(text))
