@@ -298,3 +298,20 @@ def test_the_resolution_benchmark_reports_its_target_honestly(tmp_path):
         text = out.read_text()
         assert f"measured {low:.2f}x in time and 0.20x in FLOPs {verdict}" in text
         assert text.count(bench.START) == 1
+
+
+def test_onevision_images_of_one_group_get_their_padded_base_view_only(loaded):
+    """OneVision's processor does not crop the images of a multi-image group (``batch_num_images``):
+    each gets its base view, padded to a square, and one newline."""
+    model = loaded["llava-ov"]
+    images = [Image.new("RGB", (300, 500)), Image.new("RGB", (896, 448))]
+    prompt = Prompt("two", images)
+    inputs = model.processor(
+        images=[images], text=[model.family.prompt_text(model, prompt)], return_tensors="pt", padding=True
+    )
+    boxes = model.family.visual_boxes(model, inputs, [prompt])[0]
+    assert not isinstance(boxes, BoxesUnavailable), boxes
+    assert len(boxes) == int((inputs["input_ids"] == model.image_token_id).sum()) == 2 * 65
+    for index, image in enumerate(images):
+        assert assert_tiles_once(boxes, index, 0) == (0.0, 0.0, *map(float, image.size))
+        assert int((boxes.newline & (boxes.image == index)).sum()) == 1
