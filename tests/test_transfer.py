@@ -315,3 +315,16 @@ def test_onevision_images_of_one_group_get_their_padded_base_view_only(loaded):
     for index, image in enumerate(images):
         assert assert_tiles_once(boxes, index, 0) == (0.0, 0.0, *map(float, image.size))
         assert int((boxes.newline & (boxes.image == index)).sum()) == 1
+
+
+def test_a_one_crop_onevision_guide_steers_its_any_resolution_large_model(models_dir, loaded):
+    large = LlavaFamily().load(str(models_dir / "llava-ov-large"), **LOAD)
+    guide = loaded["llava-ov-1crop"]
+    sample = Sample(
+        "t", 0, Prompt("What color is the circle?", [Image.new("RGB", (896, 448), (200, 20, 20))])
+    )
+    settings = SGLSettings(method="sgl", prune_layer=0.5, keep_ratio=0.2)
+    record = SGLPipeline(large, guide, settings).generate([sample], GEN)[0]
+    assert record.fallback is None and record.extra["transfer"] == "geometric"
+    assert "1x1 crops" in record.extra["guide_layout"] and "2x1 crops" in record.extra["large_layout"]
+    assert record.kept_visual == keep_count(record.total_visual, 0.2) and record.total_visual == 200
