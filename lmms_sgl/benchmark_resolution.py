@@ -29,6 +29,7 @@ from lmms_sgl.benchmark import FULL, IMAGES, QUESTION, SMOKE, interleaved, load_
 from lmms_sgl.families import InternVLFamily, LoadedVLM, Prompt
 from lmms_sgl.method.settings import PAPER_PRESETS, SGLSettings
 from lmms_sgl.pipeline import GenerationSettings, Sample, SGLPipeline
+from lmms_sgl.report_sections import insert_marked_section
 
 START, END = "<!-- guide-resolution-benchmark:start -->", "<!-- guide-resolution-benchmark:end -->"
 PRESET, N_VISUAL, TARGET = 0.09, 1792, 0.35
@@ -133,14 +134,7 @@ def section(results: dict, command: str) -> list[str]:
 
 
 def insert_section(path: Path, lines: list[str]) -> None:
-    text = path.read_text() if path.exists() else ""
-    block = "\n".join(lines)
-    if START in text and END in text:
-        before, rest = text.split(START, 1)
-        text = before + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
+    insert_marked_section(path, lines, START, END)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,28 +22,12 @@ from pathlib import Path
 import torch
 from loguru import logger
 
+from lmms_sgl.factory import TextSpec, VisionSpec
 from lmms_sgl.internvl_original.tokenizer import TEXT_ARCHITECTURES
 
 _ARCH_CLASS = {short: cls for cls, short in TEXT_ARCHITECTURES.items()}
 _MODEL_TYPE = {"internlm2": "internlm2", "qwen2": "qwen2", "phi3": "phi3", "llama": "llama"}
 _TEMPLATE = {"internlm2": "internlm2-chat", "qwen2": "Hermes-2", "phi3": "phi3-chat", "llama": "Hermes-2"}
-
-
-@dataclass(frozen=True)
-class TextDims:
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    intermediate_size: int
-
-
-@dataclass(frozen=True)
-class VisionDims:
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    intermediate_size: int
 
 
 @dataclass(frozen=True)
@@ -53,8 +37,8 @@ class OriginalSpec:
     name: str
     text_arch: str  # internlm2 | qwen2 | phi3 | llama
     vision: str  # "300m" (LayerNorm, qkv bias) | "6b" (RMSNorm, query/key norm, no qkv bias)
-    text: TextDims
-    vision_dims: VisionDims
+    text: TextSpec
+    vision_dims: VisionSpec
     seed: int
     select_layer: int = -1
     max_position_embeddings: int = 512  # short, so a few tiles exceed it (dynamic / long RoPE)
@@ -65,8 +49,8 @@ class OriginalSpec:
         return _TEMPLATE[self.text_arch]
 
 
-_SMALL_TEXT = TextDims(64, 2, 4, 2, 96)
-_SMALL_VISION = VisionDims(32, 2, 2, 64)
+_SMALL_TEXT = TextSpec(64, 2, 4, 2, 96)
+_SMALL_VISION = VisionSpec(32, 2, 2, 64)
 
 SPECS: dict[str, OriginalSpec] = {
     spec.name: spec
@@ -77,15 +61,15 @@ SPECS: dict[str, OriginalSpec] = {
             "internvl2-orig-large",
             "internlm2",
             "6b",
-            TextDims(128, 4, 8, 2, 192),
-            VisionDims(48, 2, 3, 96),
+            TextSpec(128, 4, 8, 2, 192),
+            VisionSpec(48, 2, 3, 96),
             seed=32,
         ),
         OriginalSpec(
             "internvl2-orig-qwen2", "qwen2", "300m", _SMALL_TEXT, _SMALL_VISION, seed=33, select_layer=-2
         ),
         OriginalSpec(
-            "internvl2-orig-phi3", "phi3", "300m", TextDims(64, 2, 4, 4, 96), _SMALL_VISION, seed=34
+            "internvl2-orig-phi3", "phi3", "300m", TextSpec(64, 2, 4, 4, 96), _SMALL_VISION, seed=34
         ),
         OriginalSpec("internvl2-orig-llama", "llama", "6b", _SMALL_TEXT, _SMALL_VISION, seed=35),
     )

@@ -108,3 +108,23 @@ def evaluate(
         task_manager=TaskManager("WARNING", include_path=str(tasks_dir)),
         verbosity="WARNING",
     )
+
+
+def kept_visual_sets(monkeypatch) -> list[list[int]]:
+    """Record, per sample the large model ran, which of its visual tokens the keep plan kept
+    (ordinals among that sample's visual tokens, so batch padding does not matter)."""
+    import lmms_sgl.pipeline as pipeline_module
+
+    kept: list[list[int]] = []
+    plan_from_scores = pipeline_module.plan_from_scores
+
+    def spy(scores, visual_mask, attention_mask, keep_ratio):
+        plan = plan_from_scores(scores, visual_mask, attention_mask, keep_ratio)
+        for b in range(visual_mask.shape[0]):
+            positions = set(plan.index[b][plan.valid[b]].tolist())
+            visual = visual_mask[b].nonzero().flatten().tolist()
+            kept.append([i for i, position in enumerate(visual) if position in positions])
+        return plan
+
+    monkeypatch.setattr(pipeline_module, "plan_from_scores", spy)
+    return kept

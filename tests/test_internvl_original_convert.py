@@ -17,11 +17,10 @@ import pytest
 import torch
 
 from lmms_sgl.checkpoints import CorruptCheckpointError
+from lmms_sgl.factory import TextSpec, VisionSpec
 from lmms_sgl.factory_original import (
     SPECS,
     OriginalSpec,
-    TextDims,
-    VisionDims,
     build_original_pair,
     build_originals,
     original_config,
@@ -136,13 +135,13 @@ REAL_SCALE = {
     # name: (spec with the released dimensions, parameters of the released checkpoint, in billions)
     "InternVL2-2B": (
         OriginalSpec(
-            "real", "internlm2", "300m", TextDims(2048, 24, 16, 8, 8192), VisionDims(1024, 24, 16, 4096), 0
+            "real", "internlm2", "300m", TextSpec(2048, 24, 16, 8, 8192), VisionSpec(1024, 24, 16, 4096), 0
         ),
         2.2,
     ),
     "InternVL2-26B": (
         OriginalSpec(
-            "real", "internlm2", "6b", TextDims(6144, 48, 48, 8, 16384), VisionDims(3200, 45, 25, 12800), 0
+            "real", "internlm2", "6b", TextSpec(6144, 48, 48, 8, 16384), VisionSpec(3200, 45, 25, 12800), 0
         ),
         25.5,
     ),

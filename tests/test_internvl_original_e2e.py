@@ -1,6 +1,6 @@
 """``sgl_internvl2`` on original-layout InternVL checkpoints (the paper's own models), end to end
-through the lmms-eval CLI: the large model through the conversion cache, the guide converted with
-``lmms-sgl-convert``; a second run reuses the cache."""
+through lmms-eval's evaluator: the large model through the conversion cache, the guide converted
+with the ``lmms-sgl-convert`` command; a second run reuses the cache."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from lmms_sgl.factory_original import build_original_pair
 from lmms_sgl.families import InternVLFamily
 from lmms_sgl.internvl_original.config import OriginalCheckpointError
-from tests.helpers import raw_response, run_lmms_eval, samples_of
+from tests.helpers import evaluate, raw_response
 
 
 @pytest.mark.slow
@@ -26,13 +26,21 @@ def test_sgl_internvl2_serves_original_checkpoints(tmp_path, tasks_dir, monkeypa
         [str(convert), str(pair["guide"]), str(guide)], check=True, capture_output=True, timeout=300
     )
 
+    from lmms_sgl.internvl_original import convert as convert_module
+
+    conversions = []
+    convert_checkpoint = convert_module.convert_checkpoint
+
+    def counted(*args, **kwargs):
+        conversions.append(args[0])
+        return convert_checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(convert_module, "convert_checkpoint", counted)
     args = f"pretrained={pair['large']},guide={guide},prune_layer=0.5,keep_ratio=0.2"
-    results, first = run_lmms_eval(
-        "sgl_internvl2", args, "sgl_smoke", tasks_dir, tmp_path / "one", "--limit", "3"
-    )
-    assert "this process converts it (first use)" in first.stdout + first.stderr
+    results = evaluate("sgl_internvl2", args, "sgl_smoke", tasks_dir, 3)
+    assert conversions == [pair["large"]], "the large model converts on first use, the guide is converted"
     assert "exact_match,none" in results["results"]["sgl_smoke"]
-    rows = samples_of(tmp_path / "one", "sgl_smoke")
+    rows = results["samples"]["sgl_smoke"]
     assert len(rows) == 3
     for row in rows:
         record = row["token_counts"][0]["sgl"]
@@ -42,9 +50,8 @@ def test_sgl_internvl2_serves_original_checkpoints(tmp_path, tasks_dir, monkeypa
         assert record["total_visual"] % 256 == 0 and record["total_visual"] <= 7 * 256
         assert record["kept_visual"] == max(1, int(record["total_visual"] * 0.2))
 
-    _, second = run_lmms_eval("sgl_internvl2", args, "sgl_smoke", tasks_dir, tmp_path / "two", "--limit", "1")
-    assert "using the converted checkpoint" in second.stdout + second.stderr
-    assert "converts it (first use)" not in second.stdout + second.stderr
+    evaluate("sgl_internvl2", args, "sgl_smoke", tasks_dir, 1)
+    assert len(conversions) == 1, "a second run reuses the converted cache"
 
 
 def test_original_checkpoints_default_to_six_tiles_and_fail_fast(tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import raw_response, run_lmms_eval, samples_of
+from tests.helpers import evaluate, raw_response, run_lmms_eval, samples_of
 
 pytestmark = pytest.mark.slow
 SGL_ARGS = "prune_layer=0.5,keep_ratio=0.2,max_tiles=6"
@@ -100,7 +100,7 @@ def test_sgl_model_end_to_end_with_wandb(tmp_path, models_dir, tasks_dir, model,
     "host,model,family,dtype",
     [("internvl_hf", "sgl_internvl2", "internvl", "bfloat16"), ("llava_hf", "sgl_llava", "llava", "float32")],
 )
-def test_large_only_answers_equal_the_host_model(tmp_path, models_dir, tasks_dir, host, model, family, dtype):
+def test_large_only_answers_equal_the_host_model(models_dir, tasks_dir, host, model, family, dtype):
     """Same checkpoint, same prompts: lmms-eval's own HF model and ours with pruning and exit off.
     Neither side is cut: these tasks have no ``until`` of their own, and lmms-eval's injected
     "\\n\\n" stops neither (test_faithful_answers checks answers that contain one)."""
@@ -109,12 +109,12 @@ def test_large_only_answers_equal_the_host_model(tmp_path, models_dir, tasks_dir
     host_args = f"pretrained={large},device=cpu,device_map=cpu" + (
         ",max_patches=12" if family == "internvl" else ""
     )
-    run_lmms_eval(host, host_args, tasks, tasks_dir, tmp_path / "host", "--limit", "5")
-    ours = f"pretrained={large},method=large_only,dtype={dtype},max_tiles=12"
-    run_lmms_eval(model, ours, tasks, tasks_dir, tmp_path / "ours", "--limit", "5", "--batch_size", "2")
+    theirs = evaluate(host, host_args, tasks, tasks_dir, 5)
+    ours_args = f"pretrained={large},method=large_only,dtype={dtype},max_tiles=12"
+    ours = evaluate(model, ours_args, tasks, tasks_dir, 5, batch_size=2)
     for task in tasks.split(","):
-        expected = [raw_response(row) for row in samples_of(tmp_path / "host", task)]
-        got = [raw_response(row) for row in samples_of(tmp_path / "ours", task)]
+        expected = [raw_response(row) for row in theirs["samples"][task]]
+        got = [raw_response(row) for row in ours["samples"][task]]
         assert got == expected, task
 
 
@@ -155,7 +155,7 @@ def run_cli(model_args: str, model: str, tasks_dir: Path, cwd: Path) -> subproce
     return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=cwd)
 
 
-def test_bad_arguments_fail_before_loading(tmp_path, models_dir, tasks_dir):
+def test_bad_arguments_fail_before_loading(tmp_path, models_dir, tasks_dir, monkeypatch):
     pair = f"pretrained={models_dir / 'internvl-large'},guide={models_dir / 'internvl-guide'}"
     broken_guide = truncated_copy(models_dir / "llava-guide", tmp_path)
     cases = [
@@ -182,10 +182,27 @@ def test_bad_arguments_fail_before_loading(tmp_path, models_dir, tasks_dir):
             f"guide={str(broken_guide)!r}: {broken_guide / 'model.safetensors'}: tensors need",
         ),
     ]
-    for model_args, model, message in cases:
-        done = run_cli(model_args, model, tasks_dir, tmp_path)
-        assert done.returncode != 0 and message in done.stderr, done.stderr[-3000:]
-        assert "Loading weights" not in done.stderr, "the error must come before any weights load"
+    import importlib
+
+    import transformers
+    from lmms_eval.utils import simple_parse_args_string
+
+    from lmms_sgl.lmms.registry import MODELS
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the error must come before any weights load")
+
+    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", no_weights)
+    for model_args, model, message in cases:  # in this process: the model's own constructor
+        module, name = MODELS[model].rsplit(".", 1)
+        model_class = getattr(importlib.import_module(module), name)
+        with pytest.raises(ValueError) as raised:
+            model_class(**simple_parse_args_string(model_args))
+        assert message in str(raised.value)
+    # and once through the CLI: a non-zero exit with the message on stderr
+    model_args, model, message = cases[0]
+    done = run_cli(model_args, model, tasks_dir, tmp_path)
+    assert done.returncode != 0 and message in done.stderr, done.stderr[-3000:]
 
 
 def truncated_copy(checkpoint: Path, tmp_path: Path) -> Path:

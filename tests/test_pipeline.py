@@ -10,6 +10,7 @@ from lmms_sgl.families import InternVLFamily, LlavaFamily, Prompt
 from lmms_sgl.method.importance import ATTENTION_NAME
 from lmms_sgl.method.settings import SGLSettings
 from lmms_sgl.pipeline import GenerationSettings, Sample, SGLPipeline
+from tests.helpers import kept_visual_sets
 
 FAMILIES = {"internvl": InternVLFamily, "llava": LlavaFamily, "llava-ov": LlavaFamily}
 GEN = GenerationSettings.from_gen_kwargs({"max_new_tokens": 5, "until": ["\n\n"]})
@@ -49,26 +50,6 @@ def test_keep_ratio_one_equals_large_only(pair):
     alone = SGLPipeline(large, None, SGLSettings(method="large_only")).generate(samples(), GEN)
     assert answers(full) == answers(alone)
     assert all(r.token_ratio == 1.0 for r in full if r.total_visual)
-
-
-def kept_visual_sets(monkeypatch) -> list[list[int]]:
-    """Record, per sample the large model ran, which of its visual tokens the keep plan kept
-    (ordinals among that sample's visual tokens, so batch padding does not matter)."""
-    import lmms_sgl.pipeline as pipeline_module
-
-    kept: list[list[int]] = []
-    plan_from_scores = pipeline_module.plan_from_scores
-
-    def spy(scores, visual_mask, attention_mask, keep_ratio):
-        plan = plan_from_scores(scores, visual_mask, attention_mask, keep_ratio)
-        for b in range(visual_mask.shape[0]):
-            positions = set(plan.index[b][plan.valid[b]].tolist())
-            visual = visual_mask[b].nonzero().flatten().tolist()
-            kept.append([i for i, position in enumerate(visual) if position in positions])
-        return plan
-
-    monkeypatch.setattr(pipeline_module, "plan_from_scores", spy)
-    return kept
 
 
 def test_batch_equals_one_by_one(pair, monkeypatch):

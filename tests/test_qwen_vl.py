@@ -16,6 +16,7 @@ from lmms_sgl.method.pruning import VisualTokenPruner
 from lmms_sgl.method.selection import plan_from_scores, random_scores
 from lmms_sgl.method.settings import SGLSettings
 from lmms_sgl.pipeline import GenerationSettings, Sample, SGLPipeline
+from tests.helpers import kept_visual_sets
 
 ARCHS = {"qwen2_vl": "qwen2-vl", "qwen2_5_vl": "qwen2.5-vl", "qwen3_vl": "qwen3-vl"}
 LOAD = {"dtype": torch.float32, "device_map": "cpu"}
@@ -164,20 +165,7 @@ def test_keep_ratio_one_equals_the_unpruned_model(pair):
 def test_batch_of_different_sizes_equals_each_alone(pair, monkeypatch):
     """Keep sets, answers and exit scores; K = 1 of 4 (inside Qwen3-VL's deepstack layers)."""
     guide, large = pair
-    import lmms_sgl.pipeline as pipeline_module
-
-    kept: list[list[int]] = []
-    original = pipeline_module.plan_from_scores
-
-    def spy(scores, visual_mask, attention_mask, keep_ratio):
-        plan = original(scores, visual_mask, attention_mask, keep_ratio)
-        for b in range(visual_mask.shape[0]):
-            positions = set(plan.index[b][plan.valid[b]].tolist())
-            visual = visual_mask[b].nonzero().flatten().tolist()
-            kept.append([i for i, position in enumerate(visual) if position in positions])
-        return plan
-
-    monkeypatch.setattr(pipeline_module, "plan_from_scores", spy)
+    kept = kept_visual_sets(monkeypatch)
     pipeline = SGLPipeline(large, guide, SGLSettings(method="sgl", prune_layer=0.25, keep_ratio=0.2))
     together = pipeline.generate(samples(), GEN)
     kept_together = list(kept)

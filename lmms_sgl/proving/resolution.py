@@ -21,6 +21,7 @@ from pathlib import Path
 from loguru import logger
 
 from lmms_sgl.proving.study import WIDE_RATIOS, WIDE_TASK, Point, run_point, schedule, summarize
+from lmms_sgl.report_sections import insert_marked_section
 
 START, END = "<!-- guidance-across-resolutions:start -->", "<!-- guidance-across-resolutions:end -->"
 GUIDE_TILES = (None, 1)  # None: the large model's layout
@@ -286,15 +287,7 @@ def write(out_dir: Path, data: dict, command: str) -> Path:
 
 
 def insert_section(path: Path, lines: list[str]) -> Path:
-    text = path.read_text() if path.exists() else ""
-    block = "\n".join(lines)
-    if START in text and END in text:
-        before, rest = text.split(START, 1)
-        text = before + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
-    return path
+    return insert_marked_section(path, lines, START, END)
 
 
 def main(argv: list[str] | None = None) -> None:
