@@ -105,7 +105,8 @@ def evaluate(
         limit=limit,
         log_samples=True,
         bootstrap_iters=0,
-        task_manager=TaskManager("WARNING", include_path=str(tasks_dir)),
+        # only the local tasks: indexing lmms-eval's ~2,000 task files costs seconds per call
+        task_manager=TaskManager("WARNING", include_path=str(tasks_dir), include_defaults=False),
         verbosity="WARNING",
     )
 

@@ -119,21 +119,28 @@ def test_large_only_answers_equal_the_host_model(models_dir, tasks_dir, host, mo
 
 
 def test_two_processes_equal_one(tmp_path, models_dir, tasks_dir):
-    args = f"pretrained={models_dir / 'llava-large'},guide={models_dir / 'llava-guide'},{SGL_ARGS}"
-    common = ("--limit", "7", "--batch_size", "2")
-    single, _ = run_lmms_eval("sgl_llava", args, "sgl_smoke", tasks_dir, tmp_path / "one", *common)
+    """Two gloo processes under ``accelerate launch`` equal one, through the CLI. It runs the Qwen2.5-VL
+    pair (3-D positions, images of any size, window attention; the sharding and the statistics merge
+    are the same for every family) on generation and multiple choice."""
+    args = f"pretrained={models_dir / 'qwen2.5-vl-large'},guide={models_dir / 'qwen2.5-vl-guide'}"
+    args += ",prune_layer=0.5,keep_ratio=0.2"
+    tasks, common = "sgl_smoke,sgl_smoke_mc", ("--limit", "7", "--batch_size", "2")
+    single, _ = run_lmms_eval("sgl_qwen2_vl", args, tasks, tasks_dir, tmp_path / "one", *common)
     accelerate = str(Path(sys.executable).with_name("accelerate"))
     launcher = (accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29533")
     wandb = ("--wandb_args", f"project=lmms-sgl-test,mode=offline,dir={tmp_path}")
     double, done = run_lmms_eval(
-        "sgl_llava", args, "sgl_smoke", tasks_dir, tmp_path / "two", *common, *wandb, launcher=launcher
+        "sgl_qwen2_vl", args, tasks, tasks_dir, tmp_path / "two", *common, *wandb, launcher=launcher
     )
     assert "Running on rank 1" in done.stderr + done.stdout, "the launch did not use two processes"
-    one = {row["doc_id"]: raw_response(row) for row in samples_of(tmp_path / "one", "sgl_smoke")}
-    two = {row["doc_id"]: raw_response(row) for row in samples_of(tmp_path / "two", "sgl_smoke")}
-    assert one == two and len(one) == 7
+    for task in tasks.split(","):
+        one = {row["doc_id"]: raw_response(row) for row in samples_of(tmp_path / "one", task)}
+        two = {row["doc_id"]: raw_response(row) for row in samples_of(tmp_path / "two", task)}
+        assert one == two and len(one) == 7, task
+    assert double["results"]["sgl_smoke_mc"]["acc,none"] == single["results"]["sgl_smoke_mc"]["acc,none"]
     for name in ("samples", "visual_token_ratio", "exit_rate", "large_call_rate", "flops_ratio", "fallbacks"):
         assert throughput(double, "overall", name) == pytest.approx(throughput(single, "overall", name)), name
+    assert throughput(single, "overall", "fallbacks") == 0
     assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1, "one W&B run per launch"
 
 

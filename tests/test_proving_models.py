@@ -48,7 +48,7 @@ def _multiple_choice_accuracy(family: str) -> float:
         tasks=["sgl_shapes_mc"],
         limit=SLICE,
         bootstrap_iters=0,
-        task_manager=TaskManager("WARNING", include_path=str(ROOT / "tasks")),
+        task_manager=TaskManager("WARNING", include_path=str(ROOT / "tasks"), include_defaults=False),
         verbosity="WARNING",
     )
     return results["results"]["sgl_shapes_mc"]["acc,none"]

@@ -140,7 +140,7 @@ def run_point(point: Point, root: Path, work_dir: Path, limit: int | None, batch
         limit=limit,
         log_samples=True,
         bootstrap_iters=0,
-        task_manager=TaskManager("WARNING", include_path=str(root / "tasks")),
+        task_manager=TaskManager("WARNING", include_path=str(root / "tasks"), include_defaults=False),
         verbosity="WARNING",
     )
     rows = []
