@@ -215,6 +215,18 @@ def findings(rows: list[dict]) -> list[str]:
     return out
 
 
+def _label_ratios(ax, rows: list[dict]) -> None:
+    """Write each point's target token ratio next to it."""
+    for r in rows:
+        ax.annotate(
+            f"{_pct(r['target_ratio'], 0)} %",
+            (100 * r["flops_ratio"], 100 * r["retained"]),
+            textcoords="offset points",
+            xytext=(6, -10),
+            fontsize=8,
+        )
+
+
 def plot(data: dict, path: Path) -> None:
     import matplotlib
 
@@ -235,14 +247,7 @@ def plot(data: dict, path: Path) -> None:
             capsize=3,
             label=f"guide: {_guide_label(curve[0])}",
         )
-        for r in curve:
-            ax.annotate(
-                f"{_pct(r['target_ratio'], 0)} %",
-                (100 * r["flops_ratio"], 100 * r["retained"]),
-                textcoords="offset points",
-                xytext=(6, -10),
-                fontsize=8,
-            )
+        _label_ratios(ax, curve)
     control = [r for r in rows if r["method"] == "random"]
     if control:
         ax.errorbar(
@@ -255,14 +260,7 @@ def plot(data: dict, path: Path) -> None:
             color="grey",
             label="random tokens (no guide)",
         )
-        for r in control:
-            ax.annotate(
-                f"{_pct(r['target_ratio'], 0)} %",
-                (100 * r["flops_ratio"], 100 * r["retained"]),
-                textcoords="offset points",
-                xytext=(6, -10),
-                fontsize=8,
-            )
+        _label_ratios(ax, control)
     ax.axhline(100, color="grey", linestyle="-", label="large_only")
     ax.set(
         title=f"internvl on {WIDE_TASK}: SGL, large model 2 tiles + thumbnail",
