@@ -31,3 +31,47 @@ def test_sweep_endpoints_are_guide_only_and_no_exit():
         0.7,
     )
     assert (middle["accuracy"], middle["large_call_rate"]) == (2 / 3, 1 / 3)
+
+
+def test_paper_presets_run_every_method_that_can_rank():
+    from lmms_sgl.method.cost import prune_layer_index, token_ratio
+    from lmms_sgl.proving.study import points, series
+
+    presets = [p for p in points("internvl", 12) if p.schedule == "preset"]
+    by_ratio = {}
+    for p in presets:
+        by_ratio.setdefault(p.target_ratio, []).append(p)
+    # K = int(12 x prune_layer): 4, 2, 0; FastV reads layer K-1's attention, so not at K = 0
+    assert {r: sorted(p.method for p in ps) for r, ps in by_ratio.items()} == {
+        0.64: ["fastv", "random", "sgl"],
+        0.35: ["fastv", "random", "sgl"],
+        0.09: ["random", "sgl"],
+    }
+    ks = {r: prune_layer_index(12, ps[0].prune_layer) for r, ps in by_ratio.items()}
+    assert ks == {0.64: 4, 0.35: 2, 0.09: 0}
+    assert token_ratio(2, 12, by_ratio[0.35][0].keep_ratio) == 1 / 3
+    # preset points have their own cache keys and curves
+    keys = [p.key for p in points("internvl", 12)]
+    assert len(keys) == len(set(keys))
+    summary = {"method": "sgl", "prune_layer": 0.2, "schedule": "preset", "num_layers": 12}
+    assert series(summary) == "sgl preset"
+    assert series({**summary, "schedule": "K=1"}) == "sgl"
+
+
+def test_comparison_states_each_schedule_with_standard_errors():
+    from lmms_sgl.proving.study import comparison
+
+    def run(accuracy, n=100):
+        return {"accuracy": accuracy, "stderr": (accuracy * (1 - accuracy) / n) ** 0.5}
+
+    by = {
+        ("sgl preset", 0.64): run(0.9),
+        ("fastv preset", 0.64): run(0.5),
+        ("sgl preset", 0.35): run(0.8),
+        ("fastv preset", 0.35): run(0.79),
+        ("sgl preset", 0.09): run(0.6),
+    }
+    said = comparison(by, "preset", "fastv")
+    assert said.startswith("better at 64 % (+40.0 ± 5.8)")  # hypot(3.0, 5.0)
+    assert "within two standard errors at 35 %" in said
+    assert "not run at 9 % (K = 0" in said

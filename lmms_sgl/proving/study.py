@@ -21,7 +21,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from lmms_sgl.method.cost import prune_layer_index
+from lmms_sgl.method.cost import PAPER_PRESETS, prune_layer_index
 
 TASK = "sgl_shapes"
 FAMILIES = {
@@ -30,7 +30,17 @@ FAMILIES = {
 }
 TARGET_RATIOS = (0.64, 0.5, 0.35, 0.2, 0.09)
 PRUNING_METHODS = ("sgl", "fastv", "random")
-SERIES = (*PRUNING_METHODS, "sgl K=0")
+# How a point chooses K and the keep ratio for its target ratio:
+#   "K=1"     one schedule shared by every method: K = 1, keep ratio solved for the target;
+#   "K=0"     SGL pruning before the first layer (only a guide can rank there);
+#   "preset"  the paper's own (prune_layer, keep_ratio) presets, K = int(L x prune_layer), for every
+#             method that can rank at that K (FastV needs K >= 1).
+SCHEDULES = ("K=1", "K=0", "preset")
+# The curves of each plot panel: the shared schedule (with SGL from layer 0), then the presets.
+PANELS = {
+    "shared schedule (K = 1)": (*PRUNING_METHODS, "sgl K=0"),
+    "paper presets (K = int(L x prune_layer))": tuple(f"{m} preset" for m in PRUNING_METHODS),
+}
 EXIT_SWEEP_RATIO = 0.35
 NEVER = 1.0 + 1e-9  # an exit threshold no score reaches (scores lie in [0, 1])
 # The multi-tile case: InternVL on 896 x 448 images (two tiles plus a thumbnail, 768 visual tokens).
@@ -50,10 +60,13 @@ class Point:
     exit_threshold: float | None = None
     target_ratio: float | None = None
     task: str = TASK
+    schedule: str = "K=1"
 
     @property
     def key(self) -> str:
         parts = [self.family, self.method] if self.task == TASK else [self.family, self.task, self.method]
+        if self.schedule == "preset":
+            parts.append("preset")
         if self.target_ratio is not None:
             parts.append(f"r{self.target_ratio:g}")
         if self.prune_layer is not None:
@@ -88,23 +101,37 @@ def schedule(target: float, num_layers: int, layer_k: int = 1) -> tuple[float, f
     return prune_layer, keep
 
 
+def preset_points(family: str, num_layers: int) -> list[Point]:
+    """Every method at the paper's presets (64 / 35 / 9 %), as a user passing ``prune_layer`` and
+    ``keep_ratio`` from the paper would run them; FastV only where K = int(L x prune_layer) >= 1."""
+    out = []
+    for ratio, (prune_layer, keep) in PAPER_PRESETS.items():
+        can_rank = prune_layer_index(num_layers, prune_layer) >= 1
+        out += [
+            Point(family, m, prune_layer, keep, target_ratio=ratio, schedule="preset")
+            for m in PRUNING_METHODS
+            if m != "fastv" or can_rank
+        ]
+    return out
+
+
 def points(family: str, num_layers: int) -> list[Point]:
-    """References, the three methods on the shared K = 1 schedule, and SGL pruning from layer 0
-    (which only a guide makes possible: FastV needs one full layer to rank)."""
+    """References, the three methods on the shared K = 1 schedule, SGL pruning from layer 0 (which
+    only a guide makes possible: FastV needs one full layer to rank) and the paper's presets."""
     out = [Point(family, "large_only"), Point(family, "guide_only")]
     for ratio in TARGET_RATIOS:
         prune_layer, keep = schedule(ratio, num_layers)
         out += [Point(family, m, prune_layer, keep, target_ratio=ratio) for m in PRUNING_METHODS]
-        out.append(Point(family, "sgl", *schedule(ratio, num_layers, layer_k=0), target_ratio=ratio))
-    return out
+        from_zero = schedule(ratio, num_layers, layer_k=0)
+        out.append(Point(family, "sgl", *from_zero, target_ratio=ratio, schedule="K=0"))
+    return out + preset_points(family, num_layers)
 
 
 def series(summary: dict) -> str:
-    """The curve a point belongs to: its method, with the layer K when it is not the shared K = 1."""
-    if summary["prune_layer"] is None:
+    """The curve a point belongs to: its method, with its schedule when it is not the shared K = 1."""
+    if summary["prune_layer"] is None or summary.get("schedule", "K=1") == "K=1":
         return summary["method"]
-    k = prune_layer_index(summary["num_layers"], summary["prune_layer"])
-    return summary["method"] if k == 1 else f"{summary['method']} K={k}"
+    return f"{summary['method']} {summary['schedule']}"
 
 
 @functools.lru_cache
@@ -243,35 +270,39 @@ def exit_sweep(no_exit: dict, thresholds: list[float]) -> list[dict]:
 
 
 def plot_accuracy_vs_ratio(summaries: dict[str, list[dict]], path: Path) -> None:
+    """One row per family, one panel per schedule (:data:`PANELS`), references as horizontal lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(summaries), figsize=(5.5 * len(summaries), 4.2), squeeze=False)
-    for ax, (family, rows) in zip(axes[0], summaries.items(), strict=True):
-        for name, marker in zip(SERIES, "osv^", strict=True):
-            curve = sorted((r for r in rows if r["series"] == name), key=lambda r: r["token_ratio"])
-            ax.errorbar(
-                [100 * r["token_ratio"] for r in curve],
-                [100 * r["accuracy"] for r in curve],
-                yerr=[100 * r["stderr"] for r in curve],
-                marker=marker,
-                linestyle=":" if "K=" in name else "-",
-                capsize=3,
-                label=name,
+    fig, axes = plt.subplots(
+        len(summaries), len(PANELS), figsize=(5.5 * len(PANELS), 4.2 * len(summaries)), squeeze=False
+    )
+    for row_axes, (family, rows) in zip(axes, summaries.items(), strict=True):
+        for ax, (panel, names) in zip(row_axes, PANELS.items(), strict=True):
+            for name, marker in zip(names, "osv^", strict=False):
+                curve = sorted((r for r in rows if r["series"] == name), key=lambda r: r["token_ratio"])
+                ax.errorbar(
+                    [100 * r["token_ratio"] for r in curve],
+                    [100 * r["accuracy"] for r in curve],
+                    yerr=[100 * r["stderr"] for r in curve],
+                    marker=marker,
+                    linestyle=":" if "K=0" in name else "-",
+                    capsize=3,
+                    label=name,
+                )
+            for method, style in (("large_only", "-"), ("guide_only", "--")):
+                ref = next(r for r in rows if r["method"] == method)
+                ax.axhline(100 * ref["accuracy"], color="grey", linestyle=style, label=method)
+            ax.set(
+                title=f"{family}: {panel}",
+                xlabel="layer-averaged visual-token ratio (%)",
+                ylabel=f"exact match on {TASK} (%)",
+                ylim=(0, 100),
             )
-        for method, style in (("large_only", "-"), ("guide_only", "--")):
-            ref = next(r for r in rows if r["method"] == method)
-            ax.axhline(100 * ref["accuracy"], color="grey", linestyle=style, label=method)
-        ax.set(
-            title=f"{family}: {TASK} test",
-            xlabel="layer-averaged visual-token ratio (%)",
-            ylabel="exact match (%)",
-            ylim=(0, 100),
-        )
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
+            ax.grid(alpha=0.3)
+            ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -322,6 +353,30 @@ def _gap(a: dict, b: dict) -> tuple[float, float]:
     return a["accuracy"] - b["accuracy"], math.hypot(a["stderr"], b["stderr"])
 
 
+def _verdict(gap: float, err: float) -> str:
+    return "better" if gap > 2 * err else "worse" if gap < -2 * err else "within two standard errors"
+
+
+def comparison(by: dict, schedule_name: str, other: str) -> str:
+    """SGL against ``other`` on one schedule at every ratio both ran, as accuracy points ± standard
+    error, bucketed by whether the gap exceeds two standard errors."""
+    suffix = "" if schedule_name == "K=1" else f" {schedule_name}"
+    buckets: dict[str, list[str]] = {"better": [], "within two standard errors": [], "worse": []}
+    missing = []
+    ratios = TARGET_RATIOS if schedule_name == "K=1" else tuple(PAPER_PRESETS)
+    for ratio in ratios:
+        ours, theirs = by.get((f"sgl{suffix}", ratio)), by.get((f"{other}{suffix}", ratio))
+        if ours is None or theirs is None:
+            missing.append(f"{_pct(ratio, 0)} %")
+            continue
+        gap, err = _gap(ours, theirs)
+        buckets[_verdict(gap, err)].append(f"{_pct(ratio, 0)} % ({100 * gap:+.1f} ± {100 * err:.1f})")
+    said = "; ".join(f"{verdict} at {', '.join(at)}" for verdict, at in buckets.items() if at)
+    if missing:
+        said += f"; not run at {', '.join(missing)} (K = 0: {other} cannot rank before the first layer)"
+    return said
+
+
 def findings(summaries: dict[str, list[dict]], sweeps: dict[str, list[dict]]) -> list[str]:
     """Plain statements, computed from the runs, next to the paper's claims."""
     lines = ["## What holds and what does not", ""]
@@ -331,24 +386,24 @@ def findings(summaries: dict[str, list[dict]], sweeps: dict[str, list[dict]]) ->
         low = min(TARGET_RATIOS)
         from_zero = by[("sgl K=0", low)]
         kept = {m: _pct(retained(by[(m, low)], large)) for m in PRUNING_METHODS}
+        preset = {m: by.get((f"{m} preset", low)) for m in PRUNING_METHODS}
         paper = {m: _pct(PAPER_RETAINED[(m, low)]) for m in ("sgl", "fastv")}
         lines.append(
             f"- **{family}**, at {_pct(low, 0)} % of visual tokens: SGL keeps {kept['sgl']} % of the "
             f"large model's accuracy (paper: {paper['sgl']} %), FastV {kept['fastv']} % "
-            f"(paper: {paper['fastv']} %), random {kept['random']} %. "
-            f"The guide alone scores {_pct(retained(guide, large))} %. With pruning from layer 0 (keep "
+            f"(paper: {paper['fastv']} %), random {kept['random']} % on the shared K = 1 schedule. "
+            f"At the paper's 9 % preset (K = {_preset_k(preset['sgl'])}) SGL keeps "
+            f"{_pct(retained(preset['sgl'], large))} %, random {_pct(retained(preset['random'], large))} %. "
+            f"The guide alone scores {_pct(retained(guide, large))} % at "
+            f"{_pct(guide['flops_ratio'])} % of the large model's FLOPs. With pruning from layer 0 (keep "
             f"{_pct(from_zero['keep_ratio'])} %), SGL keeps {_pct(retained(from_zero, large))} %."
         )
-        for other in ("fastv", "random"):
-            buckets: dict[str, list[str]] = {"better": [], "within two standard errors": [], "worse": []}
-            for ratio in TARGET_RATIOS:
-                gap, err = _gap(by[("sgl", ratio)], by[(other, ratio)])
-                verdict = (
-                    "better" if gap > 2 * err else "worse" if gap < -2 * err else "within two standard errors"
+        for schedule_name, label in (("K=1", "shared K = 1 schedule"), ("preset", "paper presets")):
+            for other in ("fastv", "random"):
+                lines.append(
+                    f"  - {label}, SGL vs {other} (accuracy points ± standard error): "
+                    f"{comparison(by, schedule_name, other)}."
                 )
-                buckets[verdict].append(f"{_pct(ratio, 0)} % ({100 * gap:+.1f} ± {100 * err:.1f})")
-            said = "; ".join(f"{verdict} at {', '.join(at)}" for verdict, at in buckets.items() if at)
-            lines.append(f"  - SGL vs {other} (accuracy points ± standard error): {said}.")
         sweep = sweeps.get(family)
         if sweep:
             no_exit = sweep[-1]
@@ -364,9 +419,15 @@ def findings(summaries: dict[str, list[dict]], sweeps: dict[str, list[dict]]) ->
     return lines
 
 
-def results_table(rows: list[dict]) -> list[str]:
-    """Markdown rows of one family's points, highest token ratio first, references last."""
+def _preset_k(summary: dict | None) -> str:
+    return "n/a" if summary is None else str(prune_layer_index(summary["num_layers"], summary["prune_layer"]))
+
+
+def results_table(rows: list[dict], schedules: tuple[str, ...] = SCHEDULES) -> list[str]:
+    """Markdown rows of one family's points on ``schedules``, highest token ratio first, references
+    (the large model alone, the guide alone) last."""
     large = next(r for r in rows if r["method"] == "large_only")
+    rows = [r for r in rows if r["prune_layer"] is None or r.get("schedule", "K=1") in schedules]
     lines = [
         "| method | target ratio | measured ratio | K | keep | accuracy % | ± | retained % of large | "
         "FLOPs % of large | color | shape | count | exists |",
@@ -397,7 +458,9 @@ def write_report(out_dir: Path, data: dict, command: str) -> Path:
         "`sgl`, `fastv` and `random` share one schedule per ratio: K = 1 (the earliest layer at which FastV",
         "can rank: it reads layer K-1's attention), keep ratio chosen to reach the layer-averaged target;",
         "they differ only in which tokens they keep. `sgl K=0` prunes before the first layer, which only a",
-        "guide makes possible (at 9 % it keeps 9 % of the tokens instead of 0.7 %).",
+        "guide makes possible (at 9 % it keeps 9 % of the tokens instead of 0.7 %). `preset` points use the",
+        "paper's own settings for 64 / 35 / 9 % as a user would pass them (their measured ratio differs",
+        "from the label where int(L x prune_layer) rounds K down).",
         '"±" is the binomial standard error of the accuracy.',
         "",
     ]
@@ -410,7 +473,14 @@ def write_report(out_dir: Path, data: dict, command: str) -> Path:
             f"References: large_only {_pct(large['accuracy'])} %, guide_only {_pct(guide['accuracy'])} % "
             f"(n = {large['n']}).",
             "",
-            *results_table(rows),
+            "Shared schedule (K = 1) and SGL from layer 0:",
+            "",
+            *results_table(rows, ("K=1", "K=0")),
+            "",
+            "The paper's presets (`prune_layer`, `keep_ratio`) = (0.4, 0.4), (0.2, 0.2), (0.05, 0.05) for",
+            f"64 / 35 / 9 %: K = int({large['num_layers']} x prune_layer); FastV only where K >= 1:",
+            "",
+            *results_table(rows, ("preset",)),
             "",
         ]
     if data.get("wide"):
@@ -508,7 +578,9 @@ def run_study(
                 for m in PRUNING_METHODS
             ]
             from_zero = schedule(ratio, num_layers, layer_k=0)
-            wide_points.append(Point("internvl", "sgl", *from_zero, target_ratio=ratio, task=WIDE_TASK))
+            wide_points.append(
+                Point("internvl", "sgl", *from_zero, target_ratio=ratio, task=WIDE_TASK, schedule="K=0")
+            )
         for point in wide_points:
             summary = {
                 **summarize(run_point(point, root, work_dir, limit, batch_size)),
