@@ -392,7 +392,7 @@ def findings(summaries: dict[str, list[dict]], sweeps: dict[str, list[dict]]) ->
             f"- **{family}**, at {_pct(low, 0)} % of visual tokens: SGL keeps {kept['sgl']} % of the "
             f"large model's accuracy (paper: {paper['sgl']} %), FastV {kept['fastv']} % "
             f"(paper: {paper['fastv']} %), random {kept['random']} % on the shared K = 1 schedule. "
-            f"At the paper's 9 % preset (K = {_preset_k(preset['sgl'])}) SGL keeps "
+            f"At the paper's 9 % preset (K = {_layer_k(preset['sgl'])}) SGL keeps "
             f"{_pct(retained(preset['sgl'], large))} %, random {_pct(retained(preset['random'], large))} %. "
             f"The guide alone scores {_pct(retained(guide, large))} % at "
             f"{_pct(guide['flops_ratio'])} % of the large model's FLOPs. With pruning from layer 0 (keep "
@@ -419,8 +419,11 @@ def findings(summaries: dict[str, list[dict]], sweeps: dict[str, list[dict]]) ->
     return lines
 
 
-def _preset_k(summary: dict | None) -> str:
-    return "n/a" if summary is None else str(prune_layer_index(summary["num_layers"], summary["prune_layer"]))
+def _layer_k(summary: dict | None, missing: str = "n/a") -> str:
+    """The pruning layer K of a run, as text (``missing`` for references and runs not made)."""
+    if summary is None or summary["prune_layer"] is None:
+        return missing
+    return str(prune_layer_index(summary["num_layers"], summary["prune_layer"]))
 
 
 def results_table(rows: list[dict], schedules: tuple[str, ...] = SCHEDULES) -> list[str]:
@@ -435,7 +438,7 @@ def results_table(rows: list[dict], schedules: tuple[str, ...] = SCHEDULES) -> l
     ]
     ordered = sorted(rows, key=lambda r: (r["target_ratio"] is None, -(r["target_ratio"] or 0), r["series"]))
     for r in ordered:
-        k = "" if r["prune_layer"] is None else str(prune_layer_index(r["num_layers"], r["prune_layer"]))
+        k = _layer_k(r, missing="")
         keep = "" if r["keep_ratio"] is None else f"{r['keep_ratio']:.3f}"
         lines.append(
             f"| {r['series']} | {_pct(r['target_ratio'], 0) if r['target_ratio'] else ''} | "
