@@ -170,3 +170,36 @@ def test_export_writes_a_loadable_fp16_checkpoint_with_its_card(tmp_path):
     AutoProcessor.from_pretrained(folder)
     card = (folder / "README.md").read_text()
     assert "shapes-llava-guide" in card and "| all |" in card
+
+
+def test_sincos_positions_depend_only_on_the_offset():
+    from lmms_sgl.proving.train import sincos_positions
+
+    codes = sincos_positions(8, 16).reshape(8, 8, 16)
+    similarity = torch.einsum("abd,d->ab", codes, codes[3, 4])
+    assert similarity.argmax() == 3 * 8 + 4  # peaks at the patch itself
+    # the same offset gives the same similarity anywhere on the grid
+    torch.testing.assert_close(codes[3, 4] @ codes[3, 6], codes[5, 1] @ codes[5, 3])
+    torch.testing.assert_close(codes[3, 4] @ codes[1, 4], codes[6, 2] @ codes[4, 2])
+    with pytest.raises(ValueError, match="dim=18"):
+        sincos_positions(8, 18)
+
+
+def test_internvl_recipe_starts_from_sincos_positions_and_resume_keeps_trained_ones(tmp_path):
+    from lmms_sgl.proving.train import sincos_positions
+
+    proving = tiny("shapes-internvl-guide", sincos_positions=True)
+    trainer = Trainer(proving, tmp_path)
+    table = trainer.model.model.vision_tower.embeddings.position_embeddings
+    torch.testing.assert_close(table[0, 1:], sincos_positions(32, table.shape[-1]))
+    assert (
+        Trainer(tiny("shapes-internvl-guide"), tmp_path / "zero")
+        .model.model.vision_tower.embeddings.position_embeddings.abs()
+        .sum()
+        == 0
+    )
+    trainer.run(max_steps=3)  # trains and saves
+    trained = table.detach().clone()
+    assert not torch.equal(trained[0, 1:], sincos_positions(32, table.shape[-1]))
+    resumed = Trainer(proving, tmp_path).model.model.vision_tower.embeddings.position_embeddings
+    torch.testing.assert_close(resumed, trained)

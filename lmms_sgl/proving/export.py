@@ -55,6 +55,18 @@ def model_card(trainer: Trainer, test: dict, shuffled: float) -> str:
         if recipe.lm_restarts
         else ""
     )
+    tried = trainer.proving.tried
+    history = (
+        "\n## What was tried before this recipe\n" + "\n".join(f"- {line}" for line in tried) + "\n"
+        if tried
+        else ""
+    )
+    positions = (
+        " The tower's position embeddings start from a 2-D sine-cosine table (they start at zero in"
+        " transformers' initialisation) and stay trainable."
+        if recipe.sincos_positions
+        else ""
+    )
     rows = "\n".join(
         f"| {t} | {100 * last.get('validation', {}).get(t, float('nan')):.1f} | {100 * test[t]:.1f} |"
         for t in (*QUESTION_TYPES, "all")
@@ -70,7 +82,8 @@ Weights are fp16; load them in fp32 on a CPU. Not a general-purpose model: it kn
 ## Recipe (`python -m lmms_sgl.proving.train --models {spec.name}`, resumable)
 1. Dense vision pretraining: {recipe.vision_steps} steps of {recipe.vision_batch} fresh scenes, AdamW
    {recipe.vision_lr:g}; linear heads on the projector output predict colour, shape and size of the
-   object under each visual token and the token holding each object's centre. The heads are dropped.
+   object under each visual token and the token holding each object's centre. The heads are
+   dropped.{positions}
 2. Vision tower and projector frozen; their tokens cached for {recipe.pool_images} training scenes.
    The text model trains {recipe.lm_steps} steps of {recipe.lm_batch} questions (loss on the answer),
    AdamW {recipe.lm_lr:g}, cosine schedule{restarts}. Curriculum over the first
@@ -79,8 +92,8 @@ Weights are fp16; load them in fp32 on a CPU. Not a general-purpose model: it kn
    {recipe.questions_per_image} questions about one image per sequence, the first turn being exactly
    the evaluation prompt.
 
-Seed {spec.seed}. Training time: {trainer.state.seconds / 60:.0f} min of optimizer steps on one thread of a
-2-core CPU machine that ran two trainings at once (caching and evaluation not counted).
+Seed {spec.seed}. Training time: {trainer.state.seconds / 60:.0f} min of optimizer steps on a 2-core CPU
+machine, one or two threads, at times beside a second training (caching and evaluation not counted).
 
 ## Accuracy (greedy answer equals the reference; 300 validation / 300 test scenes)
 | question type | validation % | test % |
@@ -90,4 +103,4 @@ Seed {spec.seed}. Training time: {trainer.state.seconds / 60:.0f} min of optimiz
 With every question paired with another scene's image, test accuracy falls to {100 * shuffled:.1f} %:
 the answers come from the image. The lmms-eval numbers of this model (through `sgl_*` with
 `method=large_only` / `guide_only`) are in `reports/proving_ground.md`.
-"""
+{history}"""
