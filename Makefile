@@ -1,5 +1,5 @@
 # The two commands that matter on a fresh machine:
-#   make demo   runs the main job offline on the bundled default (the trained LLaVA pair in models/)
+#   make demo   runs the main job offline on the bundled default (the trained InternVL pair in models/)
 #   make test   runs the test suite
 # Each creates .venv and installs what is missing (pip, so the local CPU torch wheel is used).
 # Also: make study (regenerates reports/proving_ground.md), make proving-models (retrains models/).
@@ -26,11 +26,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/lmms-eval --config configs/demo.yaml --wandb_args project=lmms-sgl-demo,mode=offline,dir=.cache/demo
 
-# About 25 minutes on 2 CPU cores; finished points are cached in .cache/study.
+# reports/proving_ground.md: the method comparison, then its multi-tile resolution section. Finished
+# points are cached in .cache/study (keyed by the checkpoints' hash), so an interrupted study resumes.
 study: $(STAMP)
 	$(BIN)/lmms-sgl-proving-study
+	$(BIN)/python -m lmms_sgl.proving.resolution
 
-# Retrains and re-exports the four shipped checkpoints (about 1.5 h on 2 cores, two lanes in
+# Retrains and re-exports the four shipped checkpoints (about 2.5 h on 2 cores, two lanes in
 # parallel); resumable: run it again after an interruption.
 proving-models: $(STAMP)
 	$(BIN)/lmms-sgl-train-proving --models shapes-internvl-large --threads 1 --export models & lane=$$!; \
