@@ -159,7 +159,8 @@ def test_export_writes_a_loadable_fp16_checkpoint_with_its_card(tmp_path):
 
     from lmms_sgl.proving.export import export
 
-    trainer = Trainer(tiny(), tmp_path / "work")
+    tried = ("an earlier recipe: 0.42 at the end", "a probe: 0.37 at 300 steps")
+    trainer = Trainer(replace(tiny(), tried=tried), tmp_path / "work")
     trainer.run()
     folder = export(trainer, tmp_path / "models", test_samples=8)
     with safe_open(folder / "model.safetensors", "pt") as weights:
@@ -170,6 +171,10 @@ def test_export_writes_a_loadable_fp16_checkpoint_with_its_card(tmp_path):
     AutoProcessor.from_pretrained(folder)
     card = (folder / "README.md").read_text()
     assert "shapes-llava-guide" in card and "| all |" in card
+    # what was tried before the recipe is listed, one bullet each, after the accuracy table
+    history = card.split("## What was tried before this recipe\n", 1)[1]
+    assert history.splitlines()[: len(tried)] == [f"- {line}" for line in tried]
+    assert card.index("| all |") < card.index("## What was tried")
 
 
 def test_sincos_positions_depend_only_on_the_offset():
