@@ -98,7 +98,8 @@ LARGE_RECIPE = Recipe(lm_steps=8000, lm_restarts=(5000,))
 # the steps at the same number of scenes, a higher learning rate, and position embeddings that start
 # from a 2-D sine-cosine table (transformers starts them at zero: attention is position-blind).
 INTERNVL_VISION = {"vision_batch": 8, "vision_lr": 3e-3, "sincos_positions": True}
-INTERNVL_LARGE_RECIPE = Recipe(vision_steps=2400, lm_steps=8000, lm_restarts=(5000,), **INTERNVL_VISION)
+# The large InternVL text model keeps improving over a second warm restart (see INTERNVL_TRIED_BEFORE).
+INTERNVL_LARGE_RECIPE = Recipe(vision_steps=2400, lm_steps=11000, lm_restarts=(5000, 8000), **INTERNVL_VISION)
 INTERNVL_GUIDE_RECIPE = Recipe(vision_steps=2400, lm_steps=4000, **INTERNVL_VISION)
 
 INTERNVL_TRIED_BEFORE = (
@@ -114,8 +115,16 @@ INTERNVL_TRIED_BEFORE = (
     "model, as InternVL2-2B is to 26B), a 1-layer guide tower, the sine-cosine start, 8 scenes per "
     "step at 3e-3 for 2,400 steps (shape-token accuracy 0.90 / 0.81 at the end).",
     "Large text model: one 5,000-step cosine leg ended at 74.7 % test accuracy (validation 73.3 %, "
-    "questions on training-pool scenes 77.7 %: little overfitting); the warm restart (3,000 more "
-    "steps at half the peak learning rate) reached 79.7 %, still short of the 85 % target.",
+    "questions on training-pool scenes 77.7 %: little overfitting); a warm restart (3,000 more "
+    "steps at half the peak learning rate) reached 79.7 % (validation 80.0 %), colour questions "
+    "(the object named by size and shape) the weak part at 62 %.",
+    "Large tower probe: dense pretraining continued from 2,400 to 4,800 steps (fresh AdamW moments, "
+    "27 min) raised the held-out heads from colour 0.94 / shape 0.86 / size 0.83 to 0.95 / 0.91 / "
+    "0.89, but its text stage learned colour first and shape and yes/no late: validation 71.7 % at "
+    "6,000 steps against 78.7 % for this tower; stopped there.",
+    "This recipe's second warm restart (steps 8,000 to 11,000, half the peak again): validation "
+    "80.0 % -> 85.0 %, test 79.7 % -> 82.3 %, colour questions still the weak part; 160 min of "
+    "optimizer steps in all, short of the 85 % target and over the 2-hour budget.",
 )
 
 PROVING_MODELS: dict[str, ProvingModel] = {
