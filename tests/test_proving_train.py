@@ -152,6 +152,23 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
         torch.testing.assert_close(a, b, msg=name)
 
 
+def test_a_finished_run_extended_by_a_new_leg_equals_a_straight_run(tmp_path):
+    """How the shipped large InternVL model got its second warm restart: a finished run resumed
+    with a longer recipe must end where a run with that recipe from the start ends."""
+    longer = {"lm_steps": 18, "lm_restarts": (12,)}
+    straight = Trainer(tiny(**longer), tmp_path / "straight")
+    straight.run()
+    Trainer(tiny(), tmp_path / "extended").run()
+    extended = Trainer(tiny(**longer), tmp_path / "extended")
+    assert (extended.state.stage, extended.state.step) == ("lm", 12)
+    extended.run()
+    assert extended.state.stage == straight.state.stage == "done"
+    for (name, a), b in zip(
+        straight.model.state_dict().items(), extended.model.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, msg=name)
+
+
 @pytest.mark.slow
 def test_export_writes_a_loadable_fp16_checkpoint_with_its_card(tmp_path):
     from safetensors import safe_open
