@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import replace
 
 import pytest
 import torch
 
 from lmms_sgl.proving import shapes
-from lmms_sgl.proving.targets import GRID, dense_targets, evidence_mask
-from lmms_sgl.proving.train import PROVING_MODELS, ProvingModel, Recipe, Trainer, _schedule
+from lmms_sgl.proving.shapes import ask
+from lmms_sgl.proving.targets import GRID, dense_targets, evidence_mask, object_cells
+from lmms_sgl.proving.train import (
+    PROVING_MODELS,
+    ProvingModel,
+    Recipe,
+    Trainer,
+    _schedule,
+    pool_question,
+    train_scene,
+)
 from lmms_sgl.proving.vlm_io import answer_logits_and_loss, pixel_batch, visual_tokens
 
 TINY = Recipe(
@@ -152,10 +162,62 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
         torch.testing.assert_close(a, b, msg=name)
 
 
+def test_focus_share_draws_more_of_the_focus_type_and_zero_leaves_the_stream_alone():
+    plain = [pool_question(i, 3) for i in range(400)]
+    assert plain == [ask(train_scene(i), random.Random(i * 1_000_003 + 3 * 7 + 11)) for i in range(400)]
+    focused = [pool_question(i, 3, "color", 0.5) for i in range(400)]
+    share = {
+        name: sum(q[0] == "color" for q in qs) / 400 for name, qs in (("plain", plain), ("focus", focused))
+    }
+    assert share["plain"] < 0.35 < 0.55 < share["focus"], share
+    no_objects = shapes.Scene(448, 448, (), seed=0)
+    with pytest.raises(shapes.Unanswerable, match="types \\['color'\\]"):
+        ask(no_objects, random.Random(0), ("color",))
+
+
+def test_binding_steps_hide_the_other_size_and_keep_the_asked_object(tmp_path):
+    trainer = Trainer(tiny(binding_from=4, pool_images=400), tmp_path)
+    assert [trainer.is_binding_step(step) for step in range(3, 9)] == [False] * 2 + [True, False] * 2
+    indices, rows, hidden = [], [], []
+    for step in range(5, 45, 2):
+        step_indices, step_rows, step_hidden = trainer.binding_rows(step)
+        assert len(step_rows) == len(step_hidden) == TINY.lm_batch // 2
+        indices += step_indices
+        rows += step_rows
+        hidden += list(step_hidden)
+    again = trainer.binding_rows(5)
+    n = TINY.lm_batch // 2
+    assert (again[0], again[1]) == (indices[:n], rows[:n]) and torch.equal(again[2], torch.stack(hidden[:n]))
+    masked = both_sizes = 0
+    for index, [(question, answer)], mask in zip(indices, rows, hidden, strict=True):
+        scene = train_scene(index)
+        assert question.startswith("What color is the")
+        (asked,) = shapes.evidence(scene, question)
+        assert asked.color == answer
+        assert not mask[evidence_mask(scene, question)].any()  # the asked object stays visible
+        both_sizes += len({o.size for o in scene.objects}) == 2
+        if mask.any():
+            masked += 1
+            for obj in scene.objects:  # hidden: exactly the objects of the other size
+                cells = object_cells(obj, scene.width, scene.height)
+                assert bool(mask[cells].all()) == (obj.size != asked.size)
+            assert int(mask.sum()) == sum(
+                len(object_cells(o, scene.width, scene.height)) for o in scene.objects if o.size != asked.size
+            )
+    assert 0.5 < masked / both_sizes < 0.9  # binding_hide = 0.7 (scenes of one size have nothing to hide)
+
+
 def test_a_finished_run_extended_by_a_new_leg_equals_a_straight_run(tmp_path):
-    """How the shipped large InternVL model got its second warm restart: a finished run resumed
-    with a longer recipe must end where a run with that recipe from the start ends."""
-    longer = {"lm_steps": 18, "lm_restarts": (12,)}
+    """How the shipped large InternVL model got its warm restarts and its shape-binding leg: a
+    finished run resumed with a longer recipe must end where a run with that recipe from the start
+    ends."""
+    longer = {
+        "lm_steps": 20,
+        "lm_restarts": (12, 16),
+        "focus_share": 0.5,
+        "focus_from": 12,
+        "binding_from": 16,
+    }
     straight = Trainer(tiny(**longer), tmp_path / "straight")
     straight.run()
     Trainer(tiny(), tmp_path / "extended").run()

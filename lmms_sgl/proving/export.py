@@ -61,6 +61,20 @@ def model_card(trainer: Trainer, test: dict, shuffled: float) -> str:
         if tried
         else ""
     )
+    focus = (
+        f" From step {recipe.focus_from} on, {100 * recipe.focus_share:.0f} % of the questions are"
+        f" {recipe.focus_type} questions where the scene has one (the rest drawn as before)."
+        if recipe.focus_share
+        else ""
+    )
+    binding = (
+        f" From step {recipe.binding_from} on, every other step is {recipe.lm_batch // 2} shape-binding"
+        f" questions instead: colour questions (the object named by its size and shape) with, in"
+        f" {100 * recipe.binding_hide:.0f} % of them, the objects of the other size hidden from"
+        " attention, so that only shape picks the object out."
+        if recipe.binding_from is not None
+        else ""
+    )
     positions = (
         " The tower's position embeddings start from a 2-D sine-cosine table (they start at zero in"
         " transformers' initialisation) and stay trainable."
@@ -90,7 +104,7 @@ Weights are fp16; load them in fp32 on a CPU. Not a general-purpose model: it kn
    {recipe.curriculum_steps} steps: only the question's evidence tokens visible, then the other
    objects, then the background (attention itself is never supervised); afterwards
    {recipe.questions_per_image} questions about one image per sequence, the first turn being exactly
-   the evaluation prompt.
+   the evaluation prompt.{focus}{binding}
 
 Seed {spec.seed}. Training time: {trainer.state.seconds / 60:.0f} min of optimizer steps on a 2-core CPU
 machine, one or two threads, at times beside a second training (caching and evaluation not counted).

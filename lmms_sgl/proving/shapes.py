@@ -138,13 +138,21 @@ def evidence(scene: Scene, question: str) -> tuple[SceneObject, ...]:
     )
 
 
+class Unanswerable(ValueError):
+    """No question of the requested types is unambiguous in a scene (e.g. every object shares its
+    size and shape with another one, so no colour question names a single object)."""
+
+
 def ask(scene: Scene, rng: random.Random, types: tuple[str, ...] = QUESTION_TYPES) -> tuple[str, str, str]:
     """One ``(type, question, answer)`` for a scene: a uniform type among the answerable ones, then a
     uniform question of that type, so that no type dominates the benchmark."""
     by_type: dict[str, list] = {}
     for kind, question, answer in questions(scene, rng):
         by_type.setdefault(kind, []).append((question, answer))
-    kind = rng.choice([t for t in types if t in by_type])
+    answerable = [t for t in types if t in by_type]
+    if not answerable:
+        raise Unanswerable(f"scene {scene.seed} has no unambiguous question of types {list(types)}")
+    kind = rng.choice(answerable)
     question, answer = rng.choice(by_type[kind])
     return kind, question, answer
 
