@@ -32,7 +32,7 @@ study: $(STAMP)
 	$(BIN)/lmms-sgl-proving-study
 	$(BIN)/python -m lmms_sgl.proving.resolution
 
-# Retrains and re-exports the four shipped checkpoints (about 2.5 h on 2 cores, two lanes in
+# Retrains and re-exports the four shipped checkpoints (about 4 h on 2 cores, two lanes in
 # parallel); resumable: run it again after an interruption.
 proving-models: $(STAMP)
 	$(BIN)/lmms-sgl-train-proving --models shapes-internvl-large --threads 1 --export models & lane=$$!; \
