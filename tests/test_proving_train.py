@@ -175,6 +175,19 @@ def test_focus_share_draws_more_of_the_focus_type_and_zero_leaves_the_stream_alo
         ask(no_objects, random.Random(0), ("color",))
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"focus_share": 1.5}, r"Recipe.focus_share=1.5 must be within \[0, 1\]"),
+        ({"binding_hide": -0.1}, r"Recipe.binding_hide=-0.1 must be within \[0, 1\]"),
+        ({"focus_type": "colour"}, r"Recipe.focus_type='colour'; allowed: \['color', 'shape'"),
+    ],
+)
+def test_recipe_rejects_bad_focus_and_binding_settings(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        Recipe(**overrides)
+
+
 def test_binding_steps_hide_the_other_size_and_keep_the_asked_object(tmp_path):
     trainer = Trainer(tiny(binding_from=4, pool_images=400), tmp_path)
     assert [trainer.is_binding_step(step) for step in range(3, 9)] == [False] * 2 + [True, False] * 2

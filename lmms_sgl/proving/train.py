@@ -89,6 +89,13 @@ class Recipe:
     eval_samples: int = 300
     checkpoint_every: int = 250
 
+    def __post_init__(self) -> None:
+        for name in ("focus_share", "binding_hide"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"Recipe.{name}={getattr(self, name)!r} must be within [0, 1]")
+        if self.focus_type not in QUESTION_TYPES:
+            raise ValueError(f"Recipe.focus_type={self.focus_type!r}; allowed: {list(QUESTION_TYPES)}")
+
 
 @dataclass(frozen=True)
 class ProvingModel:
@@ -388,11 +395,17 @@ class Trainer:
         """``lm_batch / 2`` colour questions ("what colour is the small circle?"), one per pool scene,
         and which visual tokens attention cannot see (True = hidden): in a share ``binding_hide`` of
         them, the objects of the other size. Then size cannot pick the object out, only its shape
-        can. Without these steps the text models select by size and guess among same-size objects:
+        can. Without these steps the large InternVL text model selected by size and guessed among them:
         colour questions stay near 65 % while the tower's own dense heads answer 89 % of them."""
         rng = random.Random(self.spec.seed * 6_151 + step)
         indices, rows, hidden = [], [], []
-        while len(rows) < self.recipe.lm_batch // 2:
+        wanted, tries = self.recipe.lm_batch // 2, 0
+        while len(rows) < wanted:
+            tries += 1
+            if tries > 100 * wanted:
+                raise ValueError(
+                    f"binding_rows: {tries - 1} pool scenes drawn, {len(rows)} with a colour question"
+                )
             index = rng.randrange(self.recipe.pool_images)
             scene = train_scene(index)
             try:
