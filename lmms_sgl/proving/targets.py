@@ -3,6 +3,8 @@ hold a question's evidence. Token order is row-major, as both families hand toke
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,12 +48,17 @@ def dense_targets(scene: Scene, grid: int = GRID) -> torch.Tensor:
     return targets
 
 
-def evidence_mask(scene: Scene, question: str, grid: int = GRID) -> torch.Tensor:
-    """``(grid * grid,)`` bool: the visual tokens of the objects the question is about."""
+def objects_mask(scene: Scene, objects: Iterable[SceneObject], grid: int = GRID) -> torch.Tensor:
+    """``(grid * grid,)`` bool: the visual tokens of ``objects`` (some of the scene's)."""
     mask = torch.zeros(grid * grid, dtype=torch.bool)
-    for obj in evidence(scene, question):
+    for obj in objects:
         mask[object_cells(obj, scene.width, scene.height, grid)] = True
     return mask
+
+
+def evidence_mask(scene: Scene, question: str, grid: int = GRID) -> torch.Tensor:
+    """``(grid * grid,)`` bool: the visual tokens of the objects the question is about."""
+    return objects_mask(scene, evidence(scene, question), grid)
 
 
 class DenseHeads(nn.Module):

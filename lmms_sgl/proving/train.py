@@ -46,7 +46,7 @@ from lmms_sgl.proving.shapes import (
     render,
     sample,
 )
-from lmms_sgl.proving.targets import GRID, DenseHeads, dense_targets, evidence_mask, object_cells
+from lmms_sgl.proving.targets import DenseHeads, dense_targets, evidence_mask, objects_mask
 from lmms_sgl.proving.vlm_io import (
     PromptCache,
     answer_logits_and_loss,
@@ -413,14 +413,10 @@ class Trainer:
             except Unanswerable:
                 continue  # no object is unique by size and shape in this scene
             (asked,) = evidence(scene, question)
-            mask = torch.zeros(GRID * GRID, dtype=torch.bool)
-            if rng.random() < self.recipe.binding_hide:
-                for obj in scene.objects:
-                    if obj.size != asked.size:
-                        mask[object_cells(obj, scene.width, scene.height)] = True
+            hide = rng.random() < self.recipe.binding_hide
             indices.append(index)
             rows.append([(question, answer)])
-            hidden.append(mask)
+            hidden.append(objects_mask(scene, [o for o in scene.objects if hide and o.size != asked.size]))
         return indices, rows, torch.stack(hidden)
 
     def curriculum_mask(
@@ -565,17 +561,16 @@ class Trainer:
         def step_loss(step: int):
             if self.is_binding_step(step):
                 indices, rows, hidden = self.binding_rows(step)
-                ids, mask, labels = self.prompts.conversations(rows)
-                return answer_logits_and_loss(self.model, ids, mask, labels, pool[indices], hidden)[1], {}
-            indices, rows = self.lm_rows(step)
+            else:
+                indices, rows = self.lm_rows(step)
+                hidden = None
+                if step < recipe.curriculum_steps:
+                    questions = [turns[0][0] for turns in rows]
+                    on_evidence = torch.stack(
+                        [evidence_mask(train_scene(i), q) for i, q in zip(indices, questions, strict=True)]
+                    )
+                    hidden = self.curriculum_mask(step, on_object[indices], on_evidence)
             ids, mask, labels = self.prompts.conversations(rows)
-            hidden = None
-            if step < recipe.curriculum_steps:
-                questions = [turns[0][0] for turns in rows]
-                on_evidence = torch.stack(
-                    [evidence_mask(train_scene(i), q) for i, q in zip(indices, questions, strict=True)]
-                )
-                hidden = self.curriculum_mask(step, on_object[indices], on_evidence)
             return answer_logits_and_loss(self.model, ids, mask, labels, pool[indices], hidden)[1], {}
 
         finished = self._optimize(
