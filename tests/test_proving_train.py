@@ -245,14 +245,16 @@ def test_a_finished_run_extended_by_a_new_leg_equals_a_straight_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_export_writes_a_loadable_fp16_checkpoint_with_its_card(tmp_path):
+def test_export_writes_a_loadable_fp16_checkpoint_with_its_card_which_refreshes_without_the_state(tmp_path):
     from safetensors import safe_open
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from lmms_sgl.proving.export import export
+    from lmms_sgl.proving.export import export, refresh_card
+    from lmms_sgl.proving.train import main
 
     tried = ("an earlier recipe: 0.42 at the end", "a probe: 0.37 at 300 steps")
-    trainer = Trainer(replace(tiny(), tried=tried), tmp_path / "work")
+    proving = replace(tiny(), tried=tried)
+    trainer = Trainer(proving, tmp_path / "work")
     trainer.run()
     folder = export(trainer, tmp_path / "models", test_samples=8)
     with safe_open(folder / "model.safetensors", "pt") as weights:
@@ -267,6 +269,20 @@ def test_export_writes_a_loadable_fp16_checkpoint_with_its_card(tmp_path):
     history = card.split("## What was tried before this recipe\n", 1)[1]
     assert history.splitlines()[: len(tried)] == [f"- {line}" for line in tried]
     assert card.index("| all |") < card.index("## What was tried")
+
+    # the card again from training.json alone; the oracle is the card written from the live trainer
+    (folder / "README.md").unlink()
+    refresh_card(proving, folder)
+    assert (folder / "README.md").read_text() == card
+    refresh_card(replace(proving, tried=(*tried, "a later probe: 0.51")), folder)
+    refreshed = (folder / "README.md").read_text()
+    assert refreshed.startswith(card.split("## What was tried")[0])
+    assert refreshed.endswith("- a later probe: 0.51\n")
+    with pytest.raises(ValueError, match="another recipe"):
+        refresh_card(replace(proving, recipe=replace(proving.recipe, lm_steps=13)), folder)
+    # the command line refuses to write the shipped recipe's card for a model trained with another
+    with pytest.raises(ValueError, match="shapes-llava-guide's current one"):
+        main(["--models", "shapes-llava-guide", "--refresh-cards", str(tmp_path / "models")])
 
 
 def test_sincos_positions_depend_only_on_the_offset():

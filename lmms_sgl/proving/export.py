@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
 import torch
@@ -11,7 +11,7 @@ from loguru import logger
 
 from lmms_sgl.factory import build_model
 from lmms_sgl.proving.shapes import QUESTION_TYPES
-from lmms_sgl.proving.train import Trainer, encode_images, split_records
+from lmms_sgl.proving.train import ProvingModel, Trainer, encode_images, split_records
 
 
 def export(trainer: Trainer, out_dir: Path, test_samples: int = 300) -> Path:
@@ -40,22 +40,43 @@ def export(trainer: Trainer, out_dir: Path, test_samples: int = 300) -> Path:
         "history": trainer.state.history,
     }
     (target / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (target / "README.md").write_text(model_card(trainer, test, shuffled))
+    (target / "README.md").write_text(model_card(trainer.proving, summary, half))
     logger.info(f"exported {trainer.spec.name} -> {target}: test {test}")
     return target
 
 
-def model_card(trainer: Trainer, test: dict, shuffled: float) -> str:
-    spec, recipe = trainer.spec, trainer.recipe
-    params = sum(p.numel() for p in trainer.model.parameters())
-    last = next((h for h in reversed(trainer.state.history) if "validation" in h), {})
+def refresh_card(proving: ProvingModel, folder: Path) -> Path:
+    """Rewrite ``folder/README.md`` from the exported ``training.json`` and ``proving`` as it is now
+    (e.g. with more of what was tried), without the training state, which lives only where the model
+    was trained. The spec and recipe must be the ones the exported model was trained with."""
+    card = Path(folder) / "README.md"
+    summary = json.loads((Path(folder) / "training.json").read_text())
+    for part, current in (("spec", proving.spec), ("recipe", proving.recipe)):
+        # a field added after the export counts with its default, which reproduces the old behaviour
+        defaults = {f.name: f.default for f in fields(current) if f.default is not MISSING}
+        if json.loads(json.dumps({**defaults, **summary[part]})) != json.loads(json.dumps(asdict(current))):
+            raise ValueError(
+                f"{folder}/training.json: the model was trained with another {part} than "
+                f"{proving.spec.name}'s current one; retrain and export it instead of refreshing its card"
+            )
+    card.write_text(model_card(proving, summary, build_model(proving.spec)[0]))
+    logger.info(f"refreshed {card}")
+    return card
+
+
+def model_card(proving: ProvingModel, summary: dict, model: torch.nn.Module) -> str:
+    """The model card of an exported proving model, from its ``training.json`` ``summary``."""
+    spec, recipe = proving.spec, proving.recipe
+    test, shuffled = summary["test_accuracy_teacher_forced"], summary["test_accuracy_shuffled_images"]
+    params = sum(p.numel() for p in model.parameters())
+    last = next((h for h in reversed(summary["history"]) if "validation" in h), {})
     restarts = (
         f" with warm restarts at steps {', '.join(map(str, recipe.lm_restarts))} "
         f"(peak x{recipe.restart_peak:g})"
         if recipe.lm_restarts
         else ""
     )
-    tried = trainer.proving.tried
+    tried = proving.tried
     history = (
         "\n## What was tried before this recipe\n" + "\n".join(f"- {line}" for line in tried) + "\n"
         if tried
@@ -88,7 +109,7 @@ def model_card(trainer: Trainer, test: dict, shuffled: float) -> str:
     return f"""# {spec.name}
 
 The {spec.role} model of the lmms-sgl proving ground for the {spec.family} family: a
-`{type(trainer.model).__name__}` ({params / 1e6:.2f} M parameters; {spec.description}) trained from
+`{type(model).__name__}` ({params / 1e6:.2f} M parameters; {spec.description}) trained from
 scratch on this repository's procedural shapes benchmark (`lmms_sgl/proving/shapes.py`), on a CPU.
 Weights are fp16; load them in fp32 on a CPU. Not a general-purpose model: it knows 256-token
 448 px scenes of coloured shapes and the four question forms of the `sgl_shapes` task.
@@ -106,7 +127,7 @@ Weights are fp16; load them in fp32 on a CPU. Not a general-purpose model: it kn
    {recipe.questions_per_image} questions about one image per sequence, the first turn being exactly
    the evaluation prompt.{focus}{binding}
 
-Seed {spec.seed}. Training time: {trainer.state.seconds / 60:.0f} min of optimizer steps on a 2-core CPU
+Seed {spec.seed}. Training time: {summary["train_seconds"] / 60:.0f} min of optimizer steps on a 2-core CPU
 machine, one or two threads, at times beside a second training (caching and evaluation not counted).
 
 ## Accuracy (greedy answer equals the reference; 300 validation / 300 test scenes)

@@ -613,10 +613,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--restart-lm", action="store_true", help="redo stage 2 from the end of stage 1")
     parser.add_argument("--export", type=Path, default=None, help="after training, export the models here")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after this long")
+    parser.add_argument(
+        "--refresh-cards",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="train nothing: rewrite the model cards of the models exported in DIR from their "
+        "training.json and the current code (e.g. after adding to what was tried)",
+    )
     args = parser.parse_args(argv)
     unknown = sorted(set(args.models) - set(PROVING_MODELS))
     if unknown:
         parser.error(f"--models: unknown {unknown}; allowed: {list(PROVING_MODELS)}")
+    if args.refresh_cards is not None:
+        from lmms_sgl.proving.export import refresh_card
+
+        for name in args.models:
+            refresh_card(PROVING_MODELS[name], args.refresh_cards / name)
+        return
     for name in args.models:
         trainer = Trainer(PROVING_MODELS[name], args.work_dir, args.threads)
         if args.restart_lm:
