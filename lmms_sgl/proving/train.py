@@ -178,6 +178,14 @@ INTERNVL_TRIED_BEFORE = (
     "changes the weights by 7e-8 after 3 steps) and its legs amplify it. The focused leg lifted colour "
     "questions from 59 % to 82 % and the binding steps to 92 %, but shape, count and yes/no questions "
     "stayed at 55-75 %: validation 69.3 %, test 66.3 %.",
+    "A second probe toward the budget (not shipped): the text stage from this recipe's vision tower "
+    "(the shipped weights, fp16), an 800-step curriculum, the first leg to 4,000, the colour-focused "
+    "leg to 5,500 and shape-binding steps to 7,500: 68 min of text steps, 109 min with the vision "
+    "stage. The first leg ended at validation 54.3 % with yes/no questions at chance (47 %; this "
+    "recipe's run had 77 % at 4,000 steps); the later legs lifted colour questions from 44 % to 70 % "
+    "and little else: validation 62.7 %, test 66.3 % (colour 63.5 / shape 69.7 / count 71.4 / yes-no "
+    "61.3). Of three runs of a first leg, only this recipe's grounded shape and yes/no questions: "
+    "the 2-hour budget needs a text stage that grounds reliably, not a shorter schedule.",
 )
 
 PROVING_MODELS: dict[str, ProvingModel] = {
