@@ -283,6 +283,8 @@ def test_export_writes_a_loadable_fp16_checkpoint_with_its_card_which_refreshes_
     # the command line refuses to write the shipped recipe's card for a model trained with another
     with pytest.raises(ValueError, match="shapes-llava-guide's current one"):
         main(["--models", "shapes-llava-guide", "--refresh-cards", str(tmp_path / "models")])
+    with pytest.raises(SystemExit):  # refreshing trains nothing: training options are refused
+        main(["--refresh-cards", str(tmp_path / "models"), "--export", str(tmp_path / "models")])
 
 
 def test_sincos_positions_depend_only_on_the_offset():

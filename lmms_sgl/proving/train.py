@@ -185,7 +185,7 @@ INTERNVL_TRIED_BEFORE = (
     "recipe's run had 77 % at 4,000 steps); the later legs lifted colour questions from 44 % to 70 % "
     "and little else: validation 62.7 %, test 66.3 % (colour 63.5 / shape 69.7 / count 71.4 / yes-no "
     "61.3). Of three runs of a first leg, only this recipe's grounded shape and yes/no questions: "
-    "the 2-hour budget needs a text stage that grounds reliably, not a shorter schedule.",
+    "the 2-hour budget would need a text stage that grounds reliably, not a shorter schedule.",
 )
 
 PROVING_MODELS: dict[str, ProvingModel] = {
@@ -634,6 +634,14 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"--models: unknown {unknown}; allowed: {list(PROVING_MODELS)}")
     if args.refresh_cards is not None:
+        training = {
+            "--restart-lm": args.restart_lm,
+            "--export": args.export,
+            "--max-minutes": args.max_minutes,
+        }
+        if any(training.values()):
+            used = ", ".join(flag for flag, value in training.items() if value)
+            parser.error(f"--refresh-cards trains nothing; it cannot be combined with {used}")
         from lmms_sgl.proving.export import refresh_card
 
         for name in args.models:
