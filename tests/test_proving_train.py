@@ -245,7 +245,9 @@ def test_a_finished_run_extended_by_a_new_leg_equals_a_straight_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_export_writes_a_loadable_fp16_checkpoint_with_its_card_which_refreshes_without_the_state(tmp_path):
+def test_export_writes_a_loadable_fp16_checkpoint_with_its_card_which_refreshes_without_the_state(
+    tmp_path, capsys
+):
     from safetensors import safe_open
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -285,6 +287,7 @@ def test_export_writes_a_loadable_fp16_checkpoint_with_its_card_which_refreshes_
         main(["--models", "shapes-llava-guide", "--refresh-cards", str(tmp_path / "models")])
     with pytest.raises(SystemExit):  # refreshing trains nothing: training options are refused
         main(["--refresh-cards", str(tmp_path / "models"), "--export", str(tmp_path / "models")])
+    assert "--refresh-cards trains nothing; it cannot be combined with --export" in capsys.readouterr().err
 
 
 def test_sincos_positions_depend_only_on_the_offset():
