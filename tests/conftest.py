@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import lmms_sgl  # noqa: E402,F401  (torchvision fix before anything imports transformers)
-from lmms_sgl import factory  # noqa: E402
+from lmms_sgl.factory import build as factory  # noqa: E402
 
 torch.set_num_threads(2)
 

@@ -114,7 +114,7 @@ def evaluate(
 def kept_visual_sets(monkeypatch) -> list[list[int]]:
     """Record, per sample the large model ran, which of its visual tokens the keep plan kept
     (ordinals among that sample's visual tokens, so batch padding does not matter)."""
-    import lmms_sgl.pipeline as pipeline_module
+    import lmms_sgl.pipeline.keep_plans as pipeline_module
 
     kept: list[list[int]] = []
     plan_from_scores = pipeline_module.plan_from_scores

@@ -2,7 +2,7 @@
 
 Written from the original layer definitions (InternViT, ``mlp1``, pixel shuffle v2, InternLM2 with
 its fused per-group ``wqkv``, Qwen2, Phi-3 with ``su`` RoPE, Llama) and reading the original tensor
-names directly. It shares no code with ``lmms_sgl.internvl_original``, so agreement between the
+names directly. It shares no code with ``lmms_sgl.checkpoints.internvl_original``, so agreement between the
 two is evidence that the conversion is exact, not that one bug was written twice.
 """
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from lmms_sgl import benchmark
+from lmms_sgl.benchmarks import run as benchmark
 
 
 def test_benchmark_smoke_writes_every_section(tmp_path):

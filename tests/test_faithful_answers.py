@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lmms_sgl import factory
+from lmms_sgl.factory import build as factory
 from lmms_sgl.families import InternVLFamily, LlavaFamily, Prompt
 from lmms_sgl.method.guide import run_guide
 from lmms_sgl.method.importance import ATTENTION_NAME, EAGER_ATTENTION_NAME, prompt_rows_from_last_visual

@@ -12,7 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from lmms_sgl import _tv_compat, factory, local_tasks
+from lmms_sgl import _tv_compat
+from lmms_sgl.factory import build as factory
+from lmms_sgl.local_tasks import data as local_tasks
 
 REPO = Path(__file__).resolve().parent.parent
 

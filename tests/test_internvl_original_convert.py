@@ -1,6 +1,6 @@
 """Original-layout InternVL checkpoints -> transformers-native ones, checked against the original maths.
 
-The tiny checkpoints come from ``lmms_sgl.factory_original`` (original names, fused tensors, two
+The tiny checkpoints come from ``lmms_sgl.factory.original`` (original names, fused tensors, two
 shards); the reference forward (``tests/internvl_original_reference.py``) is written from the
 original layer definitions and shares no code with the converter.
 """
@@ -16,19 +16,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmms_sgl.checkpoints import CorruptCheckpointError
-from lmms_sgl.factory import TextSpec, VisionSpec
-from lmms_sgl.factory_original import (
+from lmms_sgl.checkpoints.integrity import CorruptCheckpointError
+from lmms_sgl.checkpoints.internvl_original import convert as convert_module
+from lmms_sgl.checkpoints.internvl_original.config import OriginalCheckpointError, read_original_config
+from lmms_sgl.checkpoints.internvl_original.convert import (
+    MARKER,
+    convert_checkpoint,
+    main,
+    resolve_checkpoint,
+)
+from lmms_sgl.checkpoints.internvl_original.weights import WeightLayout, split_internlm2_wqkv
+from lmms_sgl.factory.original import (
     SPECS,
     OriginalSpec,
     build_original_pair,
     build_originals,
     original_config,
 )
-from lmms_sgl.internvl_original import convert as convert_module
-from lmms_sgl.internvl_original.config import OriginalCheckpointError, read_original_config
-from lmms_sgl.internvl_original.convert import MARKER, convert_checkpoint, main, resolve_checkpoint
-from lmms_sgl.internvl_original.weights import WeightLayout, split_internlm2_wqkv
+from lmms_sgl.factory.specs import TextSpec, VisionSpec
 from tests.internvl_original_reference import load_original, reference_logits
 
 TOLERANCE = 1e-5
@@ -196,7 +201,7 @@ def test_converted_checkpoint_runs_with_its_processor(converted):
     from PIL import Image
     from transformers import AutoModelForImageTextToText
 
-    from lmms_sgl.internvl_original.processing import load_processor
+    from lmms_sgl.checkpoints.internvl_original.processing import load_processor
 
     folder = converted["internvl2-orig-guide"]
     processor = load_processor(folder)
@@ -366,7 +371,7 @@ def test_hub_id_resolves_from_the_hub_cache(originals, cache, tmp_path, monkeypa
 
 def test_command_line_converts(originals, converted, tmp_path):
     pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
-    assert 'lmms-sgl-convert = "lmms_sgl.internvl_original.convert:main"' in pyproject
+    assert 'lmms-sgl-convert = "lmms_sgl.checkpoints.internvl_original.convert:main"' in pyproject
     main([str(originals["internvl2-orig-guide"]), str(tmp_path / "cli")])
     assert folder_bytes(tmp_path / "cli") == folder_bytes(converted["internvl2-orig-guide"])
     with pytest.raises(FileExistsError, match="not an empty folder"):

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from lmms_sgl.factory_original import build_original_pair
+from lmms_sgl.checkpoints.internvl_original.config import OriginalCheckpointError
+from lmms_sgl.factory.original import build_original_pair
 from lmms_sgl.families import InternVLFamily
-from lmms_sgl.internvl_original.config import OriginalCheckpointError
 from tests.helpers import evaluate, raw_response
 
 
@@ -26,7 +26,7 @@ def test_sgl_internvl2_serves_original_checkpoints(tmp_path, tasks_dir, monkeypa
         [str(convert), str(pair["guide"]), str(guide)], check=True, capture_output=True, timeout=300
     )
 
-    from lmms_sgl.internvl_original import convert as convert_module
+    from lmms_sgl.checkpoints.internvl_original import convert as convert_module
 
     conversions = []
     convert_checkpoint = convert_module.convert_checkpoint

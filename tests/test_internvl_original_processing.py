@@ -1,6 +1,6 @@
 """Processing of original InternVL checkpoints: tokenizer ids, prompts and tiling equal the originals.
 
-Each reference here is written independently of ``lmms_sgl.internvl_original`` from the original
+Each reference here is written independently of ``lmms_sgl.checkpoints.internvl_original`` from the original
 code's documented behaviour: the slow tokenizers (added tokens cut out, SentencePiece on the rest,
 BOS first), the original ``chat()`` prompt building (MPT separator style, ``<image>\\n`` before the
 question replaced by the image tokens) and InternVL's ``dynamic_preprocess`` (PIL + numpy/torch).
@@ -20,9 +20,9 @@ import sentencepiece as spm
 import torch
 from PIL import Image
 
-from lmms_sgl.internvl_original import fixtures
-from lmms_sgl.internvl_original.processing import build_processor, load_processor, stop_token_ids
-from lmms_sgl.internvl_original.tokenizer import build_tokenizer
+from lmms_sgl.checkpoints.internvl_original import fixtures
+from lmms_sgl.checkpoints.internvl_original.processing import build_processor, load_processor, stop_token_ids
+from lmms_sgl.checkpoints.internvl_original.tokenizer import build_tokenizer
 
 ARCHITECTURES = {
     "internlm2": "InternLM2ForCausalLM",

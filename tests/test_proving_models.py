@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lmms_sgl.factory import save_checkpoint
-from lmms_sgl.proving.study import FAMILIES, Point, run_point
+from lmms_sgl.factory.build import save_checkpoint
+from lmms_sgl.proving.points import FAMILIES, Point, run_point
 from lmms_sgl.proving.train import PROVING_MODELS
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lmms_sgl.local_tasks import shapes_records
+from lmms_sgl.local_tasks.data import shapes_records
 from lmms_sgl.proving import shapes
 
 

@@ -252,7 +252,7 @@ def test_export_writes_a_loadable_fp16_checkpoint_with_its_card_which_refreshes_
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from lmms_sgl.proving.export import export, refresh_card
-    from lmms_sgl.proving.train import main
+    from lmms_sgl.proving.train_cli import main
 
     tried = ("an earlier recipe: 0.42 at the end", "a probe: 0.37 at 300 steps")
     proving = replace(tiny(), tried=tried)

@@ -267,7 +267,7 @@ def test_a_rerun_of_the_study_report_keeps_the_resolution_section(tmp_path):
 
 
 def test_the_resolution_benchmark_reports_its_target_honestly(tmp_path):
-    from lmms_sgl import benchmark_resolution as bench
+    from lmms_sgl.benchmarks import resolution as bench
 
     def row(config, time_ratio, flops_ratio):
         return {

@@ -11,6 +11,8 @@ count it (same exit rule, same aggregation).
 * :mod:`.replay`: the replay of a threshold, the threshold table, and the choice for a target;
 * :mod:`.report`: console tables, JSON and plots;
 * :mod:`.cli`: ``lmms-sgl-calibrate``.
+
+May import ``lmms_sgl.method`` (the exit rule) and lmms-eval's task code; never the models.
 """
 
 

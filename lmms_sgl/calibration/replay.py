@@ -5,7 +5,7 @@ threshold; it then answers with the guide's answer, costs the guide's FLOPs only
 the metric values of the guide's answer. Otherwise it keeps the logged large-model answer, metric
 values and FLOPs. Accuracy is the task's own aggregation over documents in doc-id order, as
 lmms-eval aggregates them; exit rate, large-model call rate and FLOPs ratio are computed from
-summed counts as in ``lmms_sgl.stats``.
+summed counts as in ``lmms_sgl.reporting.stats``.
 
 The reference FLOPs of an exited sample (the large model alone) are, in a real exit run, counted at
 the guide's answer length. A record that carries ``extra["exit_flops_large_alone"]`` gives exactly

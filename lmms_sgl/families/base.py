@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from lmms_sgl.checkpoints import CheckpointError, check_weights
+from lmms_sgl.checkpoints.integrity import CheckpointError, check_weights
 from lmms_sgl.method.cost import TransformerShape
 from lmms_sgl.method.transfer import BoxesUnavailable, TokenBoxes
 

@@ -1,6 +1,6 @@
 """InternVL: transformers-native ``InternVLForConditionalGeneration`` (InternVL2.5/3/3.5 ``-hf``)
 and the original remote-code layout (InternVL2 1B-76B, InternVL2.5/3 ``InternVLChatModel``), which is
-converted once into the native layout without running its code (``lmms_sgl.internvl_original``).
+converted once into the native layout without running its code (``lmms_sgl.checkpoints.internvl_original``).
 
 Visual tokens: ``<IMG_CONTEXT>`` x 256 per 448 px tile (patch 14, pixel shuffle 0.5), dynamic tiling
 into up to ``max_tiles`` tiles plus a thumbnail. Both processors get the same ``max_patches``: by
@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from lmms_sgl.checkpoints import check_weights
+from lmms_sgl.checkpoints.integrity import check_weights
+from lmms_sgl.checkpoints.internvl_original.config import read_original_config
+from lmms_sgl.checkpoints.internvl_original.convert import DEFAULT_MAX_TILES as ORIGINAL_MAX_TILES
+from lmms_sgl.checkpoints.internvl_original.convert import MARKER, resolve_checkpoint
+from lmms_sgl.checkpoints.internvl_original.processing import load_processor
 from lmms_sgl.families.base import HFVisionLanguageFamily, LoadedVLM
-from lmms_sgl.internvl_original.config import read_original_config
-from lmms_sgl.internvl_original.convert import DEFAULT_MAX_TILES as ORIGINAL_MAX_TILES
-from lmms_sgl.internvl_original.convert import MARKER, resolve_checkpoint
-from lmms_sgl.internvl_original.processing import load_processor
 from lmms_sgl.method.cost import TransformerShape, mlp_chain_flops, vit_flops
 from lmms_sgl.method.transfer import BoxesUnavailable, TokenBoxes, even_edges
 

@@ -25,8 +25,8 @@ from lmms_sgl.families.base import HFVisionLanguageFamily, Prompt
 from lmms_sgl.lmms.args import ModelArgs, parse_model_args
 from lmms_sgl.method.importance import ATTENTION_NAME, recording_attention
 from lmms_sgl.pipeline import GenerationSettings, Sample, SampleRecord, SGLPipeline
-from lmms_sgl.stats import RunStats
-from lmms_sgl.tracking import print_summary, report_to_lmms_eval, report_to_wandb
+from lmms_sgl.reporting.stats import RunStats
+from lmms_sgl.reporting.tracking import print_summary, report_to_lmms_eval, report_to_wandb
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -1,1 +1,4 @@
-"""The SGL method: pure tensor code plus transformers seams; knows nothing of lmms-eval."""
+"""The SGL method: importance recording, keep sets, layer-K pruning, exit scores, cost model.
+
+Pure tensor code over transformers' seams; imports torch and transformers only, nothing else of the project.
+"""

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-from lmms_sgl.factory import build_model
+from lmms_sgl.factory.build import build_model
 from lmms_sgl.proving.shapes import QUESTION_TYPES
 from lmms_sgl.proving.train import ProvingModel, Trainer, encode_images, split_records
 
@@ -114,7 +114,7 @@ scratch on this repository's procedural shapes benchmark (`lmms_sgl/proving/shap
 Weights are fp16; load them in fp32 on a CPU. Not a general-purpose model: it knows 256-token
 448 px scenes of coloured shapes and the four question forms of the `sgl_shapes` task.
 
-## Recipe (`python -m lmms_sgl.proving.train --models {spec.name}`, resumable)
+## Recipe (`lmms-sgl-train-proving --models {spec.name}`, resumable)
 1. Dense vision pretraining: {recipe.vision_steps} steps of {recipe.vision_batch} fresh scenes, AdamW
    {recipe.vision_lr:g}; linear heads on the projector output predict colour, shape and size of the
    object under each visual token and the token holding each object's centre. The heads are

@@ -4,7 +4,7 @@ On ``sgl_shapes_wide`` (896 x 448 px) the InternVL large model sees two tiles an
 visual tokens). The guide either sees the same layout (index transfer, as before) or one tile
 (``guide_max_tiles=1``: 256 tokens, mapped onto the large model's tokens by image geometry). Both
 run the study's shared K = 1 schedule at 35 % and 9 %; every point is one lmms-eval run of the
-study's kind (``lmms_sgl.proving.study.run_point``, cached the same way).
+study's kind (``lmms_sgl.proving.points.run_point``, cached the same way).
 
 ``python -m lmms_sgl.proving.resolution`` writes ``reports/proving_ground_resolution.json``, its plot,
 and the section of ``reports/proving_ground.md`` between the markers below (appended if absent).
@@ -20,8 +20,8 @@ from pathlib import Path
 
 from loguru import logger
 
-from lmms_sgl.proving.study import WIDE_RATIOS, WIDE_TASK, Point, run_point, schedule, summarize
-from lmms_sgl.report_sections import insert_marked_section
+from lmms_sgl.proving.points import WIDE_RATIOS, WIDE_TASK, Point, run_point, schedule, summarize
+from lmms_sgl.reporting.sections import insert_marked_section
 
 START, END = "<!-- guidance-across-resolutions:start -->", "<!-- guidance-across-resolutions:end -->"
 GUIDE_TILES = (None, 1)  # None: the large model's layout

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-from lmms_sgl.palette import COLORS
+from lmms_sgl.proving.palette import COLORS
 
 SHAPES = ("circle", "square", "triangle", "cross")
 SIZES = {"small": 0.09, "large": 0.16}  # object extent as a fraction of the shorter image side

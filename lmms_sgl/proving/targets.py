@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmms_sgl.palette import COLORS
+from lmms_sgl.proving.palette import COLORS
 from lmms_sgl.proving.shapes import SHAPES, SIZES, Scene, SceneObject, evidence
 
 GRID = 16  # visual tokens per side for a 448 px image, both families (256 tokens)

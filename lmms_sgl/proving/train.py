@@ -15,12 +15,11 @@ the answer priors. This recipe splits the problem in two stages that each learn 
 Everything is deterministic from the spec's seed and the step index (bit for bit at a given torch
 thread count; another thread count changes float rounding, which the text stage amplifies), and the
 whole state is saved every ``checkpoint_every`` steps, so an interrupted run resumes where it stopped:
-``python -m lmms_sgl.proving.train --models shapes-internvl-large`` (``--help``).
+``lmms-sgl-train-proving --models shapes-internvl-large`` (``--help``).
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import math
 import random
@@ -35,7 +34,8 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from lmms_sgl.factory import ModelSpec, TextSpec, VisionSpec, build_model
+from lmms_sgl.factory.build import build_model
+from lmms_sgl.factory.specs import ModelSpec, TextSpec, VisionSpec
 from lmms_sgl.proving.shapes import (
     QUESTION_TYPES,
     SPLIT_SEEDS,
@@ -607,56 +607,3 @@ class Trainer:
         if finished:
             self.state.stage = "done"
             self._save()
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--models", nargs="+", default=list(PROVING_MODELS), help=f"subset of {list(PROVING_MODELS)}"
-    )
-    parser.add_argument(
-        "--work-dir", type=Path, default=Path(".cache/proving"), help="training state (resumable)"
-    )
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--restart-lm", action="store_true", help="redo stage 2 from the end of stage 1")
-    parser.add_argument("--export", type=Path, default=None, help="after training, export the models here")
-    parser.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after this long")
-    parser.add_argument(
-        "--refresh-cards",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="train nothing: rewrite the model cards of the models exported in DIR from their "
-        "training.json and the current code (e.g. after adding to what was tried)",
-    )
-    args = parser.parse_args(argv)
-    unknown = sorted(set(args.models) - set(PROVING_MODELS))
-    if unknown:
-        parser.error(f"--models: unknown {unknown}; allowed: {list(PROVING_MODELS)}")
-    if args.refresh_cards is not None:
-        training = {
-            "--restart-lm": args.restart_lm,
-            "--export": args.export,
-            "--max-minutes": args.max_minutes,
-        }
-        if any(training.values()):
-            used = ", ".join(flag for flag, value in training.items() if value)
-            parser.error(f"--refresh-cards trains nothing; it cannot be combined with {used}")
-        from lmms_sgl.proving.export import refresh_card
-
-        for name in args.models:
-            refresh_card(PROVING_MODELS[name], args.refresh_cards / name)
-        return
-    for name in args.models:
-        trainer = Trainer(PROVING_MODELS[name], args.work_dir, args.threads)
-        if args.restart_lm:
-            trainer.restart_lm()
-        state = trainer.run(args.max_minutes)
-        if args.export is not None and state.stage == "done":
-            from lmms_sgl.proving.export import export
-
-            export(trainer, args.export)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,5 +1,5 @@
 """Prompt and visual functions of the ``sgl_smoke`` task (shared by the local tasks)."""
 
-from lmms_sgl.task_utils import doc_to_text, doc_to_visual
+from lmms_sgl.local_tasks.prompts import doc_to_text, doc_to_visual
 
 __all__ = ["doc_to_text", "doc_to_visual"]

@@ -1,6 +1,6 @@
 """The smoke questions as multiple choice over the colour names (scored by log-likelihood)."""
 
-from lmms_sgl.palette import COLORS
+from lmms_sgl.proving.palette import COLORS
 
 CHOICES = sorted(COLORS)
 

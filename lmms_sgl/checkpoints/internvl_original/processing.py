@@ -4,8 +4,8 @@
 ``save_pretrained``; loads with ``AutoProcessor``, no remote code) whose prompts and pixels equal
 what the original ``chat()`` feeds the model:
 
-* tokenizer: :mod:`lmms_sgl.internvl_original.tokenizer` (original ids, stop token as EOS);
-* chat template: the checkpoint's ``template`` (:mod:`lmms_sgl.internvl_original.templates`);
+* tokenizer: :mod:`lmms_sgl.checkpoints.internvl_original.tokenizer` (original ids, stop token as EOS);
+* chat template: the checkpoint's ``template`` (:mod:`lmms_sgl.checkpoints.internvl_original.templates`);
 * images: transformers' ``GotOcr2ImageProcessor`` implements InternVL's dynamic tiling rule exactly
   (same candidate grids and order, aspect-ratio choice and tie rule, row-major tiles, thumbnail
   when more than one tile). Its PIL backend (``GotOcr2ImageProcessorPil``: PIL bicubic resize,
@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmms_sgl.internvl_original.templates import chat_template, conversation_format
-from lmms_sgl.internvl_original.tokenizer import build_tokenizer
+from lmms_sgl.checkpoints.internvl_original.templates import chat_template, conversation_format
+from lmms_sgl.checkpoints.internvl_original.tokenizer import build_tokenizer
 
 DEFAULT_MAX_TILES = 6  # the paper's and lmms-eval's internvl2 setting (configs say 12)
 IMAGENET_MEAN = [0.485, 0.456, 0.406]

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmms_sgl.checkpoints import CheckpointError
-from lmms_sgl.internvl_original.templates import FORMATS
+from lmms_sgl.checkpoints.integrity import CheckpointError
+from lmms_sgl.checkpoints.internvl_original.templates import FORMATS
 
 ORIGINAL_ARCHITECTURE = "InternVLChatModel"
 ORIGINAL_MODEL_TYPE = "internvl_chat"

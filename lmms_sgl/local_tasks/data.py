@@ -13,7 +13,7 @@
   threshold (``lmms-sgl-calibrate``) away from the test split.
 
 Everything is deterministic from the seed. Regenerate the shipped files with
-``python -m lmms_sgl.local_tasks --tasks-dir tasks``.
+``python -m lmms_sgl.local_tasks.data --tasks-dir tasks``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from lmms_sgl.palette import COLORS
+from lmms_sgl.proving.palette import COLORS
 
 SHAPES = ("circle", "square", "triangle")
 # (width, height): 1 tile, 2-6 tiles plus a thumbnail for InternVL; always 256 tokens for LLaVA.

@@ -6,7 +6,7 @@ against exactly their layout. This module writes small checkpoints the way those
 ``auto_map`` pointing at code that does not exist, so nothing could run it), weights under their
 original names (InternLM2's fused ``wqkv``, InternViT's ``qkv`` / ``ls1`` / ``norm1``, ``mlp1``) as
 seeded random fp32 safetensors split over two shards, and tokenizer files in the text model's
-original layout (``lmms_sgl.internvl_original.fixtures.write_tokenizer``).
+original layout (``lmms_sgl.factory.original_tokenizers.write_tokenizer``).
 
 Text models: InternLM2 (grouped KV heads, dynamic RoPE scaling), Qwen2 (tied embeddings), Phi-3
 (``su`` RoPE scaling), Llama. Vision: InternViT-300M style (LayerNorm, qkv bias) and InternViT-6B
@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-from lmms_sgl.factory import TextSpec, VisionSpec
-from lmms_sgl.internvl_original.tokenizer import TEXT_ARCHITECTURES
+from lmms_sgl.checkpoints.internvl_original.tokenizer import TEXT_ARCHITECTURES
+from lmms_sgl.factory.specs import TextSpec, VisionSpec
 
 _ARCH_CLASS = {short: cls for cls, short in TEXT_ARCHITECTURES.items()}
 _MODEL_TYPE = {"internlm2": "internlm2", "qwen2": "qwen2", "phi3": "phi3", "llama": "llama"}
@@ -80,7 +80,7 @@ PAIR = {"guide": "internvl2-orig-guide", "large": "internvl2-orig-large"}
 # -- config.json ------------------------------------------------------------------------------
 def _tokenizer_facts(folder: Path, spec: OriginalSpec) -> dict:
     """Vocabulary size and special ids of the tokenizer written for ``spec`` (original ids)."""
-    from lmms_sgl.internvl_original.tokenizer import build_tokenizer
+    from lmms_sgl.checkpoints.internvl_original.tokenizer import build_tokenizer
 
     minimal = {"llm_config": {"architectures": [_ARCH_CLASS[spec.text_arch]]}, "template": spec.template}
     tokenizer = build_tokenizer(folder, minimal)
@@ -328,7 +328,7 @@ def _write_shards(weights: dict[str, torch.Tensor], folder: Path, shards: int) -
 
 def build_original(spec: OriginalSpec, out_dir: Path) -> Path:
     """Write one tiny original-layout checkpoint to ``out_dir / spec.name``."""
-    from lmms_sgl.internvl_original.fixtures import write_tokenizer
+    from lmms_sgl.factory.original_tokenizers import write_tokenizer
 
     folder = Path(out_dir) / spec.name
     folder.mkdir(parents=True, exist_ok=True)

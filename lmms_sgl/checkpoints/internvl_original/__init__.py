@@ -11,5 +11,6 @@ This package reads their ``config.json``, tokenizer files and safetensors, and w
   conversion on first use, file-locked) and the ``lmms-sgl-convert`` command;
 * :mod:`.tokenizer`, :mod:`.templates`, :mod:`.processing`: tokenizer, chat format, image tiling.
 
-Submodules are imported on demand (no imports here), so reading a config stays cheap.
+Submodules are imported on demand (no imports here), so reading a config stays cheap. May import
+``lmms_sgl.checkpoints.integrity`` and ``lmms_sgl.method``; never families or the pipeline.
 """

@@ -19,7 +19,7 @@ from loguru import logger
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
-from lmms_sgl.internvl_original.sentencepiece_model import (
+from lmms_sgl.checkpoints.internvl_original.sentencepiece_model import (
     ModelType,
     PieceType,
     SentencePieceModel,

@@ -27,8 +27,8 @@ from pathlib import Path
 from loguru import logger
 from tokenizers import AddedToken, Tokenizer, processors
 
-from lmms_sgl.internvl_original.sentencepiece_convert import sentencepiece_backend
-from lmms_sgl.internvl_original.templates import conversation_format
+from lmms_sgl.checkpoints.internvl_original.sentencepiece_convert import sentencepiece_backend
+from lmms_sgl.checkpoints.internvl_original.templates import conversation_format
 
 INTERNVL_TOKENS = {
     "start_image_token": "<img>",
@@ -128,7 +128,7 @@ def _sentencepiece(src_dir: Path, config: dict, arch: str) -> Tokenizer:
 
 
 def _sentencepiece_size(model_file: Path) -> int:
-    from lmms_sgl.internvl_original.sentencepiece_model import read_sentencepiece_model
+    from lmms_sgl.checkpoints.internvl_original.sentencepiece_model import read_sentencepiece_model
 
     return len(read_sentencepiece_model(model_file).pieces)
 

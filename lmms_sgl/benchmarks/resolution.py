@@ -1,13 +1,13 @@
 """Benchmark, guidance across resolutions: end to end at 9 % with 1,792 large-model visual tokens,
 the guide at the large model's layout (6 tiles + thumbnail) versus at one tile (256 tokens).
 
-Same models, image, question and measuring rules as ``lmms_sgl.benchmark`` (its full specs, configs
+Same models, image, question and measuring rules as ``lmms_sgl.benchmarks.run`` (its full specs, configs
 interleaved after a warm-up round, medians); the one-tile guide is the same checkpoint served by an
 ``InternVLFamily(max_tiles=1)`` (what ``guide_max_tiles=1`` does), its importance mapped onto the
 large model's tokens by image geometry. Target (issue 14): the pipeline at <= 0.35x of the large
 model alone, no exit.
 
-    python -m lmms_sgl.benchmark_resolution --out reports/benchmarks.md   # a few minutes here
+    python -m lmms_sgl.benchmarks.resolution --out reports/benchmarks.md   # a few minutes here
 
 Writes ``benchmarks_resolution.json`` next to ``--out`` and the marked section of ``--out``
 (replaced in place, or appended).
@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from lmms_sgl.benchmark import FULL, IMAGES, QUESTION, SMOKE, interleaved, load_pair, machine
+from lmms_sgl.benchmarks.common import FULL, IMAGES, QUESTION, SMOKE, interleaved, load_pair, machine
 from lmms_sgl.families import InternVLFamily, LoadedVLM, Prompt
 from lmms_sgl.method.settings import PAPER_PRESETS, SGLSettings
 from lmms_sgl.pipeline import GenerationSettings, Sample, SGLPipeline
-from lmms_sgl.report_sections import insert_marked_section
+from lmms_sgl.reporting.sections import insert_marked_section
 
 START, END = "<!-- guide-resolution-benchmark:start -->", "<!-- guide-resolution-benchmark:end -->"
 PRESET, N_VISUAL, TARGET = 0.09, 1792, 0.35
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(2)
     results = measure(SMOKE if args.smoke else FULL, 4 if args.smoke else 10, 1 if args.smoke else 5)
     command = (
-        "python -m lmms_sgl.benchmark_resolution" + (" --smoke" if args.smoke else "") + f" --out {args.out}"
+        "python -m lmms_sgl.benchmarks.resolution" + (" --smoke" if args.smoke else "") + f" --out {args.out}"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_name("benchmarks_resolution.json").write_text(json.dumps(results, indent=2) + "\n")

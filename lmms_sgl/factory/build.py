@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from loguru import logger
+
+from lmms_sgl.factory.specs import SPECS, ModelSpec
 
 # Words the tokenizer learns as whole tokens: templates, task prompts (lmms-eval's GQA prompt among
 # them) and answer words. Anything else still tokenizes, byte by byte.
@@ -52,155 +54,6 @@ _CORPUS_LINES = [
 ]
 
 
-@dataclass(frozen=True)
-class TextSpec:
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    intermediate_size: int
-
-
-@dataclass(frozen=True)
-class VisionSpec:
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    intermediate_size: int
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One small checkpoint: its family, its role in an SGL pair and its sizes."""
-
-    name: str
-    family: str  # "internvl", "llava" or "qwen_vl"
-    role: str  # "guide" or "large"
-    text: TextSpec
-    vision: VisionSpec
-    seed: int
-    max_patches: int = 6  # InternVL dynamic tiling: tiles besides the thumbnail
-    # llava: "default" (LLaVA-1.5) | "onevision"; qwen_vl: "qwen2_vl" | "qwen2_5_vl" | "qwen3_vl"
-    variant: str = "default"
-
-    @property
-    def description(self) -> str:
-        return (
-            f"{self.family} {self.role}: text {self.text.num_hidden_layers}x{self.text.hidden_size} "
-            f"({self.text.num_attention_heads} heads, {self.text.num_key_value_heads} kv), "
-            f"vision {self.vision.num_hidden_layers}x{self.vision.hidden_size}"
-        )
-
-
-SPECS: dict[str, ModelSpec] = {
-    spec.name: spec
-    for spec in (
-        ModelSpec(
-            "internvl-guide",
-            "internvl",
-            "guide",
-            TextSpec(64, 2, 4, 2, 128),
-            VisionSpec(32, 1, 2, 64),
-            seed=11,
-        ),
-        ModelSpec(
-            "internvl-large",
-            "internvl",
-            "large",
-            TextSpec(128, 4, 8, 2, 256),
-            VisionSpec(64, 2, 4, 128),
-            seed=12,
-        ),
-        ModelSpec(
-            "llava-guide",
-            "llava",
-            "guide",
-            TextSpec(64, 2, 4, 2, 128),
-            VisionSpec(32, 1, 2, 64),
-            seed=21,
-        ),
-        ModelSpec(
-            "llava-large",
-            "llava",
-            "large",
-            TextSpec(128, 4, 8, 2, 256),
-            VisionSpec(64, 2, 4, 128),
-            seed=22,
-        ),
-        ModelSpec(
-            "llava-ov-guide",
-            "llava",
-            "guide",
-            TextSpec(64, 2, 4, 2, 128),
-            VisionSpec(32, 1, 2, 64),
-            seed=23,
-            variant="onevision",
-        ),
-        ModelSpec(
-            "llava-ov-large",
-            "llava",
-            "large",
-            TextSpec(128, 4, 8, 2, 256),
-            VisionSpec(64, 2, 4, 128),
-            seed=24,
-            variant="onevision",
-        ),
-        ModelSpec(
-            "qwen2-vl-guide",
-            "qwen_vl",
-            "guide",
-            TextSpec(64, 2, 2, 1, 128),
-            VisionSpec(32, 2, 2, 64),
-            seed=31,
-            variant="qwen2_vl",
-        ),
-        ModelSpec(
-            "qwen2-vl-large",
-            "qwen_vl",
-            "large",
-            TextSpec(128, 4, 4, 2, 256),
-            VisionSpec(64, 3, 4, 128),
-            seed=32,
-            variant="qwen2_vl",
-        ),
-        ModelSpec(
-            "qwen2.5-vl-guide",
-            "qwen_vl",
-            "guide",
-            TextSpec(64, 2, 2, 1, 128),
-            VisionSpec(32, 2, 2, 64),
-            seed=33,
-            variant="qwen2_5_vl",
-        ),
-        ModelSpec(
-            "qwen2.5-vl-large",
-            "qwen_vl",
-            "large",
-            TextSpec(128, 4, 4, 2, 256),
-            VisionSpec(64, 3, 4, 128),
-            seed=34,
-            variant="qwen2_5_vl",
-        ),
-        ModelSpec(
-            "qwen3-vl-guide",
-            "qwen_vl",
-            "guide",
-            TextSpec(64, 2, 2, 1, 128),
-            VisionSpec(32, 2, 2, 64),
-            seed=35,
-            variant="qwen3_vl",
-        ),
-        ModelSpec(
-            "qwen3-vl-large",
-            "qwen_vl",
-            "large",
-            TextSpec(128, 4, 4, 2, 256),
-            VisionSpec(64, 3, 4, 128),
-            seed=36,
-            variant="qwen3_vl",
-        ),
-    )
-}
 # LLaVA-OneVision: SigLIP crops of 112 px (64 tokens each), any-resolution grid up to 2 x 2 crops
 # plus the base image, image-newline tokens; the processor's token count matches the model's.
 ONEVISION_GRID = [[112, 112], [112, 224], [224, 112], [224, 224]]
@@ -300,7 +153,7 @@ def build_processor(spec: ModelSpec):
     """The family's real processor around our tokenizer."""
     tokenizer = build_tokenizer(spec.family)
     if spec.family == "qwen_vl":
-        from lmms_sgl.factory_qwen import build_qwen_processor
+        from lmms_sgl.factory.qwen import build_qwen_processor
 
         return build_qwen_processor(spec, tokenizer)
     if spec.family == "internvl":
@@ -364,7 +217,7 @@ def build_config(spec: ModelSpec, tokenizer):
     }
     vision = asdict(spec.vision)
     if spec.family == "qwen_vl":
-        from lmms_sgl.factory_qwen import build_qwen_config
+        from lmms_sgl.factory.qwen import build_qwen_config
 
         return build_qwen_config(spec, tokenizer, common_text)
     if spec.family == "internvl":

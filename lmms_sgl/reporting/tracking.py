@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from loguru import logger
 
-from lmms_sgl.stats import flatten, format_table
+from lmms_sgl.reporting.stats import flatten, format_table
 
 SAMPLE_COLUMNS = (
     "task",

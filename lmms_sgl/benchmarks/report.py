@@ -1,4 +1,4 @@
-"""Markdown report of ``lmms_sgl.benchmark`` results, with the issue's goals and where each stands."""
+"""Markdown report of ``lmms_sgl.benchmarks.run`` results, with the issue's goals and where each stands."""
 
 from __future__ import annotations
 
@@ -273,7 +273,7 @@ def write_report(results: dict, out: Path, command: str, notes: str = READING) -
         f"({m['threads']} threads), Python {m['python']}. fp32, CPU. Timings are medians; every ratio "
         "compares numbers measured back to back in one run.",
         "",
-        "Models: random-weight InternVL checkpoints built by `lmms_sgl.benchmark` "
+        "Models: random-weight InternVL checkpoints built by `lmms_sgl.benchmarks.run` "
         f"(plan: {results['plan']}). "
         f"Guide/large LM FLOPs per generation: {ratio} (InternVL2-2B/26B: about 0.08).",
         "",
@@ -318,12 +318,12 @@ def write_report(results: dict, out: Path, command: str, notes: str = READING) -
         "",
     ]
     resolution = out.with_name("benchmarks_resolution.json")
-    if resolution.exists():  # keep the section of ``python -m lmms_sgl.benchmark_resolution``
-        from lmms_sgl.benchmark_resolution import section
+    if resolution.exists():  # keep the section of ``python -m lmms_sgl.benchmarks.resolution``
+        from lmms_sgl.benchmarks.resolution import section
 
         text += [
             *section(
-                json.loads(resolution.read_text()), f"python -m lmms_sgl.benchmark_resolution --out {out}"
+                json.loads(resolution.read_text()), f"python -m lmms_sgl.benchmarks.resolution --out {out}"
             ),
             "",
         ]

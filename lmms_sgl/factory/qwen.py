@@ -9,7 +9,7 @@ every vision layer but the last (added to the first decoder layers).
 
 from __future__ import annotations
 
-from lmms_sgl.factory import ModelSpec
+from lmms_sgl.factory.specs import ModelSpec
 
 # The released templates' image and text parts; Qwen2(.5)-VL add a default system turn, Qwen3-VL not.
 _MESSAGES = (

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmms_sgl.internvl_original.config import OriginalCheckpointError, OriginalInternVL
+from lmms_sgl.checkpoints.internvl_original.config import OriginalCheckpointError, OriginalInternVL
 
 VISION = "model.vision_tower."
 TEXT = "model.language_model."

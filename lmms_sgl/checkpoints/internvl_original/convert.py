@@ -28,9 +28,13 @@ import torch
 from loguru import logger
 from tqdm import tqdm
 
-from lmms_sgl.checkpoints import check_weights, safetensors_header
-from lmms_sgl.internvl_original.config import OriginalCheckpointError, OriginalInternVL, read_original_config
-from lmms_sgl.internvl_original.weights import TEXT, WeightLayout, convert_tensor, tied_lm_head
+from lmms_sgl.checkpoints.integrity import check_weights, safetensors_header
+from lmms_sgl.checkpoints.internvl_original.config import (
+    OriginalCheckpointError,
+    OriginalInternVL,
+    read_original_config,
+)
+from lmms_sgl.checkpoints.internvl_original.weights import TEXT, WeightLayout, convert_tensor, tied_lm_head
 
 CONVERTER_VERSION = 1
 MARKER = "lmms_sgl_conversion.json"
@@ -218,7 +222,7 @@ def prepare_companions(plan: ConversionPlan, max_tiles: int) -> Companions:
     """Tokenizer, processor, configs: cheap, and refused here rather than after the weights."""
     from transformers import GenerationConfig
 
-    from lmms_sgl.internvl_original.processing import build_processor, stop_token_ids
+    from lmms_sgl.checkpoints.internvl_original.processing import build_processor, stop_token_ids
 
     original = plan.original
     where = f"{original.argument}={original.source!r}"

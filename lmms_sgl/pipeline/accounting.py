@@ -1,0 +1,90 @@
+"""Cost records: the FLOPs each step of a sample spent, and what the large model alone would have.
+
+Every figure comes from the analytic formulas of ``lmms_sgl.method.cost`` (checked against
+``torch.utils.flop_counter``) applied to the sizes the models really saw, so ``flops_ratio`` compares
+the pipeline with the unpruned large model on the same requests and the same answer lengths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from lmms_sgl.families.base import LoadedVLM
+from lmms_sgl.method import cost
+from lmms_sgl.method.selection import keep_count
+from lmms_sgl.pipeline.records import Sample, SampleRecord
+
+
+def layout(loaded: LoadedVLM, inputs: dict, samples: list[Sample]) -> tuple[list, list, list]:
+    """Per sample: visual-token count, real (unpadded) prompt length, vision-tower FLOPs."""
+    n_visual = (inputs["input_ids"] == loaded.image_token_id).sum(1).tolist()
+    real = inputs["attention_mask"].sum(1).tolist()
+    vision = loaded.family.vision_flops(loaded, inputs, [len(s.prompt.images) for s in samples], n_visual)
+    return n_visual, real, vision
+
+
+def guide_flops(
+    guide: LoadedVLM,
+    vision: float,
+    prompt: int,
+    n_visual: int,
+    answer: int,
+    recorded_rows: int,
+    consistency_ratio: float,
+) -> float:
+    """The guide's generation with importance recording, plus its consistency pass (the prompt
+    with only ``consistency_ratio`` of its visual tokens, followed by the answer)."""
+    shape = guide.text_shape
+    kept_for_consistency = prompt - n_visual + keep_count(n_visual, consistency_ratio)
+    return (
+        vision
+        + cost.generation_flops(shape, prompt, answer)
+        + cost.recording_flops(shape, prompt, recorded_rows, max(answer - 1, 0))
+        + cost.prefill_flops(shape, kept_for_consistency + answer, logits=kept_for_consistency + answer)
+    )
+
+
+def large_alone_flops(large: LoadedVLM, vision: float, prompt: int, answer: int) -> float:
+    """The unpruned large model generating ``answer`` tokens after ``prompt`` tokens."""
+    return vision + cost.generation_flops(large.text_shape, prompt, answer)
+
+
+def pruned_large_flops(
+    large: LoadedVLM,
+    vision: float,
+    prompt: int,
+    answer: int,
+    layer_k: int,
+    n_visual: int,
+    kept_visual: int,
+    fastv: bool,
+) -> float:
+    """The large model with ``kept_visual`` of ``n_visual`` tokens from layer K on; FastV adds its
+    one recorded query row in one layer."""
+    shape = large.text_shape
+    pruned = prompt - n_visual + kept_visual
+    flops = vision + cost.generation_flops(shape, prompt, answer, layer_k, pruned)
+    if fastv:
+        flops += cost.recording_flops(replace(shape, num_layers=1), prompt, 1, 0)
+    return flops
+
+
+def reference_cost(large: LoadedVLM, samples: list[Sample], records: list[SampleRecord]) -> None:
+    """FLOPs the unpruned large model would have spent on exited samples (same answer length)."""
+    if not samples:
+        return
+    inputs = large.family.build_batch(large, [s.prompt for s in samples])
+    n_visual, real, vision = layout(large, inputs, samples)
+    for b, record in enumerate(records):
+        record.total_visual = n_visual[b]
+        record.flops_large_alone = large_alone_flops(large, vision[b], real[b], max(record.output_tokens, 1))
+
+
+def large_prefill_flops(large: LoadedVLM, sample: Sample, continuation_tokens: int) -> float:
+    """FLOPs of the unpruned large model scoring the same prompt and continuation (used when
+    another model scored it, so the large model's own tokenization must be counted)."""
+    inputs = large.family.build_batch(large, [sample.prompt])
+    n_visual = int((inputs["input_ids"] == large.image_token_id).sum())
+    length = inputs["input_ids"].shape[1] + continuation_tokens
+    vision = large.family.vision_flops(large, inputs, [len(sample.prompt.images)], [n_visual])[0]
+    return vision + cost.prefill_flops(large.text_shape, length, logits=length)

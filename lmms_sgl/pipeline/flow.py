@@ -1,0 +1,140 @@
+"""One batch through SGL: guide -> maybe exit -> large model with the keep set applied from layer K.
+
+This is the one place that decides a sample's way: which samples the guide answers, which exit,
+which reach the large model, and what happens when a step fails. The steps themselves live beside
+it: :mod:`.generation` (guide and large-model steps), :mod:`.loglikelihood` (multiple choice),
+:mod:`.keep_plans` (each method's keep plan), :mod:`.accounting` (FLOPs records). It knows nothing
+of lmms-eval.
+
+Guidance across resolutions: the guide's importance travels with the boxes of the guide's visual
+tokens; when the large model tiles the images differently, the scores are mapped onto its tokens by
+image geometry (``lmms_sgl.method.transfer``).
+
+Robustness: if a batch fails, its samples are retried one by one; a sample that still fails on the
+SGL path is answered by the unpruned large model and marked as a fallback with the reason, so one
+bad sample never loses the rest of an evaluation.
+"""
+
+from __future__ import annotations
+
+from loguru import logger
+
+from lmms_sgl.families.base import LoadedVLM
+from lmms_sgl.method.settings import SGLSettings
+from lmms_sgl.pipeline import accounting
+from lmms_sgl.pipeline.generation import GenerationSettings, guide_step, large_step
+from lmms_sgl.pipeline.keep_plans import KeepPlanner
+from lmms_sgl.pipeline.loglikelihood import guide_prompt_importance, score_continuation
+from lmms_sgl.pipeline.records import GuideScores, Sample, SampleRecord
+
+
+class SGLPipeline:
+    """Guide, prune, maybe exit, for batches of samples sharing generation settings."""
+
+    def __init__(self, large: LoadedVLM, guide: LoadedVLM | None, settings: SGLSettings):
+        if settings.uses_guide and guide is None:
+            raise ValueError(f"method={settings.method!r} needs a guide model")
+        self.large, self.guide, self.settings = large, guide, settings
+        self.planner = KeepPlanner(large, settings)
+        self.layer_k, self.pruner = self.planner.layer_k, self.planner.pruner
+
+    # -- generation ------------------------------------------------------------------------
+    def generate(self, samples: list[Sample], gen: GenerationSettings) -> list[SampleRecord]:
+        try:
+            return self._generate_batch(samples, gen)
+        except Exception as error:  # noqa: BLE001 -- isolate the failing sample, never lose the batch
+            if len(samples) > 1:
+                logger.warning(
+                    f"batch of {len(samples)} failed ({type(error).__name__}: {error}); retrying one by one"
+                )
+                return [record for sample in samples for record in self.generate([sample], gen)]
+            reason = f"{type(error).__name__}: {error}"
+            logger.warning(
+                f"{samples[0].task}/{samples[0].doc_id}: SGL path failed ({reason}); unpruned large model"
+            )
+            return [self._fallback(samples[0], gen, reason)]
+
+    def _fallback(self, sample: Sample, gen: GenerationSettings, reason: str) -> SampleRecord:
+        record = SampleRecord(sample.task, sample.doc_id, fallback=reason)
+        try:
+            self._run_large([sample], [record], gen, scores=None, prune=False)
+        except Exception as error:  # noqa: BLE001 -- reported in the record and counted in the stats
+            record.fallback = f"{reason}; unpruned large model failed too: {type(error).__name__}: {error}"
+            record.extra["failed"] = True
+            logger.error(f"{sample.task}/{sample.doc_id}: no answer ({record.fallback})")
+        return record
+
+    def _generate_batch(self, samples: list[Sample], gen: GenerationSettings) -> list[SampleRecord]:
+        records = [SampleRecord(s.task, s.doc_id) for s in samples]
+        importance = None
+        if self.settings.uses_guide:
+            importance, exited = self._run_guide(samples, records, gen)
+            if self.settings.method == "guide_only":
+                exited = [True] * len(records)
+            for record, leave in zip(records, exited, strict=True):
+                if leave:
+                    record.answer, record.exited = record.guide_answer or "", True
+        remaining = [i for i, record in enumerate(records) if not record.exited]
+        accounting.reference_cost(
+            self.large,
+            [s for i, s in enumerate(samples) if records[i].exited],
+            [r for r in records if r.exited],
+        )
+        if remaining:
+            scores = [importance[i] for i in remaining] if importance is not None else None
+            self._run_large(
+                [samples[i] for i in remaining],
+                [records[i] for i in remaining],
+                gen,
+                scores,
+                self.settings.prunes,
+            )
+        return records
+
+    def _run_guide(
+        self, samples: list[Sample], records: list[SampleRecord], gen: GenerationSettings
+    ) -> tuple[list[GuideScores], list[bool]]:
+        return guide_step(self.guide, self.settings, samples, records, gen)
+
+    def _run_large(self, samples, records, gen: GenerationSettings, scores, prune: bool) -> None:
+        large_step(self.large, self.planner, samples, records, gen, scores, prune)
+
+    # -- log-likelihood --------------------------------------------------------------------
+    def loglikelihood(self, sample: Sample, continuation: str) -> tuple[tuple[float, bool], SampleRecord]:
+        """``(loss, is_greedy)`` of ``continuation`` after the prompt, with the large model pruned by
+        the guide's prompt-only importance (no generation, no exit). ``loss`` is the mean negative
+        log-likelihood per continuation token, what lmms-eval's own models return: its
+        multiple-choice scoring picks the choice with the lowest value. If the SGL path fails, the
+        unpruned large model answers and the record says why.
+
+        The prompt ends with the chat template's generation prompt, so the continuation is scored
+        as the answer the model would generate there: lmms-eval's ``target_delimiter`` (a leading
+        space) is removed first, else every choice starts with a token no answer starts with.
+        """
+        continuation = continuation.lstrip()
+        try:
+            return self._loglikelihood(sample, continuation, self.settings.prunes)
+        except Exception as error:  # noqa: BLE001 -- fall back, counted in the statistics
+            if not self.settings.prunes:
+                raise
+            reason = f"{type(error).__name__}: {error}"
+            logger.warning(f"{sample.task}/{sample.doc_id}: SGL log-likelihood failed ({reason}); unpruned")
+            result, record = self._loglikelihood(sample, continuation, prune=False)
+            record.fallback = reason
+            return result, record
+
+    def _loglikelihood(self, sample: Sample, continuation: str, prune: bool):
+        scorer = self.guide if self.settings.method == "guide_only" else self.large
+        return score_continuation(
+            scorer,
+            self.large,
+            self.settings,
+            self.planner,
+            sample,
+            continuation,
+            prune,
+            self._guide_prompt_importance,
+        )
+
+    def _guide_prompt_importance(self, sample: Sample) -> tuple[GuideScores, float]:
+        return guide_prompt_importance(self.guide, sample)

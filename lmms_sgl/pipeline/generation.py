@@ -1,0 +1,203 @@
+"""Generation requests: the task's generation settings, the guide's step and the large model's step.
+
+The guide answers greedily while its attention to the visual tokens is recorded, then its
+consistency pass and exit score are computed; the large model answers with the keep plan armed (or
+unpruned). Each step fills the sample records it is given; which samples take which step is decided
+in :mod:`lmms_sgl.pipeline.flow`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from lmms_sgl.families.base import LoadedVLM
+from lmms_sgl.method import cost
+from lmms_sgl.method.early_exit import exit_score, should_exit
+from lmms_sgl.method.guide import answer_lengths, consistency_pass, run_guide
+from lmms_sgl.method.importance import prompt_rows_from_last_visual
+from lmms_sgl.method.settings import SGLSettings
+from lmms_sgl.pipeline import accounting
+from lmms_sgl.pipeline.keep_plans import KeepPlanner
+from lmms_sgl.pipeline.records import GuideScores, Sample, SampleRecord, layout_text
+
+# lmms-eval writes its ``fewshot_delimiter`` into every task's ``until`` that has none (gqa, mmvet,
+# ...). Its own HF models never stop there (``llava_hf``/``internvl_hf`` ignore ``until``;
+# ``qwen2_5_vl`` removes exactly this string), and MM-Vet's step-by-step answers contain blank lines.
+LMMS_EVAL_DEFAULT_STOP = "\n\n"
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """The task's generation kwargs, validated (lmms-eval's HF models use the same defaults).
+
+    ``until`` keeps the task's stop strings except lmms-eval's injected default ``"\n\n"``, which
+    is dropped: lmms-eval writes it into the task's own ``generation_kwargs``, so an explicit
+    ``"\n\n"`` cannot be told apart from the injected one (as in lmms-eval's ``qwen2_5_vl``).
+    """
+
+    max_new_tokens: int = 1024
+    until: tuple[str, ...] = ()
+    temperature: float = 0.0
+    top_p: float | None = None
+    num_beams: int = 1
+
+    @classmethod
+    def from_gen_kwargs(cls, gen_kwargs: dict) -> GenerationSettings:
+        kwargs = dict(gen_kwargs)  # never mutate the request's dict
+        until = kwargs.pop("until", ())
+        until = (until,) if isinstance(until, str) else tuple(until or ())
+        until = tuple(stop for stop in until if stop and stop != LMMS_EVAL_DEFAULT_STOP)
+        settings = cls(
+            max_new_tokens=int(kwargs.pop("max_new_tokens", 1024)),
+            until=until,
+            temperature=float(kwargs.pop("temperature", 0.0) or 0.0),
+            top_p=kwargs.pop("top_p", None),
+            num_beams=int(kwargs.pop("num_beams", 1) or 1),
+        )
+        kwargs.pop("do_sample", None)  # implied by temperature, as in lmms-eval's HF models
+        if settings.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={settings.max_new_tokens} must be >= 1")
+        return settings
+
+    @property
+    def do_sample(self) -> bool:
+        return self.temperature > 0
+
+    def large_kwargs(self) -> dict:
+        """``generate`` kwargs of the large model; ``min_new_tokens=1`` as the official code, so an
+        answer is never empty (the guide's run sets the same)."""
+        kwargs = {
+            "max_new_tokens": self.max_new_tokens,
+            "min_new_tokens": 1,
+            "num_beams": self.num_beams,
+            "do_sample": self.do_sample,
+        }
+        if self.do_sample:
+            kwargs["temperature"] = self.temperature
+            if self.top_p is not None:
+                kwargs["top_p"] = self.top_p
+        return kwargs
+
+
+def truncate_at(text: str, until: tuple[str, ...]) -> str:
+    for stop in until:
+        if stop:
+            text = text.split(stop)[0]
+    return text
+
+
+def guide_step(
+    guide: LoadedVLM,
+    settings: SGLSettings,
+    samples: list[Sample],
+    records: list[SampleRecord],
+    gen: GenerationSettings,
+) -> tuple[list[GuideScores], list[bool]]:
+    """The guide answers every sample; its records get the answer, exit scores and FLOPs.
+    Returns each sample's importance (with its token boxes) and whether it may exit."""
+    start = time.perf_counter()
+    inputs = guide.family.build_batch(guide, [s.prompt for s in samples])
+    visual = inputs["input_ids"] == guide.image_token_id
+    run = run_guide(
+        guide.model,
+        guide.text_model,
+        inputs,
+        visual,
+        gen.max_new_tokens,
+        guide.stop_token_ids,
+        guide.tokenizer,
+        gen.until,
+    )
+    consistency = consistency_pass(guide.model, guide.text_model, run, settings.consistency_ratio)
+    scores = exit_score(run.confidence.cpu(), consistency.cpu())
+    exited = should_exit(scores, settings.exit_threshold).tolist()
+    seconds = (time.perf_counter() - start) / len(samples)
+
+    n_visual, real, vision = accounting.layout(guide, inputs, samples)
+    boxes = guide.family.visual_boxes(guide, inputs, [s.prompt for s in samples])
+    rows = prompt_rows_from_last_visual(visual, inputs["attention_mask"]).sum(1).tolist()
+    for b, record in enumerate(records):
+        length = int(run.lengths[b])
+        text = guide.tokenizer.decode(run.generated[b, :length], skip_special_tokens=True)
+        record.guide_answer = truncate_at(text, gen.until)
+        record.confidence = float(run.confidence[b])
+        record.consistency = float(consistency[b])
+        record.exit_score = float(scores[b])
+        record.guide_seconds = seconds
+        flops = accounting.guide_flops(
+            guide, vision[b], real[b], n_visual[b], length, rows[b], settings.consistency_ratio
+        )
+        record.flops += flops
+        record.extra["guide_flops"] = flops
+        record.extra["guide_layout"] = layout_text(boxes[b])
+        record.output_tokens = length  # replaced by the large model's if it runs
+    return [GuideScores(v, box) for v, box in zip(run.importance, boxes, strict=True)], exited
+
+
+def large_step(
+    large: LoadedVLM,
+    planner: KeepPlanner,
+    samples: list[Sample],
+    records: list[SampleRecord],
+    gen: GenerationSettings,
+    scores: list[GuideScores] | None,
+    prune: bool,
+) -> None:
+    """The large model answers every sample, pruned by the planner's keep plan when ``prune``."""
+    start = time.perf_counter()
+    inputs = large.family.build_batch(large, [s.prompt for s in samples])
+    visual = inputs["input_ids"] == large.image_token_id
+    extra = {"stop_strings": list(gen.until), "tokenizer": large.tokenizer} if gen.until else {}
+    plan = None
+    with torch.no_grad():
+        if prune:
+            with planner.pruned(samples, records, inputs, visual, scores) as pruner:
+                sequences = large.model.generate(**inputs, **gen.large_kwargs(), **extra)
+                plan = pruner.plan
+        else:
+            sequences = large.model.generate(**inputs, **gen.large_kwargs(), **extra)
+    seconds = (time.perf_counter() - start) / len(samples)
+
+    prompt_length = inputs["input_ids"].shape[1]
+    generated = sequences[:, prompt_length:]
+    lengths = answer_lengths(generated, large.stop_token_ids, large.tokenizer, gen.until).tolist()
+    n_visual, real, vision = accounting.layout(large, inputs, samples)
+    for b, record in enumerate(records):
+        text = large.tokenizer.decode(generated[b, : lengths[b]], skip_special_tokens=True)
+        record.answer = truncate_at(text, gen.until)
+        record.reached_large = True
+        if record.guide_answer is not None:  # what the reference cost would count had it exited
+            record.extra["exit_flops_large_alone"] = accounting.large_alone_flops(
+                large, vision[b], real[b], max(record.output_tokens, 1)
+            )
+        record.output_tokens = lengths[b]
+        record.large_seconds = seconds
+        record.total_visual = n_visual[b]
+        record.num_layers = large.num_layers
+        alone = accounting.large_alone_flops(large, vision[b], real[b], lengths[b])
+        record.flops_large_alone = alone
+        if plan is None:
+            record.kept_visual = n_visual[b]
+            record.layer_k = None
+            record.flops += alone
+        else:
+            record.kept_visual = plan.kept_visual[b]
+            record.layer_k = planner.layer_k
+            record.flops += accounting.pruned_large_flops(
+                large,
+                vision[b],
+                real[b],
+                lengths[b],
+                planner.layer_k,
+                n_visual[b],
+                plan.kept_visual[b],
+                fastv=planner.settings.method == "fastv",
+            )
+        if n_visual[b]:
+            layer_k = record.layer_k or 0  # no plan: every visual token kept, ratio 1
+            record.token_ratio = cost.measured_token_ratio(
+                layer_k, large.num_layers, record.kept_visual, n_visual[b]
+            )

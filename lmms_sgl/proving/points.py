@@ -1,0 +1,172 @@
+"""Proving-ground points: one lmms-eval run each (a method, its K and keep ratio), cached as JSON.
+
+The study (:mod:`.study`) and its resolution section (:mod:`.resolution`) both evaluate points
+through lmms-eval's own evaluator, as the CLI does, and summarise them the same way.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from loguru import logger
+
+from lmms_sgl.method.cost import prune_layer_index
+
+TASK = "sgl_shapes"
+FAMILIES = {
+    "internvl": ("sgl_internvl2", "models/shapes-internvl-large", "models/shapes-internvl-guide"),
+    "llava": ("sgl_llava", "models/shapes-llava-large", "models/shapes-llava-guide"),
+}
+
+# The multi-tile case: InternVL on 896 x 448 images (two tiles plus a thumbnail, 768 visual tokens).
+WIDE_TASK, WIDE_RATIOS = "sgl_shapes_wide", (0.35, 0.09)
+
+
+@dataclass(frozen=True)
+class Point:
+    """One lmms-eval run: a method and, for pruning methods, the layer K and keep ratio."""
+
+    family: str
+    method: str
+    prune_layer: float | None = None
+    keep_ratio: float | None = None
+    exit_threshold: float | None = None
+    target_ratio: float | None = None
+    task: str = TASK
+    schedule: str = "K=1"
+
+    @property
+    def key(self) -> str:
+        parts = [self.family, self.method] if self.task == TASK else [self.family, self.task, self.method]
+        if self.schedule == "preset":
+            parts.append("preset")
+        if self.target_ratio is not None:
+            parts.append(f"r{self.target_ratio:g}")
+        if self.prune_layer is not None:
+            parts.append(f"p{self.prune_layer:.4f}")
+        if self.exit_threshold is not None:
+            parts.append(f"exit{self.exit_threshold!r}")
+        return "-".join(parts)
+
+    def model_args(self, root: Path) -> str:
+        _, large, guide = FAMILIES[self.family]
+        args = [f"pretrained={root / large}", f"method={self.method}"]
+        if self.method in ("sgl", "guide_only"):
+            args.append(f"guide={root / guide}")
+        if self.prune_layer is not None:
+            args += [f"prune_layer={self.prune_layer:.6f}", f"keep_ratio={self.keep_ratio:.6f}"]
+        if self.exit_threshold is not None:
+            args.append(
+                f"exit_threshold={self.exit_threshold!r}"
+            )  # exact: the replay compares the same float
+        return ",".join(args)
+
+
+def schedule(target: float, num_layers: int, layer_k: int = 1) -> tuple[float, float]:
+    """``(prune_layer, keep_ratio)`` reaching the layer-averaged ``target`` ratio with pruning from
+    layer ``layer_k`` on. All methods share one schedule, so they differ only in which tokens they
+    keep; K = 1 is the earliest layer at which FastV can rank (it reads layer K-1's attention)."""
+    keep = (target * num_layers - layer_k) / (num_layers - layer_k)
+    if not 0 < keep <= 1:
+        raise ValueError(f"target ratio {target} is out of reach with K={layer_k} of {num_layers} layers")
+    prune_layer = (layer_k + 0.5) / num_layers
+    assert prune_layer_index(num_layers, prune_layer) == layer_k
+    return prune_layer, keep
+
+
+@functools.lru_cache
+def fingerprint(root: Path, family: str) -> str:
+    """Short hash of the family's two checkpoints: cached points never outlive the weights they used.
+    Computed once per process (the study asks for it at every point)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for folder in FAMILIES[family][1:]:
+        digest.update((root / folder / "model.safetensors").read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def run_point(point: Point, root: Path, work_dir: Path, limit: int | None, batch_size: int) -> dict:
+    """Evaluate one point through lmms-eval (cached as JSON); returns per-sample rows and metrics."""
+    cache = (
+        work_dir
+        / f"{point.key}-{fingerprint(root, point.family)}{'' if limit is None else f'-n{limit}'}.json"
+    )
+    if cache.exists():
+        return json.loads(cache.read_text())
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    model, _, _ = FAMILIES[point.family]
+    logger.info(f"study point {point.key}: {point.model_args(root)}")
+    results = simple_evaluate(
+        model=model,
+        model_args=point.model_args(root),
+        tasks=[point.task],
+        batch_size=batch_size,
+        limit=limit,
+        log_samples=True,
+        bootstrap_iters=0,
+        task_manager=TaskManager("WARNING", include_path=str(root / "tasks"), include_defaults=False),
+        verbosity="WARNING",
+    )
+    rows = []
+    for logged in results["samples"][point.task]:
+        record = logged["token_counts"][0]["sgl"] if logged.get("token_counts") else {}
+        rows.append(
+            {
+                "doc_id": logged["doc_id"],
+                "type": logged["doc"]["type"],
+                "target": logged["target"],
+                "exact_match": float(logged["exact_match"]),
+                **{k: record.get(k) for k in _RECORD_FIELDS},
+            }
+        )
+    rows.sort(key=lambda r: r["doc_id"])
+    payload = {
+        "point": asdict(point),
+        "accuracy": results["results"][point.task]["exact_match,none"],
+        "rows": rows,
+    }
+    work_dir.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(payload))
+    return payload
+
+
+_RECORD_FIELDS = (
+    "answer",
+    "guide_answer",
+    "exited",
+    "reached_large",
+    "exit_score",
+    "token_ratio",
+    "flops",
+    "flops_large_alone",
+    "extra",
+)
+
+
+def summarize(payload: dict) -> dict:
+    rows = payload["rows"]
+    n = len(rows)
+    accuracy = sum(r["exact_match"] for r in rows) / n
+    ratios = [r["token_ratio"] for r in rows if r["token_ratio"] is not None]
+    flops = sum(r["flops"] or 0 for r in rows)
+    alone = sum(r["flops_large_alone"] or 0 for r in rows)
+    by_type: dict[str, list[float]] = {}
+    for r in rows:
+        by_type.setdefault(r["type"], []).append(r["exact_match"])
+    return {
+        **payload["point"],
+        "n": n,
+        "accuracy": accuracy,
+        "stderr": math.sqrt(accuracy * (1 - accuracy) / n),
+        "token_ratio": sum(ratios) / len(ratios) if ratios else None,
+        "flops_ratio": flops / alone if alone else None,
+        "exit_rate": sum(bool(r["exited"]) for r in rows) / n,
+        "by_type": {t: sum(v) / len(v) for t, v in sorted(by_type.items())},
+    }
