@@ -50,6 +50,10 @@ def config_crop_flops(config) -> int:
         vision.patch_size,
         patches,
     )
+    if getattr(vision, "vision_use_head", False):  # SigLIP's pooling head runs, though LLaVA discards it
+        d = vision.hidden_size  # one probe query over every patch, then an MLP on that one row
+        tower += 2 * d * d * (2 * patches + 2) + 4 * patches * d
+        tower += mlp_chain_flops(1, [d, vision.intermediate_size, d])
     layers = config.vision_feature_layer
     width = vision.hidden_size * (len(layers) if isinstance(layers, (list, tuple)) else 1)
     projected = patches + int(has_class_token and config.vision_feature_select_strategy == "full")
