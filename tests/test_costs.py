@@ -75,7 +75,7 @@ def prompt_ids(config, visual: int) -> torch.Tensor:
     start = getattr(config, "vision_start_token_id", None)
     text = [t for t in range(5, 200) if t not in special and t != start][:PROMPT]
     before = text[:2] + ([] if start is None else [start])
-    after = text[len(before) - (start is not None) :] if start is None else text[2 : PROMPT - 1]
+    after = text[len(before) :] if start is None else text[2 : PROMPT - 1]
     return torch.tensor([before + [config.image_token_id] * visual + after])
 
 
@@ -115,7 +115,7 @@ def test_large_alone_equals_flop_counter(models_dir, original_large, tmp_path, l
     family = read_checkpoint(source, "--large").family
     pixels, visual = image_inputs(model.config, family, layout)
     if visual is None:  # any-resolution: the command's own count, which the model checks against its features
-        visual = int(rows_out[0]["setting"] == "all visual tokens") and _visual_tokens(source, layout)
+        visual = _visual_tokens(source, layout)
     ids = prompt_ids(model.config, visual)
     assert ids.shape[1] == PROMPT + visual
     with FlopCounterMode(display=False) as counter, torch.no_grad():
