@@ -20,9 +20,9 @@ import sentencepiece as spm
 import torch
 from PIL import Image
 
-from lmms_sgl.factory import original_tokenizers as fixtures
 from lmms_sgl.checkpoints.internvl_original.processing import build_processor, load_processor, stop_token_ids
 from lmms_sgl.checkpoints.internvl_original.tokenizer import build_tokenizer
+from lmms_sgl.factory import original_tokenizers as fixtures
 
 ARCHITECTURES = {
     "internlm2": "InternLM2ForCausalLM",

@@ -41,6 +41,21 @@ def _first(value):
     return value[0] if isinstance(value, (list, tuple)) else value
 
 
+def config_tile_flops(config) -> int:
+    """Vision tower + projector FLOPs of one tile (or the thumbnail), from the ``InternVLConfig`` alone,
+    so the run-time records and ``lmms-sgl-cost`` (which reads only ``config.json``) share one formula."""
+    vision = config.vision_config
+    patch, size = _first(vision.patch_size), _first(vision.image_size)
+    patches = (size // patch) ** 2
+    tower = vit_flops(TransformerShape.from_vision_config(vision), patches + 1, patch, patches)
+    shuffle = int(1 / config.downsample_ratio) ** 2
+    projector = mlp_chain_flops(
+        patches // shuffle,
+        [vision.hidden_size * shuffle, config.text_config.hidden_size, config.text_config.hidden_size],
+    )
+    return tower + projector
+
+
 class InternVLFamily(HFVisionLanguageFamily):
     name = "internvl"
     model_types = ("internvl",)
@@ -92,17 +107,7 @@ class InternVLFamily(HFVisionLanguageFamily):
         return {"max_patches": self.tiles}
 
     def tile_flops(self, loaded: LoadedVLM) -> int:
-        config = loaded.model.config
-        vision = config.vision_config
-        patch, size = _first(vision.patch_size), _first(vision.image_size)
-        patches = (size // patch) ** 2
-        tower = vit_flops(TransformerShape.from_vision_config(vision), patches + 1, patch, patches)
-        shuffle = int(1 / config.downsample_ratio) ** 2
-        projector = mlp_chain_flops(
-            patches // shuffle,
-            [vision.hidden_size * shuffle, config.text_config.hidden_size, config.text_config.hidden_size],
-        )
-        return tower + projector
+        return config_tile_flops(loaded.model.config)
 
     def vision_flops(
         self, loaded: LoadedVLM, inputs: dict, images_per_sample: list[int], n_visual: list[int]
