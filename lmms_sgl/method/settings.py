@@ -36,8 +36,9 @@ class SGLSettings:
         consistency_ratio: visual tokens kept in the consistency pass, in (0, 1].
         seed: seed of the ``random`` baseline.
         importance_precision: ``fp32`` (default: fp32 probabilities summed in fp32) or ``model``
-            (the official arithmetic: eager probabilities in the model dtype, summed in it; reproduces
-            the official rankings on bf16, where near-ties round differently).
+            (the official arithmetic: eager probabilities in the model dtype, summed in it per forward,
+            then across forwards; reproduces the official rankings on bf16, where near-ties round
+            differently).
     """
 
     method: str = "sgl"
