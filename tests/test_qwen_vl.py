@@ -304,6 +304,37 @@ def test_other_models_refuse_pixel_bounds_and_the_entry_point_resolves(models_di
         QwenVLFamily().check_checkpoint(str(models_dir / "llava-large"), "pretrained")
 
 
+@pytest.mark.parametrize(("arch", "minimum"), [("qwen2_vl", 784), ("qwen2_5_vl", 784), ("qwen3_vl", 1024)])
+def test_pixel_bounds_below_one_merged_patch_are_refused_before_loading(
+    models_dir, monkeypatch, arch, minimum
+):
+    """(patch x merge)^2 pixels is one visual token: a max_pixels below it made every image a single
+    token, silently. Refused before any weights load, naming the argument, value and minimum."""
+    from lmms_sgl.lmms.sgl_qwen2_vl import SGLQwen2VL
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("weights loaded although the pixel bounds are invalid")
+
+    monkeypatch.setattr(QwenVLFamily, "load", loaded)
+    large, guide = (str(models_dir / f"{ARCHS[arch]}-{role}") for role in ("large", "guide"))
+    side = int(minimum**0.5)
+    for bounds, name, value in [
+        ({"min_pixels": 1, "max_pixels": 1}, "min_pixels", 1),
+        ({"max_pixels": minimum - 1}, "max_pixels", minimum - 1),
+        ({"min_pixels": 16, "max_pixels": 50176}, "min_pixels", 16),
+    ]:
+        with pytest.raises(
+            ValueError,
+            match=rf"{name}={value} is below one merged patch of pretrained='.*': "
+            rf"{side} x {side} = {minimum} pixels .*allowed: {name} >= {minimum}",
+        ):
+            SGLQwen2VL(pretrained=large, guide=guide, prune_layer=0.5, **bounds)
+    family = QwenVLFamily(min_pixels=minimum, max_pixels=minimum)
+    assert family.check_checkpoint(large, "pretrained") > 0 and family.check_checkpoint(guide, "guide") > 0
+    with pytest.raises(ValueError, match=rf"max_pixels={minimum - 1} is below one merged patch"):
+        QwenVLFamily(max_pixels=minimum - 1).load_processor(large)
+
+
 # -- large_only answers equal lmms-eval's own models ------------------------------------------------
 LMMS_EVAL_MODELS = {  # architecture -> (module, class, the dtype it loads with)
     "qwen2_vl": ("lmms_eval.models.simple.qwen2_vl", "Qwen2_VL", "float32"),  # torch_dtype="auto"
