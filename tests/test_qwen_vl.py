@@ -373,7 +373,8 @@ def lmms_eval_answers(arch: str, path: str, docs: list[dict], gen: dict, pixels:
 def test_large_only_answers_equal_lmms_eval_models(models_dir, arch):
     """Image sizes already on both grids (224 = 8 x 28 = 7 x 32) and inside the pixel bounds, so
     that no resampling happens on either side (lmms-eval's chat models resize with qwen_vl_utils'
-    defaults first, its ``qwen2_vl`` re-encodes images as JPEG: solid colours survive that)."""
+    defaults first, its ``qwen2_vl`` re-encodes every image as JPEG, which moves a solid colour by
+    one level only)."""
     pixels = {"min_pixels": 4 * 32 * 32, "max_pixels": 448 * 224}
     docs = [{"question": "What color is it?", "image": Image.new("RGB", (448, 224), (200, 20, 20))}]
     gen = {"max_new_tokens": 6, "until": ["\n\n"]}
@@ -392,6 +393,31 @@ def test_large_only_answers_equal_lmms_eval_models(models_dir, arch):
 
     assert [cut(r.answer) for r in ours] == [cut(a) for a in expected]
     assert all(cut(a) for a in expected), "the comparison needs non-empty answers"
+
+
+def test_lmms_eval_qwen2_vl_re_encodes_every_image_as_jpeg_and_the_readme_says_so():
+    """lmms-eval's ``qwen2_vl`` sends every PIL image through JPEG (quality 85), also one whose size
+    needs no resampling, so its pixels differ from the image's; the README must not restrict that
+    to resampled images."""
+    import base64
+    import io
+    from pathlib import Path
+
+    from lmms_eval.models.simple.qwen2_vl import Qwen2_VL
+
+    noise = torch.randint(
+        0, 256, (224, 448, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
+    )
+    image = Image.fromarray(noise.numpy())  # 448 x 224: on the 28 and 32 grids, no resampling
+    url = Qwen2_VL._encode_image_data_url(None, image)  # the method uses nothing of the instance
+    assert url.startswith("data:image/jpeg;base64,")
+    decoded = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB")
+    assert decoded.size == image.size
+    changed = (torch.tensor(list(decoded.getdata())) != torch.tensor(list(image.getdata()))).any(1)
+    assert changed.float().mean() > 0.5, "JPEG changes most pixels of a textured image"
+    readme = " ".join((Path(__file__).resolve().parent.parent / "README.md").read_text().split())
+    assert "`qwen2_vl` re-encodes every image as JPEG (quality 85)" in readme
+    assert "`qwen2_vl`, `qwen2_5_vl` and `qwen3_vl` on images whose size needs no resampling" not in readme
 
 
 # -- end to end through lmms-eval -------------------------------------------------------------------
