@@ -323,7 +323,9 @@ def remove_stale_partials(dst: Path) -> None:
     longer running); a live one is left alone and named."""
     for partial in dst.parent.glob(f".{dst.name}.partial-*"):
         pid = partial.name.rsplit("-", 1)[1]
-        if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+        if not pid.isdigit():  # not a name we write
+            continue
+        if int(pid) != os.getpid() and _pid_alive(int(pid)):
             logger.warning(f"{partial} belongs to running process {pid}; left in place")
             continue
         logger.warning(f"removing {partial}, left by an interrupted conversion")
