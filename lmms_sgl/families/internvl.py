@@ -20,10 +20,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from lmms_sgl.checkpoints.integrity import check_weights
 from lmms_sgl.checkpoints.internvl_original.config import read_original_config
 from lmms_sgl.checkpoints.internvl_original.convert import DEFAULT_MAX_TILES as ORIGINAL_MAX_TILES
-from lmms_sgl.checkpoints.internvl_original.convert import MARKER, resolve_checkpoint
+from lmms_sgl.checkpoints.internvl_original.convert import MARKER, check_original, resolve_checkpoint
 from lmms_sgl.checkpoints.internvl_original.processing import load_processor
 from lmms_sgl.families.base import HFVisionLanguageFamily, LoadedVLM
 from lmms_sgl.method.cost import TransformerShape, mlp_chain_flops, vit_flops
@@ -82,8 +81,8 @@ class InternVLFamily(HFVisionLanguageFamily):
         original = read_original_config(path, argument)  # None: not the original layout
         if original is None:
             layers = super().check_checkpoint(path, argument)
-        else:
-            check_weights(path, argument)
+        else:  # what its conversion would refuse, refused now: before either model loads
+            check_original(path, original)
             layers = original.num_layers
         if argument == "pretrained":
             self.large_is_original = original is not None or converted_from_original(path)

@@ -95,6 +95,35 @@ class QwenVLFamily(HFVisionLanguageFamily):
         super().__init__(None)
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
 
+    # -- checks ----------------------------------------------------------------------------
+    def check_checkpoint(self, path: str, argument: str) -> int:
+        """The base checks, then the pixel bounds against this checkpoint's merged patch (from its
+        config, before any weights load)."""
+        from transformers import AutoConfig
+
+        layers = super().check_checkpoint(path, argument)
+        vision = AutoConfig.from_pretrained(path).vision_config
+        self.check_pixel_bounds(vision.patch_size, vision.spatial_merge_size, f"{argument}={path!r}")
+        return layers
+
+    def check_pixel_bounds(self, patch: int, merge: int, checkpoint: str) -> None:
+        """``min_pixels`` / ``max_pixels`` must not be below one merged patch, (patch x merge)^2
+        pixels: the processor never makes an image smaller, so a lower ``max_pixels`` silently turns
+        every image into a single visual token and a lower ``min_pixels`` means nothing."""
+        side = patch * merge
+        minimum = side * side
+        effects = {
+            "min_pixels": "every image is at least that large anyway",
+            "max_pixels": "every image would become a single visual token",
+        }
+        for name, effect in effects.items():
+            value = getattr(self, name)
+            if value is not None and value < minimum:
+                raise ValueError(
+                    f"{name}={value} is below one merged patch of {checkpoint}: {side} x {side} = {minimum} "
+                    f"pixels (patch {patch} x merge {merge}), so {effect}; allowed: {name} >= {minimum}"
+                )
+
     # -- loading and prompting -------------------------------------------------------------
     def load_processor(self, folder: str):
         """The checkpoint's processor with the area bounds ``min_pixels`` / ``max_pixels`` set on its
@@ -104,6 +133,8 @@ class QwenVLFamily(HFVisionLanguageFamily):
 
         processor = AutoProcessor.from_pretrained(folder)
         image_processor = processor.image_processor
+        # the processor's own patch and merge sizes are what it resizes with
+        self.check_pixel_bounds(image_processor.patch_size, image_processor.merge_size, repr(folder))
         size = image_processor.size
         image_processor.size = replace(
             size,
