@@ -6,6 +6,7 @@ formulas.
 
 from __future__ import annotations
 
+from lmms_sgl.costs.arguments import parse
 from lmms_sgl.costs.methods import Cost, method_costs
 
 COMMON = ["--prompt-tokens", "64", "--answer-tokens", "8", "--exit-rate", "0.3"]
@@ -56,8 +57,6 @@ def pick(costs: list[Cost], method: str, prefix: str, small: bool, exit_: bool) 
 
 
 def pair_costs(argv: list[str]) -> tuple[list[Cost], str]:
-    from lmms_sgl.costs.cli import parse
-
     _, large, guide, options, work = parse([*argv, *COMMON])
     return method_costs(large, guide, work, options), large.layout.description
 
