@@ -340,3 +340,60 @@ def test_counted_vision_flops_with_skipping_match_flop_counter(case, models_dir)
                 )
     assert counted < sum(per_sample)
     assert counted == pytest.approx(counter.get_total_flops(), rel=0.01)
+
+
+# -- arguments and statistics ------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"keep_units": 0}, r"keep_units=0 must be >= 1"),
+        ({"keep_units": "two"}, r"keep_units='two' must be a whole number"),
+        ({"keep_units": 2, "method": "random"}, r"keep_units=2 ranks units by the guide's importance"),
+        ({"keep_units": 2, "prune_layer": 0.2}, r"keep_units=2 with prune_layer=0.2"),
+        ({"keep_units": 2, "token_ratio": 0.35}, r"keep_units=2 with prune_layer=0.2"),
+        ({"keep_global_view": "false"}, r"keep_global_view=False applies to unit selection; give keep_units"),
+        ({"keep_units": 1, "keep_global_view": "maybe"}, r"keep_global_view='maybe' must be true or false"),
+        ({"skip_units": "sometimes"}, r"skip_units='sometimes' must be true or false"),
+        ({"skip_units": True, "method": "large_only"}, r"skip_units=true: method='large_only'"),
+    ],
+)
+def test_bad_unit_arguments_fail_before_loading(kwargs, message):
+    from lmms_sgl.lmms.args import parse_model_args
+
+    with pytest.raises(ValueError, match=message):
+        parse_model_args(pretrained="big", guide="small", **kwargs)
+
+
+def test_unit_arguments_and_schedule(models_dir):
+    from lmms_sgl.lmms.args import check_schedule, parse_model_args
+
+    args = parse_model_args(pretrained="big", guide="small", keep_units="2")
+    assert (args.settings.keep_units, args.settings.keep_global_view) == (2, True)
+    assert (args.settings.prune_layer, args.settings.keep_ratio) == (0.0, 1.0)  # whole units, no more
+    assert args.settings.skips_units(48)
+    at_zero = parse_model_args(pretrained="big", guide="small", prune_layer=0, keep_ratio=0.09)
+    assert at_zero.settings.skips_units(48) and not SGLSettings(prune_layer=0.2).skips_units(48)
+    off = parse_model_args(pretrained="big", guide="small", prune_layer=0, skip_units="false")
+    assert not off.settings.skips_units(48)
+    asked = parse_model_args(pretrained="big", guide="small", prune_layer=0.2, skip_units="true")
+    with pytest.raises(ValueError, match=r"skip_units=true: prune_layer=0.2 gives K=9 of 48 layers"):
+        check_schedule(asked, 48)
+    with pytest.raises(
+        ValueError, match=r"'llava' \(LLaVA-1.5\) checkpoint, which encodes each image as one"
+    ):
+        LlavaFamily().check_unit_selection(str(models_dir / "llava-large"))
+    LlavaFamily().check_unit_selection(str(models_dir / "llava-ov-large"))  # crops: accepted
+
+
+def test_vision_units_ratio_sums_over_samples():
+    from lmms_sgl.reporting.stats import RunStats, format_table
+
+    stats = RunStats.empty()
+    for total, encoded, reached in ((7, 3, True), (3, 3, True), (5, 1, False)):
+        record = SampleRecord(
+            "t", total, reached_large=reached, vision_units=total, vision_units_encoded=encoded
+        )
+        stats.add(record.as_dict())
+    summary = stats.summary()
+    assert summary["overall"]["vision_units_ratio"] == pytest.approx(6 / 10)  # the exited sample is out
+    assert "vision_units_ratio" in format_table(summary)
