@@ -20,7 +20,7 @@ import sentencepiece as spm
 import torch
 from PIL import Image
 
-from lmms_sgl.checkpoints.internvl_original import fixtures
+from lmms_sgl.factory import original_tokenizers as fixtures
 from lmms_sgl.checkpoints.internvl_original.processing import build_processor, load_processor, stop_token_ids
 from lmms_sgl.checkpoints.internvl_original.tokenizer import build_tokenizer
 
