@@ -2,23 +2,31 @@
 
 SGL maps the guide's importance onto the large model's tokens (the same index when both models
 tile alike, else by image geometry, ``lmms_sgl.method.transfer``); ``random`` seeds per sample;
-FastV records the large model's own attention at layer K-1. A sample whose guide scores cannot be
-mapped keeps all its visual tokens and is marked as a fallback with the reason.
+FastV records the large model's own attention at layer K-1; DivPrune reads the text model's input
+embeddings; PDrop arms one pruner per drop layer. A sample whose guide scores cannot be mapped
+keeps all its visual tokens and is marked as a fallback with the reason.
+
+After a run, :meth:`KeepPlanner.stages` and :meth:`KeepPlanner.selection_flops` say what each
+sample's layers saw and what choosing its tokens cost (for ``pipeline.accounting``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 
 import torch
 from loguru import logger
 
 from lmms_sgl.families.base import LoadedVLM
+from lmms_sgl.method import cost, divprune
 from lmms_sgl.method.fastv import fastv_plan_source, fastv_recorder
+from lmms_sgl.method.pdrop import StagedPruner, drop_layers, stage_fraction
 from lmms_sgl.method.pruning import VisualTokenPruner
 from lmms_sgl.method.selection import plan_from_scores, random_scores
 from lmms_sgl.method.settings import SGLSettings
+from lmms_sgl.method.stages import layer_tokens
 from lmms_sgl.method.transfer import BoxesUnavailable, TokenBoxes, transfer_importance
 from lmms_sgl.pipeline.records import GuideScores, Sample, SampleRecord, layout_text
 
@@ -29,20 +37,62 @@ class KeepPlanner:
     def __init__(self, large: LoadedVLM, settings: SGLSettings):
         self.large, self.settings = large, settings
         self.layer_k = settings.layer_k(large.num_layers) if settings.prunes else None
-        self.pruner = VisualTokenPruner(large.text_model, self.layer_k) if settings.prunes else None
+        self.pruner: VisualTokenPruner | StagedPruner | None = None
+        if settings.method == "pdrop":
+            layers = drop_layers(large.num_layers, self.layer_k)
+            fraction = stage_fraction(layers, large.num_layers, settings.keep_ratio)
+            self.pruner = StagedPruner(large.text_model, layers, fraction)
+        elif settings.prunes:
+            self.pruner = VisualTokenPruner(large.text_model, self.layer_k)
+        self._stages: list[list[tuple[int, int]]] = []
 
     @contextmanager
     def pruned(
         self, samples, records, inputs, visual, scores, fastv_rows=None
-    ) -> Iterator[VisualTokenPruner]:
-        """The large model with this method's keep plan armed (and FastV's recorder active)."""
-        source, recorder = self._plan_source(samples, records, inputs, visual, scores, fastv_rows)
+    ) -> Iterator[VisualTokenPruner | StagedPruner]:
+        """The large model with this method's keep plan armed (and the recorder or tap it reads
+        active). ``fastv_rows`` (``[B, P]`` bool, one row each) overrides FastV's and PDrop's query
+        (default: the last prompt token)."""
+        attention_mask = inputs["attention_mask"]
         with ExitStack() as stack:
+            if self.settings.method == "pdrop":
+                query = None if fastv_rows is None else fastv_rows.long().argmax(1)
+                stack.enter_context(self.pruner.installed())
+                stack.enter_context(self.pruner.arm(visual, attention_mask, query).active())
+                yield self.pruner
+                self._stages = [self.pruner.stages(b) for b in range(visual.shape[0])]
+                return
+            if self.settings.method == "divprune":
+                tap = stack.enter_context(divprune.InputEmbeddingTap(self.large.text_model).active())
+                source = divprune.divprune_plan_source(tap, visual, attention_mask, self.settings.keep_ratio)
+            else:
+                source, recorder = self._plan_source(samples, records, inputs, visual, scores, fastv_rows)
+                if recorder is not None:
+                    stack.enter_context(recorder.active())
             stack.enter_context(self.pruner.installed())
-            if recorder is not None:
-                stack.enter_context(recorder.active())
             self.pruner.arm(source)
             yield self.pruner
+            plan = self.pruner.plan
+            self._stages = [[(self.layer_k, kept)] for kept in plan.kept_visual] if plan else []
+
+    def stages(self, sample: int) -> list[tuple[int, int]]:
+        """``[(layer, kept visual tokens), ...]`` of ``sample`` in the last pruned run."""
+        return self._stages[sample]
+
+    def selection_flops(self, sample: int, prompt: int, n_visual: int) -> float:
+        """What choosing ``sample``'s tokens cost beyond the forward itself: FastV's and PDrop's
+        recorded attention rows (one query over the keys of each ranking layer), DivPrune's Gram
+        matrix of the visual embeddings."""
+        shape, method = self.large.text_shape, self.settings.method
+        one_row = cost.recording_flops(replace(shape, num_layers=1), 1, 1, 0)  # one query, one key
+        if method == "fastv":
+            return one_row * prompt
+        if method == "pdrop":
+            seen = layer_tokens(shape.num_layers, prompt, n_visual, self.stages(sample))
+            return one_row * sum(seen[layer - 1] for layer in self.pruner.layers)
+        if method == "divprune":
+            return divprune.selection_flops(n_visual, self.stages(sample)[0][1], shape.hidden)
+        return 0.0
 
     def _plan_source(
         self, samples: list[Sample], records: list[SampleRecord], inputs, visual, scores, fastv_rows
