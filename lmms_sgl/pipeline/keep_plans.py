@@ -20,10 +20,10 @@ import torch
 from loguru import logger
 
 from lmms_sgl.families.base import LoadedVLM
-from lmms_sgl.method import cost, divprune
+from lmms_sgl.method import cost, divprune, visionzip
 from lmms_sgl.method.fastv import fastv_plan_source, fastv_recorder
 from lmms_sgl.method.pdrop import StagedPruner, drop_layers, stage_fraction
-from lmms_sgl.method.pruning import VisualTokenPruner
+from lmms_sgl.method.pruning import VisualTokenPruner, decoder_layers
 from lmms_sgl.method.selection import plan_from_scores, random_scores
 from lmms_sgl.method.settings import SGLSettings
 from lmms_sgl.method.stages import layer_tokens
@@ -45,6 +45,8 @@ class KeepPlanner:
         elif settings.prunes:
             self.pruner = VisualTokenPruner(large.text_model, self.layer_k)
         self._stages: list[list[tuple[int, int]]] = []
+        self._merged: list[int] = []  # VisionZip: contextual tokens per sample in the last run
+        self.vision_parts = large.family.visionzip_parts(large) if settings.method == "visionzip" else None
 
     @contextmanager
     def pruned(
@@ -61,6 +63,18 @@ class KeepPlanner:
                 stack.enter_context(self.pruner.arm(visual, attention_mask, query).active())
                 yield self.pruner
                 self._stages = [self.pruner.stages(b) for b in range(visual.shape[0])]
+                return
+            if self.settings.method == "visionzip":
+                recorder = stack.enter_context(visionzip.VisionZipRecorder(self.vision_parts).active())
+                merge = visionzip.ContextualMerge(recorder, visual, attention_mask, self.settings.keep_ratio)
+                stack.enter_context(self.pruner.installed())
+                stack.enter_context(
+                    merge.writing(decoder_layers(self.large.text_model)[0])
+                )  # after the pruner
+                self.pruner.arm(merge.source())
+                yield self.pruner
+                self._stages = [[(0, kept)] for kept in self.pruner.plan.kept_visual]
+                self._merged = [sum(key[0] == b for key in merge.merged) for b in range(visual.shape[0])]
                 return
             if self.settings.method == "divprune":
                 tap = stack.enter_context(divprune.InputEmbeddingTap(self.large.text_model).active())
@@ -92,7 +106,30 @@ class KeepPlanner:
             return one_row * sum(seen[layer - 1] for layer in self.pruner.layers)
         if method == "divprune":
             return divprune.selection_flops(n_visual, self.stages(sample)[0][1], shape.hidden)
+        if method == "visionzip":
+            return self._visionzip_flops(sample, n_visual)
         return 0.0
+
+    def _visionzip_flops(self, sample: int, n_visual: int) -> float:
+        """The recorded vision attention of each image, the merge's key similarities and the
+        projector's run on the merged tokens."""
+        parts = self.vision_parts
+        attention, tokens = parts.attention, parts.token_patches.shape[0]
+        heads, head_dim = attention.num_heads, attention.head_dim
+        keys = int(parts.token_patches.max()) + 1
+        merged, kept = self._merged[sample], self.stages(sample)[0][1]
+        work = visionzip.selection_flops(
+            n_visual // tokens,
+            keys,
+            heads,
+            head_dim,
+            parts.cls_index is not None,
+            merged,
+            n_visual - kept,
+            heads * head_dim,
+        )
+        linears = [m for m in parts.projector.modules() if isinstance(m, torch.nn.Linear)]
+        return work + sum(2 * merged * m.in_features * m.out_features for m in linears)
 
     def _plan_source(
         self, samples: list[Sample], records: list[SampleRecord], inputs, visual, scores, fastv_rows
