@@ -19,6 +19,7 @@ from lmms_sgl.checkpoints.integrity import CheckpointError, check_weights
 from lmms_sgl.method.cost import TransformerShape
 from lmms_sgl.method.transfer import BoxesUnavailable, TokenBoxes
 from lmms_sgl.method.units import UnitSkipHooks, UnitsUnavailable, VisualUnits
+from lmms_sgl.method.visionzip import VisionZipParts
 
 
 @dataclass
@@ -133,9 +134,11 @@ class HFVisionLanguageFamily:
         text_attention: str,
         max_memory: dict | None = None,
         argument: str = "pretrained",
+        vision_attention: str = "sdpa",
     ) -> LoadedVLM:
         """Load a checkpoint (``argument`` names it in messages) with the text model's attention
-        ``text_attention``; ``path`` stays what the user gave (lmms-eval names outputs after it)."""
+        ``text_attention`` and the vision tower's ``vision_attention`` (VisionZip records it);
+        ``path`` stays what the user gave (lmms-eval names outputs after it)."""
         from transformers import AutoModelForImageTextToText
 
         folder = self.resolve(path, argument)
@@ -144,7 +147,7 @@ class HFVisionLanguageFamily:
             dtype=dtype,
             device_map=device_map,
             max_memory=max_memory,
-            attn_implementation={"text_config": text_attention, "vision_config": "sdpa"},
+            attn_implementation={"text_config": text_attention, "vision_config": vision_attention},
         ).eval()
         processor = self.load_processor(folder)
         processor.tokenizer.padding_side = "left"  # the method's batching assumes left padding
@@ -196,6 +199,19 @@ class HFVisionLanguageFamily:
         texts = [self.prompt_text(loaded, p) for p in prompts]
         images = [image for p in prompts for image in p.images]
         return self.encode(loaded, texts, images)
+
+    # -- methods that read the vision tower ------------------------------------------------
+    def check_visionzip(self, path: str, argument: str) -> None:
+        """Fail before loading when VisionZip is not defined for this checkpoint."""
+        raise ValueError(
+            f"method='visionzip' is not defined for the {self.name} family ({argument}={path!r}); "
+            "allowed with sgl_llava (LLaVA-1.5 checkpoints) and sgl_internvl2"
+        )
+
+    def visionzip_parts(self, loaded: LoadedVLM) -> VisionZipParts:
+        """The vision layer, projector and token-to-patch map VisionZip reads (see
+        :class:`lmms_sgl.method.visionzip.VisionZipParts`)."""
+        raise ValueError(f"method='visionzip' is not defined for the {self.name} family")
 
     # -- cost ------------------------------------------------------------------------------
     def vision_flops(self, loaded: LoadedVLM, inputs: dict, n_visual: list[int]) -> list[int]:

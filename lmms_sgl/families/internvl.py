@@ -28,6 +28,7 @@ from lmms_sgl.families.base import HFVisionLanguageFamily, LoadedVLM
 from lmms_sgl.method.cost import TransformerShape, mlp_chain_flops, vit_flops
 from lmms_sgl.method.transfer import BoxesUnavailable, TokenBoxes, even_edges
 from lmms_sgl.method.units import VisualUnits
+from lmms_sgl.method.visionzip import VisionZipParts
 
 NATIVE_MAX_TILES = 12
 
@@ -105,6 +106,29 @@ class InternVLFamily(HFVisionLanguageFamily):
 
     def processor_kwargs(self) -> dict:
         return {"max_patches": self.tiles}
+
+    def check_visionzip(self, path: str, argument: str) -> None:
+        """InternViT has a [CLS] token in every tile: VisionZip is defined (see :meth:`visionzip_parts`)."""
+
+    def visionzip_parts(self, loaded: LoadedVLM) -> VisionZipParts:
+        """InternViT: [CLS] at 0, dropped before the 2 x 2 pixel shuffle; LM token t of a tile gathers
+        the four patches the model's own ``pixel_shuffle`` puts into it (found by shuffling indices)."""
+        model = loaded.model.model
+        config = loaded.model.config
+        if config.vision_feature_select_strategy != "default":
+            raise ValueError("method='visionzip' expects InternVL to drop [CLS] (strategy 'default')")
+        layers = model.vision_tower.encoder.layer
+        side = _first(config.vision_config.image_size) // _first(config.vision_config.patch_size)
+        index = torch.arange(side * side, dtype=torch.float64).reshape(1, side, side, 1)
+        shuffled = model.pixel_shuffle(index, scale_factor=config.downsample_ratio)
+        groups = shuffled.reshape(-1, shuffled.shape[-1]).round().long() + 1  # + 1: after [CLS]
+        feature = config.vision_feature_layer
+        return VisionZipParts(
+            attention=layers[(feature % (len(layers) + 1)) - 1].attention,
+            projector=model.multi_modal_projector,
+            token_patches=groups,
+            cls_index=0,
+        )
 
     def tile_flops(self, loaded: LoadedVLM) -> int:
         return config_tile_flops(loaded.model.config)

@@ -19,6 +19,7 @@ from lmms_sgl.families.base import HFVisionLanguageFamily, LoadedVLM
 from lmms_sgl.method.cost import TransformerShape, mlp_chain_flops, vit_flops
 from lmms_sgl.method.transfer import BoxesUnavailable, TokenBoxes, even_edges
 from lmms_sgl.method.units import UnitsUnavailable, VisualUnits
+from lmms_sgl.method.visionzip import VisionZipParts
 
 ANY_RESOLUTION = ("llava_next", "llava_onevision")
 
@@ -34,6 +35,11 @@ def _size(value) -> dict:
 def _shape_only(height: int, width: int) -> np.ndarray:
     """A zero-memory ``(height, width, 1)`` array: transformers' size helpers read only its shape."""
     return np.broadcast_to(np.zeros((1, 1, 1), dtype=np.uint8), (height, width, 1))
+
+
+def _feature_layer(index: int, layers: int) -> int:
+    """The encoder layer whose output is ``hidden_states[index]`` (entry 0 is the embeddings)."""
+    return (index % (layers + 1)) - 1
 
 
 def _pinpoint_crops(pinpoint, crop: int) -> int:
@@ -115,6 +121,36 @@ class LlavaFamily(HFVisionLanguageFamily):
             loaded.model.model.config.image_grid_pinpoints = kept
             loaded.processor.image_processor.image_grid_pinpoints = kept
         return loaded
+
+    def check_visionzip(self, path: str, argument: str) -> None:
+        """VisionZip here: LLaVA-1.5 (one CLIP grid, [CLS] dropped before the projector). NeXT and
+        OneVision unpad, shrink and add newline tokens between the tower and the LM, which this
+        implementation does not map back to patches."""
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path)
+        if config.model_type != "llava" or config.vision_feature_select_strategy != "default":
+            raise ValueError(
+                f"method='visionzip': {argument}={path!r} is a {config.model_type!r} checkpoint "
+                f"(vision_feature_select_strategy={config.vision_feature_select_strategy!r}); VisionZip is "
+                "implemented for LLaVA-1.5 checkpoints ('llava', strategy 'default') and InternVL"
+            )
+        if isinstance(config.vision_feature_layer, (list, tuple)):
+            raise ValueError(f"method='visionzip': {argument}={path!r} reads several vision layers")
+
+    def visionzip_parts(self, loaded: LoadedVLM) -> VisionZipParts:
+        """CLIP: [CLS] at 0, LM token t is patch t + 1 of the layer the projector reads."""
+        model = loaded.model.model
+        config = loaded.model.config
+        layers = model.vision_tower.encoder.layers
+        vision = config.vision_config
+        patches = (vision.image_size // vision.patch_size) ** 2
+        return VisionZipParts(
+            attention=layers[_feature_layer(config.vision_feature_layer, len(layers))].self_attn,
+            projector=model.multi_modal_projector,
+            token_patches=torch.arange(1, patches + 1)[:, None],
+            cls_index=0,
+        )
 
     def crop_flops(self, loaded: LoadedVLM) -> int:
         return config_crop_flops(loaded.model.config)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from lmms_sgl.method.importance import PRECISIONS
-from lmms_sgl.method.settings import METHODS, SGLSettings
+from lmms_sgl.method.settings import BEFORE_LM, METHODS, SGLSettings
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LARGE_ATTENTION = ("sdpa", "eager")
@@ -168,8 +168,9 @@ def parse_model_args(
         defaults = SGLSettings()
         if units is not None:  # unit selection alone: every token of the kept units, from layer 0
             defaults = SGLSettings(prune_layer=0.0, keep_ratio=1.0)
+        default_layer = 0.0 if method in BEFORE_LM else defaults.prune_layer
         settings = SGLSettings(
-            prune_layer=defaults.prune_layer if _none(prune_layer) else as_float("prune_layer", prune_layer),
+            prune_layer=default_layer if _none(prune_layer) else as_float("prune_layer", prune_layer),
             keep_ratio=defaults.keep_ratio if _none(keep_ratio) else as_float("keep_ratio", keep_ratio),
             **settings_kwargs,
         )
@@ -197,7 +198,7 @@ def parse_model_args(
         raise ValueError(f"batch_size={batch_size!r}: automatic batch sizes are not supported; give a number")
     return ModelArgs(
         pretrained=str(pretrained),
-        guide=None if _none(guide) or method in ("large_only", "fastv", "random") else str(guide),
+        guide=None if _none(guide) or method not in ("sgl", "guide_only") else str(guide),
         settings=settings,
         device=None if _none(device) else str(device),
         device_map=None if _none(device_map) else str(device_map),

@@ -8,7 +8,11 @@ from dataclasses import dataclass
 from lmms_sgl.method.cost import PAPER_PRESETS, prune_layer_index, token_ratio
 from lmms_sgl.method.importance import PRECISIONS
 
-METHODS = ("sgl", "fastv", "random", "large_only", "guide_only")
+METHODS = ("sgl", "fastv", "random", "divprune", "visionzip", "pdrop", "large_only", "guide_only")
+# Methods that prune before the language model (K = 0): their keep ratio is the token ratio itself.
+BEFORE_LM = ("divprune", "visionzip")
+# Methods that rank visual tokens by the large model's own attention at layer K-1 (need K >= 1).
+OWN_ATTENTION = ("fastv", "pdrop")
 
 
 def _check_range(name: str, value: float, low: float, high: float, low_open: bool, high_open: bool) -> None:
@@ -27,10 +31,13 @@ class SGLSettings:
 
     Attributes:
         method: ``sgl`` (guide-ranked pruning + optional exit), ``fastv`` (the large model's own
-            last-token attention at layer K-1), ``random`` (seeded), ``large_only`` (no pruning, no
+            last-token attention at layer K-1), ``random`` (seeded), ``divprune`` / ``visionzip``
+            (before the language model, K = 0: :mod:`.divprune`, :mod:`.visionzip`), ``pdrop``
+            (progressive drops from layer K on, :mod:`.pdrop`), ``large_only`` (no pruning, no
             guide) or ``guide_only`` (always the guide's answer).
-        prune_layer: K = int(L * prune_layer), in [0, 1).
-        keep_ratio: fraction of visual tokens kept from layer K on, in (0, 1].
+        prune_layer: K = int(L * prune_layer), in [0, 1); 0 for the methods of :data:`BEFORE_LM`.
+        keep_ratio: fraction of visual tokens kept from layer K on, in (0, 1] (for ``pdrop`` the
+            average over layers >= K of its stages' fractions).
         exit_threshold: exit when (confidence + consistency) / 2 >= threshold, in [0, 1];
             ``None`` never exits.
         consistency_ratio: visual tokens kept in the consistency pass, in (0, 1].
@@ -88,6 +95,11 @@ class SGLSettings:
             _check_range("exit_threshold", self.exit_threshold, 0.0, 1.0, low_open=False, high_open=False)
             if self.method != "sgl":
                 raise ValueError(f"exit_threshold applies to method='sgl' only, got method={self.method!r}")
+        if self.method in BEFORE_LM and self.prune_layer != 0:
+            raise ValueError(
+                f"method={self.method!r} prunes before the language model (K = 0); "
+                f"prune_layer={self.prune_layer!r} is not allowed (omit it or give 0)"
+            )
 
     @staticmethod
     def preset(token_ratio_preset: float) -> tuple[float, float]:
@@ -110,11 +122,13 @@ class SGLSettings:
         """The paper's presets: 0.64 / 0.35 / 0.09 -> (prune_layer, keep_ratio) (0.4, 0.4) / (0.2, 0.2) /
         (0.05, 0.05)."""
         prune_layer, keep_ratio = cls.preset(token_ratio_preset)
+        if kwargs.get("method") in BEFORE_LM:  # K = 0: keep the preset's ratio of the tokens
+            return cls(prune_layer=0.0, keep_ratio=token_ratio_preset, **kwargs)
         return cls(prune_layer=prune_layer, keep_ratio=keep_ratio, **kwargs)
 
     @property
     def prunes(self) -> bool:
-        return self.method in ("sgl", "fastv", "random")
+        return self.method in ("sgl", "fastv", "random", "divprune", "visionzip", "pdrop")
 
     @property
     def uses_guide(self) -> bool:
@@ -131,14 +145,15 @@ class SGLSettings:
 
     def layer_k(self, num_layers: int) -> int:
         k = prune_layer_index(num_layers, self.prune_layer)
-        if self.method == "fastv" and k < 1:
+        if self.method in OWN_ATTENTION and k < 1:
             raise ValueError(
-                f"method='fastv' ranks at layer K-1 and needs K >= 1; "
+                f"method={self.method!r} ranks at layer K-1 and needs K >= 1; "
                 f"prune_layer={self.prune_layer} gives K=0 for {num_layers} layers"
             )
         return k
 
     def expected_token_ratio(self, num_layers: int) -> float:
+        """The layer-averaged ratio these settings aim at (PDrop's stages average to the same)."""
         if not self.prunes:
             return 1.0
         return token_ratio(self.layer_k(num_layers), num_layers, self.keep_ratio)

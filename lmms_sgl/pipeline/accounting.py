@@ -7,11 +7,10 @@ the pipeline with the unpruned large model on the same requests and the same ans
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from lmms_sgl.families.base import LoadedVLM
 from lmms_sgl.method import cost
 from lmms_sgl.method.selection import keep_count
+from lmms_sgl.method.stages import Stages, staged_generation_flops
 from lmms_sgl.pipeline.records import Sample, SampleRecord
 
 
@@ -54,19 +53,14 @@ def pruned_large_flops(
     vision: float,
     prompt: int,
     answer: int,
-    layer_k: int,
     n_visual: int,
-    kept_visual: int,
-    fastv: bool,
+    stages: Stages,
+    selection: float = 0.0,
 ) -> float:
-    """The large model with ``kept_visual`` of ``n_visual`` tokens from layer K on; FastV adds its
-    one recorded query row in one layer."""
-    shape = large.text_shape
-    pruned = prompt - n_visual + kept_visual
-    flops = vision + cost.generation_flops(shape, prompt, answer, layer_k, pruned)
-    if fastv:
-        flops += cost.recording_flops(replace(shape, num_layers=1), prompt, 1, 0)
-    return flops
+    """The large model generating ``answer`` tokens with its layers seeing what ``stages`` kept
+    (``[(K, kept)]`` for single-layer pruning), plus the method's own ``selection`` work (FastV's
+    recorded row, DivPrune's distances...)."""
+    return vision + staged_generation_flops(large.text_shape, prompt, n_visual, answer, stages) + selection
 
 
 def reference_cost(large: LoadedVLM, samples: list[Sample], records: list[SampleRecord]) -> None:

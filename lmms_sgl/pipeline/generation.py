@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import torch
 
 from lmms_sgl.families.base import LoadedVLM
-from lmms_sgl.method import cost
 from lmms_sgl.method.early_exit import exit_score, should_exit
 from lmms_sgl.method.guide import answer_lengths, consistency_pass, run_guide
 from lmms_sgl.method.importance import prompt_rows_from_last_visual
 from lmms_sgl.method.settings import SGLSettings
+from lmms_sgl.method.stages import staged_token_ratio
 from lmms_sgl.pipeline import accounting, vision_units
 from lmms_sgl.pipeline.keep_plans import KeepPlanner
 from lmms_sgl.pipeline.records import GuideScores, Sample, SampleRecord, layout_text
@@ -190,18 +190,18 @@ def large_step(
         else:
             record.kept_visual = plan.kept_visual[b]
             record.layer_k = planner.layer_k
+            stages = planner.stages(b)
+            if len(stages) > 1:
+                record.extra["stages"] = stages
             record.flops += accounting.pruned_large_flops(
                 large,
                 vision[b] if use[b] is None else use[b].vision_flops,
                 real[b],
                 lengths[b],
-                planner.layer_k,
                 n_visual[b],
-                plan.kept_visual[b],
-                fastv=planner.settings.method == "fastv",
+                stages,
+                planner.selection_flops(b, real[b], n_visual[b]),
             )
         if n_visual[b]:
-            layer_k = record.layer_k or 0  # no plan: every visual token kept, ratio 1
-            record.token_ratio = cost.measured_token_ratio(
-                layer_k, large.num_layers, record.kept_visual, n_visual[b]
-            )
+            stages = [] if plan is None else planner.stages(b)  # no plan: every visual token kept
+            record.token_ratio = staged_token_ratio(large.num_layers, n_visual[b], stages)

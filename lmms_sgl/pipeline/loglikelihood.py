@@ -16,6 +16,7 @@ from lmms_sgl.families.base import LoadedVLM
 from lmms_sgl.method import cost
 from lmms_sgl.method.importance import AttentionRecorder, prompt_rows_from_last_visual, visual_scores
 from lmms_sgl.method.settings import SGLSettings
+from lmms_sgl.method.stages import staged_generation_flops, staged_token_ratio
 from lmms_sgl.pipeline import accounting, vision_units
 from lmms_sgl.pipeline.keep_plans import KeepPlanner
 from lmms_sgl.pipeline.records import GuideScores, Sample, SampleRecord, layout_text
@@ -112,21 +113,23 @@ def score_continuation(
     record.num_layers = scorer.num_layers
     record.kept_visual = plan.kept_visual[0] if plan is not None else n_visual
     record.layer_k = planner.layer_k if plan is not None else None
+    stages = planner.stages(0) if plan is not None else []
+    if len(stages) > 1:
+        record.extra["stages"] = stages
     if n_visual and record.reached_large:
-        record.token_ratio = cost.measured_token_ratio(
-            record.layer_k or 0, scorer.num_layers, record.kept_visual, n_visual
-        )
+        record.token_ratio = staged_token_ratio(scorer.num_layers, n_visual, stages)
     length = input_ids.shape[1]
     vision = scorer.family.vision_flops(scorer, inputs, [len(sample.prompt.images)], [n_visual])[0]
     if use is None and scorer is large:
         use = vision_units.full_use(scorer.family.visual_units(scorer, inputs, [sample.prompt]), [vision])
     vision_units.record_use(record, use[0] if use else None)
-    pruned = length - n_visual + record.kept_visual
     encoded = vision if not use or use[0] is None else use[0].vision_flops
+    selection = planner.selection_flops(0, length, n_visual) if plan is not None else 0.0
     record.flops = (
         guide_flops
         + encoded
-        + cost.prefill_flops(scorer.text_shape, length, record.layer_k, pruned, logits=length)
+        + staged_generation_flops(scorer.text_shape, length, n_visual, 0, stages, logits=length)
+        + selection
     )
     if scorer is large:  # the unpruned reference scores exactly these inputs
         record.flops_large_alone = vision + cost.prefill_flops(scorer.text_shape, length, logits=length)
