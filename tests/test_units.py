@@ -349,8 +349,6 @@ def test_counted_vision_flops_with_skipping_match_flop_counter(case, models_dir)
         ({"keep_units": 0}, r"keep_units=0 must be >= 1"),
         ({"keep_units": "two"}, r"keep_units='two' must be a whole number"),
         ({"keep_units": 2, "method": "random"}, r"keep_units=2 ranks units by the guide's importance"),
-        ({"keep_units": 2, "prune_layer": 0.2}, r"keep_units=2 with prune_layer=0.2"),
-        ({"keep_units": 2, "token_ratio": 0.35}, r"keep_units=2 with prune_layer=0.2"),
         ({"keep_global_view": "false"}, r"keep_global_view=False applies to unit selection; give keep_units"),
         ({"keep_units": 1, "keep_global_view": "maybe"}, r"keep_global_view='maybe' must be true or false"),
         ({"skip_units": "sometimes"}, r"skip_units='sometimes' must be true or false"),

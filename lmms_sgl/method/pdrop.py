@@ -103,6 +103,8 @@ class StagedPruner:
     def __init__(self, text_model: nn.Module, layers: list[int], fraction: float):
         self.layers, self.fraction = list(layers), fraction
         self.pruners = [VisualTokenPruner(text_model, layer) for layer in self.layers]
+        for stage, pruner in enumerate(self.pruners):  # deepstack features follow every stage
+            pruner.later = self.pruners[stage + 1 :]
         self.recorder: LastRowRecorder | None = None
 
     @contextmanager

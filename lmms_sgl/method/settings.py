@@ -49,8 +49,9 @@ class SGLSettings:
         skip_units: when the large model drops tokens before its first layer (K = 0, or unit
             selection), its vision tower encodes only the units a kept token reads (exact).
         keep_units: unit selection: keep every token of the N units (tiles, crops, images) with
-            the largest guide importance mass from layer 0 on (``sgl`` only); ``keep_ratio`` then
-            prunes inside them (at layer 0; ``prune_layer`` must be 0). ``None``: token selection.
+            the largest guide importance mass from layer 0 on (``sgl`` only); from layer K on
+            (``prune_layer``) only the top ``keep_ratio`` of those tokens by the same importance
+            (two stages when K > 0). ``None``: token selection.
         keep_global_view: with ``keep_units``, the thumbnail / base image is kept besides the N.
     """
 
@@ -84,12 +85,6 @@ class SGLSettings:
                 raise ValueError(
                     f"keep_units={self.keep_units} ranks units by the guide's importance; "
                     f"method={self.method!r} has none (allowed with method 'sgl')"
-                )
-            if self.prune_layer != 0:
-                raise ValueError(
-                    f"keep_units={self.keep_units} with prune_layer={self.prune_layer}: unit selection "
-                    "acts from layer 0, and token pruning inside the kept units is supported at layer 0 "
-                    "only (allowed: prune_layer=0 with any keep_ratio)"
                 )
         if self.exit_threshold is not None:
             _check_range("exit_threshold", self.exit_threshold, 0.0, 1.0, low_open=False, high_open=False)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from lmms_sgl.method.cost import TransformerShape, layer_flops, lm_head_flops
-from lmms_sgl.method.selection import KeepPlan
+from lmms_sgl.method.selection import KeepPlan, pack_positions
 
 Stages = Sequence[tuple[int, int]]
 
@@ -62,3 +62,24 @@ def compose(outer: KeepPlan, inner: KeepPlan) -> KeepPlan:
     valid = inner.valid & outer.valid.gather(1, inner.index)
     index = index.masked_fill(~valid, 0)
     return KeepPlan(index, valid, outer.prompt_length, inner.kept_visual, outer.total_visual)
+
+
+def restrict(outer: KeepPlan, inner: KeepPlan) -> KeepPlan:
+    """``inner`` (a plan over the original prompt keeping a subset of what ``outer`` keeps) as a plan
+    over ``outer``'s pruned sequence: the inverse of :func:`compose`, for stages fixed in advance."""
+    if inner.prompt_length != outer.prompt_length or inner.index.shape[0] != outer.index.shape[0]:
+        raise ValueError(
+            f"plans for different prompts: {tuple(inner.index.shape)} over {inner.prompt_length} tokens "
+            f"vs {tuple(outer.index.shape)} over {outer.prompt_length}"
+        )
+    slots = outer.slot_of()
+    kept = []
+    for b in range(inner.index.shape[0]):
+        positions = inner.index[b][inner.valid[b]].to(slots.device)
+        rows = slots[b, positions]
+        if bool((rows < 0).any()):
+            dropped = positions[rows < 0].tolist()[:5]
+            raise ValueError(f"sample {b}: the inner plan keeps positions {dropped} the outer plan dropped")
+        kept.append(rows)
+    index, valid = pack_positions(kept, outer.pruned_length)
+    return KeepPlan(index, valid, outer.pruned_length, inner.kept_visual, outer.kept_visual)

@@ -7,8 +7,9 @@ embeddings; PDrop arms one pruner per drop layer. A sample whose guide scores ca
 keeps all its visual tokens and is marked as a fallback with the reason.
 
 Unit selection (``keep_units``) keeps every token of the units with the largest mapped importance
-mass (and ``keep_ratio`` of them by score); with a plan applied before layer 0 the vision tower
-encodes only the units kept tokens read (:mod:`.vision_units`).
+mass from layer 0 on, and ``keep_ratio`` of them by score from layer K on (two stages when K > 0);
+with a plan applied before layer 0 the vision tower encodes only the units kept tokens read
+(:mod:`.vision_units`).
 
 After a run, :meth:`KeepPlanner.stages` and :meth:`KeepPlanner.selection_flops` say what each
 sample's layers saw and what choosing its tokens cost (for ``pipeline.accounting``).
@@ -30,6 +31,7 @@ from lmms_sgl.method.pdrop import StagedPruner, drop_layers, stage_fraction
 from lmms_sgl.method.pruning import VisualTokenPruner, decoder_layers
 from lmms_sgl.method.selection import KeepPlan, plan_from_scores, random_scores
 from lmms_sgl.method.settings import SGLSettings
+from lmms_sgl.method.staged_pruning import FixedStagedPruner
 from lmms_sgl.method.stages import layer_tokens
 from lmms_sgl.method.transfer import BoxesUnavailable, TokenBoxes, transfer_importance
 from lmms_sgl.method.units import (
@@ -55,6 +57,8 @@ class KeepPlanner:
             layers = drop_layers(large.num_layers, self.layer_k)
             fraction = stage_fraction(layers, large.num_layers, settings.keep_ratio)
             self.pruner = StagedPruner(large.text_model, layers, fraction)
+        elif settings.keep_units is not None and self.layer_k > 0:  # units from 0, tokens from K
+            self.pruner = FixedStagedPruner(large.text_model, [0, self.layer_k])
         elif settings.prunes:
             self.pruner = VisualTokenPruner(large.text_model, self.layer_k)
         self.skips_units = settings.prunes and settings.skips_units(large.num_layers)
@@ -103,8 +107,9 @@ class KeepPlanner:
                 source, recorder = self._plan_source(
                     samples, records, inputs, visual, scores, fastv_rows, units
                 )
-                if self.skips_units and isinstance(source, KeepPlan):
-                    hooks, self.unit_use = vision_units.skipping(self.large, units, source, visual, records)
+                first = source[0] if isinstance(source, list) else source  # the plan at layer 0
+                if self.skips_units and isinstance(first, KeepPlan):
+                    hooks, self.unit_use = vision_units.skipping(self.large, units, first, visual, records)
                     stack.enter_context(hooks)
                 if recorder is not None:
                     stack.enter_context(recorder.active())
@@ -112,7 +117,10 @@ class KeepPlanner:
             self.pruner.arm(source)
             yield self.pruner
             plan = self.pruner.plan
-            self._stages = [[(self.layer_k, kept)] for kept in plan.kept_visual] if plan else []
+            if isinstance(self.pruner, FixedStagedPruner):
+                self._stages = [self.pruner.stages(b) for b in range(visual.shape[0])] if plan else []
+            else:
+                self._stages = [[(self.layer_k, kept)] for kept in plan.kept_visual] if plan else []
 
     def stages(self, sample: int) -> list[tuple[int, int]]:
         """``[(layer, kept visual tokens), ...]`` of ``sample`` in the last pruned run."""
@@ -190,6 +198,9 @@ class KeepPlanner:
                     for s, u, record in zip(per_sample, units, records, strict=True)
                 ]
                 kept = plan_from_masks([inner for _, inner in pairs], visual, attention_mask)
+                if isinstance(self.pruner, FixedStagedPruner):  # every unit token until layer K
+                    units_plan = plan_from_masks([outer for outer, _ in pairs], visual, attention_mask)
+                    return [units_plan, kept], None
                 return kept, None
         return plan_from_scores(per_sample, visual, attention_mask, self.settings.keep_ratio), None
 
