@@ -230,6 +230,7 @@ def section(results: dict, command: str) -> list[str]:
         + "; its saving is the difference of the two rows' ratios for the keep sets this guide produced.",
         f"1-minute load average before / after: {results['load_average'][0]:.1f} / "
         f"{results['load_average'][1]:.1f} on {results['machine']['cores']} cores.",
+        *([results["notes"]] if results.get("notes") else []),
         END,
     ]
     return lines
