@@ -8,7 +8,7 @@ transformers-native checkpoints differ only in a few facts, kept as overrides of
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from torch import nn
 from lmms_sgl.checkpoints.integrity import CheckpointError, check_weights
 from lmms_sgl.method.cost import TransformerShape
 from lmms_sgl.method.transfer import BoxesUnavailable, TokenBoxes
+from lmms_sgl.method.units import UnitSkipHooks, UnitsUnavailable, VisualUnits
 
 
 @dataclass
@@ -233,4 +234,52 @@ class HFVisionLanguageFamily:
                 out.append(error)
             except (AttributeError, KeyError, TypeError, ValueError) as error:  # a processor we do not know
                 out.append(BoxesUnavailable(f"{type(error).__name__}: {error}"))
+        return out
+
+    # -- vision units ----------------------------------------------------------------------
+    def vision_tower(self, model: nn.Module) -> nn.Module:
+        """The module that encodes the units (its input rows are the units' rows, batch order)."""
+        return model.model.vision_tower
+
+    def vision_modules(self, model: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """Where unit skipping selects rows (the tower's input) and scatters them back (the
+        projector's output, so the projector too runs on encoded units only)."""
+        return self.vision_tower(model), model.model.multi_modal_projector
+
+    def check_unit_selection(self, path: str) -> None:
+        """Refuse ``keep_units`` for a checkpoint whose requests never have more than one unit
+        (called before weights load); families with tiles, crops or several images accept it."""
+
+    def unit_skip_hooks(self, sizes: list[int], keep: list[bool]) -> UnitSkipHooks:
+        return UnitSkipHooks(sizes, keep)
+
+    def image_units(self, loaded: LoadedVLM, image: Image.Image, inputs: dict, index: int) -> VisualUnits:
+        """The vision units of one image (``index``: its place among the batch's images)."""
+        raise UnitsUnavailable(f"the {self.name} family does not derive vision units")
+
+    def visual_units(
+        self, loaded: LoadedVLM, inputs: dict, prompts: list[Prompt]
+    ) -> list[VisualUnits | UnitsUnavailable]:
+        """Per sample, the vision units of its images (in order), or why they cannot be derived;
+        checked against the visual-token count the processor produced."""
+        counts = (inputs["input_ids"] == loaded.image_token_id).sum(1).tolist()
+        out: list[VisualUnits | UnitsUnavailable] = []
+        first = 0
+        for prompt, count in zip(prompts, counts, strict=True):
+            try:
+                units = VisualUnits.cat(
+                    [
+                        replace(units, image=(i,) * units.count)
+                        for i, image in enumerate(prompt.images)
+                        for units in [self.image_units(loaded, image, inputs, first + i)]
+                    ]
+                )
+                if len(units) != count:
+                    raise UnitsUnavailable(f"derived units for {len(units)} tokens, the prompt has {count}")
+                out.append(units)
+            except UnitsUnavailable as error:
+                out.append(error)
+            except (BoxesUnavailable, AttributeError, KeyError, TypeError, ValueError) as error:
+                out.append(UnitsUnavailable(f"{type(error).__name__}: {error}"))
+            first += len(prompt.images)
         return out

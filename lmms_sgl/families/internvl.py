@@ -27,6 +27,7 @@ from lmms_sgl.checkpoints.internvl_original.processing import load_processor
 from lmms_sgl.families.base import HFVisionLanguageFamily, LoadedVLM
 from lmms_sgl.method.cost import TransformerShape, mlp_chain_flops, vit_flops
 from lmms_sgl.method.transfer import BoxesUnavailable, TokenBoxes, even_edges
+from lmms_sgl.method.units import VisualUnits
 
 NATIVE_MAX_TILES = 12
 
@@ -150,3 +151,13 @@ class InternVLFamily(HFVisionLanguageFamily):
             parts.append(whole)
         boxes = TokenBoxes.cat(parts)
         return TokenBoxes(boxes.boxes, boxes.image, boxes.view, boxes.newline, (f"{layout} ({len(boxes)})",))
+
+    def image_units(self, loaded: LoadedVLM, image: Image.Image, inputs: dict, index: int) -> VisualUnits:
+        """One unit per tile and one for the thumbnail (the global view): ``image_seq_length``
+        consecutive tokens each, one row of ``pixel_values`` each, in the same order."""
+        per_tile = loaded.model.config.image_seq_length
+        boxes = self.image_boxes(loaded, image, inputs, index)
+        tiles = len(boxes) // per_tile
+        thumbnail = (boxes.view.reshape(tiles, per_tile)[:, 0] == 1).tolist()
+        flops = self.tile_flops(loaded)
+        return VisualUnits.blocks([per_tile] * tiles, thumbnail, [1] * tiles, [flops] * tiles, 0)

@@ -8,6 +8,7 @@ that many crops); its importance is then mapped by the boxes of :meth:`LlavaFami
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import numpy as np
@@ -17,6 +18,7 @@ from PIL import Image
 from lmms_sgl.families.base import HFVisionLanguageFamily, LoadedVLM
 from lmms_sgl.method.cost import TransformerShape, mlp_chain_flops, vit_flops
 from lmms_sgl.method.transfer import BoxesUnavailable, TokenBoxes, even_edges
+from lmms_sgl.method.units import UnitsUnavailable, VisualUnits
 
 ANY_RESOLUTION = ("llava_next", "llava_onevision")
 
@@ -121,19 +123,9 @@ class LlavaFamily(HFVisionLanguageFamily):
         pixel_values = inputs.get("pixel_values")
         if pixel_values is None:
             return []
-        if pixel_values.dim() == 4:  # LLaVA-1.5: one crop per image
+        if pixel_values.dim() == 4 and "image_sizes" not in inputs:  # LLaVA-1.5: one crop per image
             return [1] * pixel_values.shape[0]
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-        config = loaded.model.config
-        return [
-            image_size_to_num_patches(
-                image_size=tuple(size.tolist()),
-                grid_pinpoints=config.image_grid_pinpoints,
-                patch_size=config.vision_config.image_size,
-            )
-            for size in inputs["image_sizes"]
-        ]
+        return [self._crops(loaded, inputs, index) for index in range(len(inputs["image_sizes"]))]
 
     def vision_flops(
         self, loaded: LoadedVLM, inputs: dict, images_per_sample: list[int], n_visual: list[int]
@@ -293,3 +285,62 @@ class LlavaFamily(HFVisionLanguageFamily):
         if not torch.equal(kept, rows[:, None] & cols[None, :]):
             raise BoxesUnavailable("unpad_image kept a non-rectangular set of cells")
         return kept
+
+    # -- vision units ----------------------------------------------------------------------
+    def check_unit_selection(self, path: str) -> None:
+        from transformers import AutoConfig
+
+        model_type = AutoConfig.from_pretrained(path).model_type
+        if model_type not in ANY_RESOLUTION:
+            raise ValueError(
+                f"keep_units: pretrained={path!r} is a {model_type!r} (LLaVA-1.5) checkpoint, which "
+                "encodes each image as one unit, so there is nothing to choose; "
+                f"allowed with {ANY_RESOLUTION} checkpoints"
+            )
+
+    def image_units(self, loaded: LoadedVLM, image: Image.Image, inputs: dict, index: int) -> VisualUnits:
+        """LLaVA-1.5: the image is one unit. NeXT / OneVision: the base image (the global view)
+        and each crop, one row of the tower's input each; which units each token reads is found
+        by the model's own ``pack_image_features`` on one-hot features (unpadding, OneVision's
+        bilinear shrink across crop borders and the image-newline parameter, which reads none)."""
+        config = loaded.model.config
+        flops = self.crop_flops(loaded)
+        if config.model_type not in ANY_RESOLUTION:
+            count = (inputs["input_ids"] == loaded.image_token_id).sum() // inputs["pixel_values"].shape[0]
+            return VisualUnits.blocks([int(count)], [False], [1], [flops], 0)
+        crops = self._crops(loaded, inputs, index)
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        one_hot = torch.eye(crops, dtype=torch.float64)[:, None, :].expand(crops, side * side, crops)
+        pack = loaded.model.model.pack_image_features
+        options = {"image_newline": torch.zeros(crops, dtype=torch.float64)}
+        if "vision_feature_select_strategy" in inspect.signature(pack).parameters:
+            options["vision_feature_select_strategy"] = config.vision_feature_select_strategy
+        if "vision_aspect_ratio" in inspect.signature(pack).parameters:
+            options["vision_aspect_ratio"] = getattr(config, "vision_aspect_ratio", "anyres_max_9")
+        packed, _ = pack([one_hot.clone()], inputs["image_sizes"][index : index + 1], **options)
+        weights = packed[0]
+        reads = weights != 0
+        owner = weights.argmax(1)
+        for token in range(1, len(owner)):  # a newline token belongs to the token it closes
+            if not reads[token].any():
+                owner[token] = owner[token - 1]
+        if not reads[0].any():
+            raise UnitsUnavailable("the first visual token of an image reads no unit")
+        global_view = [crops > 1] + [False] * (crops - 1)
+        return VisualUnits(
+            owner, reads, torch.tensor(global_view), (1,) * crops, (flops,) * crops, (0,) * crops
+        )
+
+    def _crops(self, loaded: LoadedVLM, inputs: dict, index: int) -> int:
+        """Rows of the tower's input of image ``index``: base + crops, or 1 for a OneVision image of
+        a multi-image prompt (as the model's ``get_image_features`` decides)."""
+        if not self._patched(inputs, index):
+            return 1
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        config = loaded.model.config
+        return image_size_to_num_patches(
+            image_size=tuple(inputs["image_sizes"][index].tolist()),
+            grid_pinpoints=config.image_grid_pinpoints,
+            patch_size=config.vision_config.image_size,
+        )

@@ -19,8 +19,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from PIL import Image
+from torch import nn
+
 from lmms_sgl.families.base import HFVisionLanguageFamily, LoadedVLM, Prompt
 from lmms_sgl.method.cost import TransformerShape, layer_flops, mlp_chain_flops
+from lmms_sgl.method.units import UnitSkipHooks, VisualUnits
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -171,3 +175,23 @@ class QwenVLFamily(HFVisionLanguageFamily):
     @staticmethod
     def windows(vision, frames: int, height: int, width: int) -> list[int]:
         return window_sizes(vision, frames, height, width)
+
+    # -- vision units ----------------------------------------------------------------------
+    def vision_tower(self, model: nn.Module) -> nn.Module:
+        return model.model.visual
+
+    def vision_modules(self, model: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """The merger (projector) runs inside the tower."""
+        return self.vision_tower(model), self.vision_tower(model)
+
+    def unit_skip_hooks(self, sizes: list[int], keep: list[bool]) -> UnitSkipHooks:
+        """The tower's input is the images' patches (``hidden_states``), ``grid_thw`` one row per image."""
+        return UnitSkipHooks(sizes, keep, input_name="hidden_states", per_unit=("grid_thw",))
+
+    def image_units(self, loaded: LoadedVLM, image: Image.Image, inputs: dict, index: int) -> VisualUnits:
+        """One image is one unit: its patches attend to each other (one attention group), so only
+        whole images can be skipped. Rows: its patches; tokens: one per merged 2 x 2 patches."""
+        grid = tuple(inputs["image_grid_thw"][index].tolist())
+        patches = grid[0] * grid[1] * grid[2]
+        merge = loaded.model.config.vision_config.spatial_merge_size**2
+        return VisualUnits.blocks([patches // merge], [False], [patches], [self.image_flops(loaded, grid)], 0)

@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from lmms_sgl.families.base import HFVisionLanguageFamily, Prompt
-from lmms_sgl.lmms.args import ModelArgs, parse_model_args
+from lmms_sgl.lmms.args import ModelArgs, check_schedule, parse_model_args
 from lmms_sgl.method.importance import ATTENTION_NAME, recording_attention
 from lmms_sgl.pipeline import GenerationSettings, Sample, SampleRecord, SGLPipeline
 from lmms_sgl.reporting.stats import RunStats
@@ -63,7 +63,9 @@ class SGLModel(lmms):
         self.guide_family = self.family.for_guide(**self.args.guide_layout)
         if self.args.guide is not None:
             self.guide_family.check_checkpoint(self.args.guide, "guide")
-        self.args.settings.layer_k(large_layers)
+        check_schedule(self.args, large_layers)
+        if self.args.settings.keep_units is not None:
+            self.family.check_unit_selection(self.args.pretrained)
         self.accelerator = Accelerator()
         self._rank = self.accelerator.process_index
         self._world_size = self.accelerator.num_processes

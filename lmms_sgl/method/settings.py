@@ -39,6 +39,12 @@ class SGLSettings:
             (the official arithmetic: eager probabilities in the model dtype, summed in it per forward,
             then across forwards; reproduces the official rankings on bf16, where near-ties round
             differently).
+        skip_units: when the large model drops tokens before its first layer (K = 0, or unit
+            selection), its vision tower encodes only the units a kept token reads (exact).
+        keep_units: unit selection: keep every token of the N units (tiles, crops, images) with
+            the largest guide importance mass from layer 0 on (``sgl`` only); ``keep_ratio`` then
+            prunes inside them (at layer 0; ``prune_layer`` must be 0). ``None``: token selection.
+        keep_global_view: with ``keep_units``, the thumbnail / base image is kept besides the N.
     """
 
     method: str = "sgl"
@@ -48,6 +54,9 @@ class SGLSettings:
     consistency_ratio: float = 0.05
     seed: int = 0
     importance_precision: str = "fp32"
+    skip_units: bool = True
+    keep_units: int | None = None
+    keep_global_view: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -57,6 +66,24 @@ class SGLSettings:
         _check_range("prune_layer", self.prune_layer, 0.0, 1.0, low_open=False, high_open=True)
         _check_range("keep_ratio", self.keep_ratio, 0.0, 1.0, low_open=True, high_open=False)
         _check_range("consistency_ratio", self.consistency_ratio, 0.0, 1.0, low_open=True, high_open=False)
+        if self.keep_units is not None:
+            if (
+                isinstance(self.keep_units, bool)
+                or not isinstance(self.keep_units, int)
+                or self.keep_units < 1
+            ):
+                raise ValueError(f"keep_units={self.keep_units!r} must be a whole number >= 1")
+            if self.method != "sgl":
+                raise ValueError(
+                    f"keep_units={self.keep_units} ranks units by the guide's importance; "
+                    f"method={self.method!r} has none (allowed with method 'sgl')"
+                )
+            if self.prune_layer != 0:
+                raise ValueError(
+                    f"keep_units={self.keep_units} with prune_layer={self.prune_layer}: unit selection "
+                    "acts from layer 0, and token pruning inside the kept units is supported at layer 0 "
+                    "only (allowed: prune_layer=0 with any keep_ratio)"
+                )
         if self.exit_threshold is not None:
             _check_range("exit_threshold", self.exit_threshold, 0.0, 1.0, low_open=False, high_open=False)
             if self.method != "sgl":
@@ -92,6 +119,15 @@ class SGLSettings:
     @property
     def uses_guide(self) -> bool:
         return self.method in ("sgl", "guide_only")
+
+    def skips_units(self, num_layers: int) -> bool:
+        """Whether the large model's unkept tokens never reach its first layer, so unit skipping
+        is exact (a plan known before the vision tower runs: not FastV's)."""
+        return (
+            self.skip_units
+            and self.method in ("sgl", "random")
+            and (self.keep_units is not None or self.layer_k(num_layers) == 0)
+        )
 
     def layer_k(self, num_layers: int) -> int:
         k = prune_layer_index(num_layers, self.prune_layer)

@@ -19,7 +19,7 @@ from lmms_sgl.method.early_exit import exit_score, should_exit
 from lmms_sgl.method.guide import answer_lengths, consistency_pass, run_guide
 from lmms_sgl.method.importance import prompt_rows_from_last_visual
 from lmms_sgl.method.settings import SGLSettings
-from lmms_sgl.pipeline import accounting
+from lmms_sgl.pipeline import accounting, vision_units
 from lmms_sgl.pipeline.keep_plans import KeepPlanner
 from lmms_sgl.pipeline.records import GuideScores, Sample, SampleRecord, layout_text
 
@@ -151,12 +151,12 @@ def large_step(
     inputs = large.family.build_batch(large, [s.prompt for s in samples])
     visual = inputs["input_ids"] == large.image_token_id
     extra = {"stop_strings": list(gen.until), "tokenizer": large.tokenizer} if gen.until else {}
-    plan = None
+    plan, use = None, None
     with torch.no_grad():
         if prune:
             with planner.pruned(samples, records, inputs, visual, scores) as pruner:
                 sequences = large.model.generate(**inputs, **gen.large_kwargs(), **extra)
-                plan = pruner.plan
+                plan, use = pruner.plan, planner.unit_use
         else:
             sequences = large.model.generate(**inputs, **gen.large_kwargs(), **extra)
     seconds = (time.perf_counter() - start) / len(samples)
@@ -165,7 +165,11 @@ def large_step(
     generated = sequences[:, prompt_length:]
     lengths = answer_lengths(generated, large.stop_token_ids, large.tokenizer, gen.until).tolist()
     n_visual, real, vision = accounting.layout(large, inputs, samples)
+    if use is None:
+        units = large.family.visual_units(large, inputs, [s.prompt for s in samples])
+        use = vision_units.full_use(units, vision)
     for b, record in enumerate(records):
+        vision_units.record_use(record, use[b])
         text = large.tokenizer.decode(generated[b, : lengths[b]], skip_special_tokens=True)
         record.answer = truncate_at(text, gen.until)
         record.reached_large = True
@@ -188,7 +192,7 @@ def large_step(
             record.layer_k = planner.layer_k
             record.flops += accounting.pruned_large_flops(
                 large,
-                vision[b],
+                vision[b] if use[b] is None else use[b].vision_flops,
                 real[b],
                 lengths[b],
                 planner.layer_k,

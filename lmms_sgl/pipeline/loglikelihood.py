@@ -16,7 +16,7 @@ from lmms_sgl.families.base import LoadedVLM
 from lmms_sgl.method import cost
 from lmms_sgl.method.importance import AttentionRecorder, prompt_rows_from_last_visual, visual_scores
 from lmms_sgl.method.settings import SGLSettings
-from lmms_sgl.pipeline import accounting
+from lmms_sgl.pipeline import accounting, vision_units
 from lmms_sgl.pipeline.keep_plans import KeepPlanner
 from lmms_sgl.pipeline.records import GuideScores, Sample, SampleRecord, layout_text
 
@@ -76,7 +76,7 @@ def score_continuation(
     visual = input_ids == scorer.image_token_id
     n_visual = int(visual.sum())
     prune = prune and scorer is large and n_visual > 0
-    plan, guide_flops = None, 0.0
+    plan, guide_flops, use = None, 0.0, None
     with torch.no_grad():
         if prune:
             scores = None
@@ -90,7 +90,7 @@ def score_continuation(
             fastv_rows[:, context_length - 1] = True  # FastV's query: the last context token
             with planner.pruned([sample], [record], inputs, visual, scores, fastv_rows) as pruner:
                 logits = scorer.model(**inputs, use_cache=False).logits
-                plan = pruner.plan
+                plan, use = pruner.plan, planner.unit_use
         else:
             logits = scorer.model(**inputs, use_cache=False).logits
     positions = torch.arange(context_length - 1, input_ids.shape[1] - 1, device=logits.device)
@@ -118,10 +118,14 @@ def score_continuation(
         )
     length = input_ids.shape[1]
     vision = scorer.family.vision_flops(scorer, inputs, [len(sample.prompt.images)], [n_visual])[0]
+    if use is None and scorer is large:
+        use = vision_units.full_use(scorer.family.visual_units(scorer, inputs, [sample.prompt]), [vision])
+    vision_units.record_use(record, use[0] if use else None)
     pruned = length - n_visual + record.kept_visual
+    encoded = vision if not use or use[0] is None else use[0].vision_flops
     record.flops = (
         guide_flops
-        + vision
+        + encoded
         + cost.prefill_flops(scorer.text_shape, length, record.layer_k, pruned, logits=length)
     )
     if scorer is large:  # the unpruned reference scores exactly these inputs

@@ -43,6 +43,8 @@ class SampleRecord:
     layer_k: int | None = None
     num_layers: int | None = None
     token_ratio: float | None = None
+    vision_units: int | None = None  # the large model's vision units (tiles, crops, images)
+    vision_units_encoded: int | None = None  # of which its vision tower encoded (unit skipping)
     flops: float = 0.0
     flops_large_alone: float = 0.0
     guide_seconds: float = 0.0
