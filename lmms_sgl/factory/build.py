@@ -168,7 +168,8 @@ def build_processor(spec: ModelSpec):
         return InternVLProcessor(
             image_processor=image_processor,
             tokenizer=tokenizer,
-            video_processor=InternVLVideoProcessor(),
+            # frames are single 448 px tiles, as the released -hf checkpoints' video processors
+            video_processor=InternVLVideoProcessor(size={"height": 448, "width": 448}),
             image_seq_length=256,
             chat_template=INTERNVL_CHAT_TEMPLATE,
         )

@@ -116,6 +116,14 @@ class LlavaFamily(HFVisionLanguageFamily):
             loaded.processor.image_processor.image_grid_pinpoints = kept
         return loaded
 
+    def check_video(self, loaded: LoadedVLM) -> None:
+        """LLaVA-OneVision's native video input is not wired yet (its factory checkpoints have no
+        video token); refused per sample with this reason, counted as failed."""
+        raise ValueError(
+            f"sgl_llava does not take videos yet ({loaded.path!r}); video runs with sgl_internvl2 "
+            "(frames as images) or sgl_qwen2_vl (native video)"
+        )
+
     def crop_flops(self, loaded: LoadedVLM) -> int:
         return config_crop_flops(loaded.model.config)
 

@@ -23,6 +23,7 @@ from PIL import Image
 from torch import nn
 
 from lmms_sgl.families.base import HFVisionLanguageFamily, LoadedVLM, Prompt
+from lmms_sgl.families.video import Video
 from lmms_sgl.method.cost import TransformerShape, layer_flops, mlp_chain_flops
 from lmms_sgl.method.units import UnitSkipHooks, VisualUnits
 
@@ -139,12 +140,16 @@ class QwenVLFamily(HFVisionLanguageFamily):
         image_processor = processor.image_processor
         # the processor's own patch and merge sizes are what it resizes with
         self.check_pixel_bounds(image_processor.patch_size, image_processor.merge_size, repr(folder))
-        size = image_processor.size
-        image_processor.size = replace(
-            size,
-            shortest_edge=size.shortest_edge if self.min_pixels is None else self.min_pixels,
-            longest_edge=size.longest_edge if self.max_pixels is None else self.max_pixels,
-        )
+        # lmms-eval's from_pretrained(min_pixels=..., max_pixels=...) sets the video processor's too
+        for part in (image_processor, getattr(processor, "video_processor", None)):
+            if part is None:
+                continue
+            size = part.size
+            part.size = replace(
+                size,
+                shortest_edge=size.shortest_edge if self.min_pixels is None else self.min_pixels,
+                longest_edge=size.longest_edge if self.max_pixels is None else self.max_pixels,
+            )
         return processor
 
     def messages(self, prompt: Prompt) -> list[dict]:
@@ -154,6 +159,48 @@ class QwenVLFamily(HFVisionLanguageFamily):
         """The ``(min_pixels, max_pixels)`` the processor resizes with."""
         size = loaded.processor.image_processor.size
         return int(size.shortest_edge), int(size.longest_edge)
+
+    # -- video: native input (temporal patches of 2 frames, 3-D RoPE with temporal positions) --------
+    stacks_video_frames = False  # patches are flattened: clips of any length share a batch
+
+    def check_video(self, loaded: LoadedVLM) -> None:
+        if getattr(loaded.processor, "video_processor", None) is None:
+            raise ValueError(f"{loaded.path!r} has no video processor, so it cannot take videos")
+
+    def video_frames(self, video: Video) -> int:
+        """lmms-eval's ``qwen2_5_vl`` rule: ``min(num_frames, total)`` floored to an even count (the
+        temporal patch is 2 frames), at least 2."""
+        return max(2, min(self.num_frames, video.total_frames) // 2 * 2)
+
+    def video_inputs(self, loaded: LoadedVLM, videos: list[Video]) -> dict:
+        """Frames read by ``qwen_vl_utils`` (as lmms-eval's ``qwen2_5_vl`` / ``qwen3_vl`` read them:
+        ``nframes`` of :meth:`video_frames`, resized within the pixel bounds), with their metadata."""
+        from qwen_vl_utils import process_vision_info
+
+        low, high = self.pixel_bounds(loaded)
+        content = [
+            {
+                "type": "video",
+                "video": v.path,
+                "min_pixels": low,
+                "max_pixels": high,
+                "nframes": self.video_frames(v),
+            }
+            for v in videos
+        ]
+        _, clips, _ = process_vision_info(
+            [[{"role": "user", "content": content}]], return_video_kwargs=True, return_video_metadata=True
+        )
+        frames, metadata = zip(*clips, strict=True)
+        return {"videos": list(frames), "video_metadata": list(metadata)}
+
+    def video_flops(self, loaded: LoadedVLM, inputs: dict, videos_per_sample: list[int]) -> list[int]:
+        """Per sample, its videos' tower + merger FLOPs from ``video_grid_thw`` (attention runs per
+        temporal patch, as for an image's frame)."""
+        grids = inputs.get("video_grid_thw")
+        per_video = [] if grids is None else [self.image_flops(loaded, tuple(g)) for g in grids.tolist()]
+        videos = iter(per_video)
+        return [sum(next(videos) for _ in range(count)) for count in videos_per_sample]
 
     # -- cost ------------------------------------------------------------------------------
     def vision_flops(
