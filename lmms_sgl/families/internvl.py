@@ -112,7 +112,7 @@ class InternVLFamily(HFVisionLanguageFamily):
         if getattr(loaded.processor, "video_processor", None) is None:
             raise ValueError(
                 f"{loaded.path!r} has no video processor (an original InternVL checkpoint converted by "
-                "lmms-sgl, whose PIL preprocessing reads images only); videos need an InternVL '-hf' checkpoint"
+                "lmms-sgl, whose PIL preprocessing reads images only); videos need an InternVL -hf checkpoint"
             )
 
     def video_inputs(self, loaded: LoadedVLM, videos: list[Video]) -> dict:
