@@ -329,6 +329,7 @@ def test_video_for_a_family_without_video_support_is_refused(models_dir):
         large.family.build_batch(large, [clip_prompt(CLIP_32)])
 
 
+@pytest.mark.slow
 def test_stock_evaluator_runs_the_local_video_task(models_dir, tasks_dir, tmp_path):
     """lmms-eval's evaluator (as its CLI runs it) on ``sgl_video`` for both video families, SGL at
     K = 0 with frame skipping, 4 frames per clip."""
