@@ -322,6 +322,10 @@ class HFVisionLanguageFamily:
         """Per sample, the vision units of its videos and images (in order), or why they cannot be derived;
         checked against the visual-token count the processor produced."""
         counts = loaded.visual_mask(inputs["input_ids"]).sum(1).tolist()
+        if inputs.get("pixel_values") is not None and inputs.get("pixel_values_videos") is not None:
+            # the tower runs once for the images, once for the videos: one row layout cannot cover both
+            reason = "a batch with both images and native videos (the vision tower runs once per kind)"
+            return [UnitsUnavailable(reason) for _ in prompts]
         out: list[VisualUnits | UnitsUnavailable] = []
         first = first_video = 0
         for prompt, count in zip(prompts, counts, strict=True):

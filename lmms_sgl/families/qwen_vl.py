@@ -232,8 +232,11 @@ class QwenVLFamily(HFVisionLanguageFamily):
         return self.vision_tower(model), self.vision_tower(model)
 
     def unit_skip_hooks(self, sizes: list[int], keep: list[bool]) -> UnitSkipHooks:
-        """The tower's input is the images' patches (``hidden_states``), ``grid_thw`` one row per image."""
-        return UnitSkipHooks(sizes, keep, input_name="hidden_states", per_unit=("grid_thw",))
+        """The tower's input is the patches (``hidden_states``); ``grid_thw`` has one row per image
+        or video, split into one row per temporal patch (an image has one), the units."""
+        return UnitSkipHooks(
+            sizes, keep, input_name="hidden_states", per_unit=("grid_thw",), per_temporal_patch=True
+        )
 
     def image_units(self, loaded: LoadedVLM, image: Image.Image, inputs: dict, index: int) -> VisualUnits:
         """One image is one unit: its patches attend to each other (one attention group), so only
@@ -242,3 +245,17 @@ class QwenVLFamily(HFVisionLanguageFamily):
         patches = grid[0] * grid[1] * grid[2]
         merge = loaded.model.config.vision_config.spatial_merge_size**2
         return VisualUnits.blocks([patches // merge], [False], [patches], [self.image_flops(loaded, grid)], 0)
+
+    def video_units(self, loaded: LoadedVLM, video: Video, inputs: dict, index: int) -> VisualUnits:
+        """Each temporal patch (2 frames) is one unit. The tower's attention segments
+        (``cu_seqlens``, and Qwen2.5-VL's windows) are cut per temporal patch, its rotary positions
+        are (h, w) only and the merger works on 2 x 2 patches of one temporal patch, so a video
+        encoded as ``t`` grids ``(1, h, w)`` gives the same features as one grid ``(t, h, w)``.
+        Rows: a temporal patch's ``h * w`` patches; tokens: one per merged 2 x 2 patches."""
+        frames, height, width = inputs["video_grid_thw"][index].tolist()
+        merge = loaded.model.config.vision_config.spatial_merge_size**2
+        patches = height * width
+        flops = self.image_flops(loaded, (1, height, width))
+        return VisualUnits.blocks(
+            [patches // merge] * frames, [False] * frames, [patches] * frames, [flops] * frames, 0
+        )
