@@ -1,5 +1,6 @@
-"""Video through SGL (issue 28): sgl_qwen2_vl (native video, 3-D RoPE with temporal positions) and
-sgl_internvl2 (frames as 448 px tiles), on the local ``sgl_video`` clips and the tiny factory pairs."""
+"""Video through SGL (issue 28): sgl_qwen2_vl (native video, 3-D RoPE with temporal positions),
+sgl_llava (LLaVA-OneVision native video: frames pooled 2 x 2, one newline) and sgl_internvl2 (frames
+as 448 px tiles), on the local ``sgl_video`` clips and the tiny factory pairs."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from lmms_sgl.method.importance import ATTENTION_NAME, AttentionRecorder, prompt
 from lmms_sgl.method.pruning import VisualTokenPruner
 from lmms_sgl.method.selection import plan_from_scores, random_scores
 from lmms_sgl.method.settings import SGLSettings
+from lmms_sgl.method.units import kept_visual_mask, units_to_encode
 from lmms_sgl.pipeline import GenerationSettings, Sample, SGLPipeline
 from lmms_sgl.pipeline.generation import guide_step
 from lmms_sgl.pipeline.records import SampleRecord
@@ -31,12 +33,14 @@ CLIP_32, CLIP_48 = VIDEOS / "video-000.mp4", VIDEOS / "video-003.mp4"
 
 
 def family_of(name: str, frames: int):
-    family = QwenVLFamily(**PIXELS) if name == "qwen2.5-vl" else InternVLFamily()
+    family = {"qwen2.5-vl": lambda: QwenVLFamily(**PIXELS), "llava-ov-video": LlavaFamily}.get(
+        name, InternVLFamily
+    )()
     family.num_frames = frames
     return family
 
 
-@pytest.fixture(scope="module", params=["qwen2.5-vl", "internvl"])
+@pytest.fixture(scope="module", params=["qwen2.5-vl", "llava-ov-video", "internvl"])
 def pair(request, models_dir):
     """(guide with the recording attention, large with SDPA) of one family, 8 frames per clip."""
     family = family_of(request.param, 8)
@@ -52,7 +56,8 @@ def clip_prompt(path: Path, question: str = "Which way does the square move?") -
 # -- the visual tokens of a video ------------------------------------------------------------------
 def test_video_tokens_and_temporal_positions(pair):
     """Qwen: one video token per merged patch of each 2-frame temporal patch, with temporal RoPE
-    positions that grow frame group by frame group; InternVL: 256 tokens per frame."""
+    positions that grow frame group by frame group; LLaVA-OneVision: 4 x 4 pooled tokens per 112 px
+    frame and one newline; InternVL: 256 tokens per frame."""
     _, large = pair
     inputs = large.family.build_batch(large, [clip_prompt(CLIP_32)])
     visual = large.visual_mask(inputs["input_ids"])
@@ -68,6 +73,9 @@ def test_video_tokens_and_temporal_positions(pair):
         )
         temporal = positions[0, 0][visual[0]].reshape(t, -1)
         assert (temporal.diff(dim=0) > 0).all() and (temporal == temporal[:, :1]).all()
+    elif large.family.name == "llava":
+        assert tuple(inputs["pixel_values_videos"].shape) == (1, 8, 3, 112, 112)
+        assert int(visual.sum()) == 8 * 16 + 1
     else:
         assert int(visual.sum()) == 8 * 256 and inputs["pixel_values"].shape[0] == 8
 
@@ -173,17 +181,18 @@ def test_importance_equals_output_attentions(pair, models_dir):
 
 
 def test_batch_of_clips_of_different_lengths_equals_each_alone(pair, tmp_path):
-    """A 12-frame and a 32-frame clip at 16 frames requested: 12 and 16 frames (InternVL encodes
-    them apart and pads them alike; Qwen flattens their patches). Guide importance equal to 1e-5,
-    answers and kept counts equal. Keep sets are compared through the importance, not as index
-    sets: the clips' identical background tokens tie exactly, and ties fall either way by float
-    noise (2e-7 relative)."""
+    """A 4-frame and a 32-frame clip at 6 frames requested: 4 and 6 frames (InternVL encodes them
+    apart and pads them alike; Qwen flattens their patches; LLaVA-OneVision, as lmms-eval's
+    ``llava_hf``, reads 6 frame indices of each, repeating frames of the short one). Guide
+    importance equal to 1e-5, answers and kept counts equal. Keep sets are compared through the
+    importance, not as index sets: the clips' identical background tokens tie exactly, and ties
+    fall either way by float noise (2e-7 relative)."""
     from lmms_sgl.local_tasks.video import clip_frames, write_clip
 
-    short = write_clip(clip_frames("left", "up", 12, (200, 30, 30), random.Random(0)), tmp_path / "s.mp4")
+    short = write_clip(clip_frames("left", "up", 4, (200, 30, 30), random.Random(0)), tmp_path / "s.mp4")
     guide, large = pair
     for model in (guide, large):
-        model.family.num_frames = 16
+        model.family.num_frames = 6
     try:
         samples = [Sample("t", 0, clip_prompt(short)), Sample("t", 1, clip_prompt(CLIP_32, "Which way?"))]
         settings = SGLSettings(prune_layer=0.5, keep_ratio=0.2)
@@ -198,27 +207,70 @@ def test_batch_of_clips_of_different_lengths_equals_each_alone(pair, tmp_path):
     finally:
         for model in (guide, large):
             model.family.num_frames = 8
-    assert together[0].total_visual != together[1].total_visual
+    if large.family.name == "llava":  # lmms-eval's llava_hf: num_frames indices whatever the length
+        assert together[0].total_visual == together[1].total_visual == 6 * 16 + 1
+    else:
+        assert together[0].total_visual != together[1].total_visual
     assert [r.answer for r in together] == [r.answer for r in alone]
     assert [r.kept_visual for r in together] == [r.kept_visual for r in alone]
     assert all(r.fallback is None for r in together + alone)
 
 
+UNITS = {"qwen_vl": 4, "llava": 8, "internvl": 8}  # of an 8-frame clip: temporal patches or frames
+
+
 def test_frame_skipping_at_k0_changes_nothing_but_the_frames_encoded(pair):
-    """K = 0: frames (InternVL) holding no kept token are not encoded; answers equal the run
-    without skipping. Qwen's video is one vision unit here (its units are not derived), so
-    skipping turns itself off, recorded, and answers are the same too."""
+    """K = 0: frames (InternVL, LLaVA-OneVision) or 2-frame temporal patches (Qwen) holding no
+    kept token are not encoded; answers equal the run without skipping, FLOPs are lower."""
     guide, large = pair
     samples = [Sample("t", 0, clip_prompt(CLIP_32))]
     base = {"prune_layer": 0.0, "keep_ratio": 0.05}
     skipped = SGLPipeline(large, guide, SGLSettings(**base)).generate(samples, GEN)[0]
     full = SGLPipeline(large, guide, SGLSettings(**base, skip_units=False)).generate(samples, GEN)[0]
     assert skipped.answer == full.answer and skipped.kept_visual == full.kept_visual
-    if large.family.name == "internvl":
-        assert skipped.vision_units == 8 and skipped.vision_units_encoded < 8
-        assert full.vision_units_encoded == 8 and skipped.flops < full.flops
-    else:
-        assert "units unknown" in skipped.extra["unit_skipping"]
+    units = UNITS[large.family.name]
+    assert skipped.vision_units == units and skipped.vision_units_encoded < units
+    assert full.vision_units_encoded == units and skipped.flops < full.flops
+
+
+def test_frame_skipping_logits_equal_and_only_needed_frames_reach_the_tower(pair):
+    """The oracle under the pipeline test: at K = 0, the pruned large model's logits with the
+    unit hooks equal those without (every unit encoded), and a spy on the vision tower's input
+    sees exactly the rows (and, for Qwen, the ``(1, h, w)`` grid rows) of the needed units."""
+    _, large = pair
+    prompts = [clip_prompt(CLIP_48)]
+    inputs = large.family.build_batch(large, prompts)
+    visual = large.visual_mask(inputs["input_ids"])
+    # the earliest visual tokens win: the first units are needed, the last ones not
+    earliest = [-torch.arange(int(visual[0].sum()), dtype=torch.float32)]
+    plan = plan_from_scores(earliest, visual, inputs["attention_mask"], 0.05)
+    (units,) = large.family.visual_units(large, inputs, prompts)
+    needed = units_to_encode(units, kept_visual_mask(plan.index[0], plan.valid[0], visual[0]))
+    assert units.count == UNITS[large.family.name] and 0 < int(needed.sum()) < units.count
+    tower = large.family.vision_tower(large.model)
+    hooks = large.family.unit_skip_hooks(list(units.rows), needed.tolist())
+    seen = []
+
+    def spy(module, args, kwargs):
+        given = kwargs[hooks.input_name] if hooks.input_name in kwargs else args[0]
+        seen.append((given.shape[0], kwargs.get("grid_thw")))
+
+    pruner = VisualTokenPruner(large.text_model, 0)
+    with pruner.installed(), torch.no_grad():
+        pruner.arm(plan)
+        full = large.model(**inputs).logits
+        handle = None
+        with hooks.installed(*large.family.vision_modules(large.model)):
+            handle = tower.register_forward_pre_hook(spy, with_kwargs=True)  # after the selecting hook
+            pruner.arm(plan)
+            skipped = large.model(**inputs).logits
+        handle.remove()
+    torch.testing.assert_close(skipped, full, rtol=1e-5, atol=1e-5)
+    rows = sum(r for r, on in zip(units.rows, needed.tolist(), strict=True) if on)
+    assert [count for count, _ in seen] == [rows]
+    if large.family.name == "qwen_vl":
+        grids = seen[0][1]
+        assert len(grids) == int(needed.sum()) and (grids[:, 0] == 1).all()
 
 
 def test_video_flops_match_flop_counter(pair):
@@ -303,6 +355,31 @@ def test_large_only_answers_equal_lmms_eval_internvl_hf(models_dir, monkeypatch)
     assert [r.answer for r in ours] == expected and expected[0]
 
 
+def test_large_only_answers_equal_lmms_eval_llava_hf(models_dir):
+    """lmms-eval's ``llava_hf`` (its video path: 32 frames at ``np.linspace`` indices read with decord,
+    ``"<video>\\n"`` before the question, the processor's ``videos=``) on the OneVision video pair."""
+    from lmms_eval.api.instance import Instance
+    from lmms_eval.models.simple.llava_hf import LlavaHf
+
+    path = str(models_dir / "llava-ov-video-large")
+    theirs = LlavaHf(pretrained=path, device="cpu", device_map="cpu", dtype="float32")
+    question = "Which way does the square move?"
+    theirs.task_dict = {"t": {"test": [{}]}}
+    gen = {"max_new_tokens": 6, "until": ["\n\n"]}
+    request = Instance(
+        "generate_until",
+        (question, dict(gen), lambda d: [str(CLIP_48)], 0, "t", "test"),
+        0,
+        {"task": "t", "doc_id": 0, "repeats": 1},
+    )
+    expected = theirs.generate_until([request])
+    large = LlavaFamily().load(path, dtype=torch.float32, device_map="cpu", text_attention="sdpa")
+    ours = SGLPipeline(large, None, SGLSettings(method="large_only")).generate(
+        [Sample("t", 0, clip_prompt(CLIP_48, question))], GenerationSettings.from_gen_kwargs(gen)
+    )
+    assert [r.answer for r in ours] == expected and expected[0]
+
+
 # -- bad input -------------------------------------------------------------------------------------
 def test_unreadable_empty_and_missing_videos_are_clear_errors(tmp_path):
     (tmp_path / "garbage.mp4").write_bytes(b"not a video at all" * 10)
@@ -323,39 +400,60 @@ def test_num_frames_is_validated_and_defaults_to_lmms_eval_s_32():
             parse_model_args(pretrained="x", method="large_only", num_frames=bad)
 
 
-def test_video_for_a_family_without_video_support_is_refused(models_dir):
-    large = LlavaFamily().load(str(models_dir / "llava-ov-large"), text_attention="sdpa", **LOAD)
-    with pytest.raises(ValueError, match="sgl_llava does not take videos yet"):
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("llava-ov-large", "its tokenizer has no video token matching video_token_id"),
+        ("llava-large", "is a 'llava' checkpoint; sgl_llava takes videos with LLaVA-OneVision"),
+    ],
+)
+def test_video_for_a_checkpoint_without_video_support_is_refused(models_dir, name, reason):
+    """A OneVision checkpoint whose tokenizer lacks the video token, and LLaVA-1.5."""
+    large = LlavaFamily().load(str(models_dir / name), text_attention="sdpa", **LOAD)
+    with pytest.raises(ValueError, match=reason):
         large.family.build_batch(large, [clip_prompt(CLIP_32)])
 
 
-@pytest.mark.slow
-def test_stock_evaluator_runs_the_local_video_task(models_dir, tasks_dir, tmp_path):
-    """lmms-eval's evaluator (as its CLI runs it) on ``sgl_video`` for both video families, SGL at
-    K = 0 with frame skipping, 4 frames per clip."""
+STOCK_RUNS = {
+    "llava-ov-video": ("sgl_llava", ""),
+    "qwen2.5-vl": ("sgl_qwen2_vl", f",min_pixels={PIXELS['min_pixels']},max_pixels={PIXELS['max_pixels']}"),
+    "internvl": ("sgl_internvl2", ""),
+}
+
+
+def stock_video_run(models_dir, tasks_dir, name: str) -> None:
+    """lmms-eval's evaluator (as its CLI runs it) on ``sgl_video``: SGL at K = 0 with frame
+    skipping, 4 frames per clip, 2 clips; every answer non-empty, none failed."""
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
-    for model, name, extra in (
-        (
-            "sgl_qwen2_vl",
-            "qwen2.5-vl",
-            f",min_pixels={PIXELS['min_pixels']},max_pixels={PIXELS['max_pixels']}",
-        ),
-        ("sgl_internvl2", "internvl", ""),
-    ):
-        args = (
-            f"pretrained={models_dir / f'{name}-large'},guide={models_dir / f'{name}-guide'},"
-            f"prune_layer=0,keep_ratio=0.1,num_frames=4{extra}"
-        )
-        out = simple_evaluate(
-            model=model,
-            model_args=args,
-            tasks=["sgl_video"],
-            limit=2,
-            log_samples=True,
-            task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False),
-        )
-        rows = out["samples"]["sgl_video"]
-        assert len(rows) == 2 and all(row["resps"][0][0] for row in rows), model
-        assert "exact_match,none" in out["results"]["sgl_video"]
+    model, extra = STOCK_RUNS[name]
+    args = (
+        f"pretrained={models_dir / f'{name}-large'},guide={models_dir / f'{name}-guide'},"
+        f"prune_layer=0,keep_ratio=0.1,num_frames=4{extra}"
+    )
+    out = simple_evaluate(
+        model=model,
+        model_args=args,
+        tasks=["sgl_video"],
+        limit=2,
+        log_samples=True,
+        task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False),
+    )
+    rows = out["samples"]["sgl_video"]
+    assert len(rows) == 2 and all(row["resps"][0][0] for row in rows), model
+    assert "exact_match,none" in out["results"]["sgl_video"]
+
+
+@pytest.mark.slow
+def test_stock_evaluator_runs_the_local_video_task(models_dir, tasks_dir):
+    """The stock evaluator's video path (request parsing, probing, the SGL model) on the cheapest
+    video pair; the other families' runs are the benchmark-marked test below (their pipelines are
+    covered by the oracle tests above)."""
+    stock_video_run(models_dir, tasks_dir, "llava-ov-video")
+
+
+@pytest.mark.benchmark
+@pytest.mark.parametrize("name", ["qwen2.5-vl", "internvl"])
+def test_stock_evaluator_runs_the_local_video_task_on_every_family(models_dir, tasks_dir, name):
+    stock_video_run(models_dir, tasks_dir, name)
