@@ -27,6 +27,9 @@ CASES = {
     "qwen3_vl": ("qwen3_vl", "sgl_qwen2_vl", "qwen3-vl-large", "bfloat16", "", ""),
 }
 TASKS = "real_pope,real_textvqa,real_chartqa,multi_image,text_only"
+# lmms-eval's llava_hf cannot answer text-only requests (it hands the processor an empty image list)
+HOST_CANNOT = {"llava_hf": {"text_only"}}
+FAST = "max_new_tokens=8"  # the same override on both sides: random tiny models rarely stop by themselves
 
 
 @pytest.fixture(scope="module")
@@ -46,17 +49,18 @@ def test_large_only_equals_lmms_eval_model(real_tasks, models_dir, case):
     host, ours, checkpoint, dtype, host_extra, our_extra = CASES[case]
     path = models_dir / checkpoint
     chat_tasks = TASKS + ("" if host == "qwen2_vl" else ",own_messages")  # qwen2_vl is simple-only
+    chat_tasks = ",".join(t for t in chat_tasks.split(",") if t not in HOST_CANNOT.get(host, ()))
     theirs = evaluate(
-        host, f"pretrained={path},device=cpu,device_map=cpu{host_extra}", chat_tasks, real_tasks, LIMIT
+        host, f"pretrained={path},device=cpu,device_map=cpu{host_extra}", chat_tasks, real_tasks, LIMIT, gen_kwargs=FAST
     )
     args = f"pretrained={path},method=large_only,dtype={dtype}{our_extra}"
-    chat = evaluate(ours, args, chat_tasks, real_tasks, LIMIT)
-    simple = evaluate(ours, args, TASKS, real_tasks, LIMIT, force_simple=True)
+    chat = evaluate(ours, args, chat_tasks, real_tasks, LIMIT, gen_kwargs=FAST)
+    simple = evaluate(ours, args, chat_tasks, real_tasks, LIMIT, gen_kwargs=FAST, force_simple=True)
     assert chat["config"]["model_backend"].endswith("Chat (chat)")
     assert simple["config"]["model_backend"].endswith(" (simple)")
     for task in chat_tasks.split(","):
         expected = [normal(raw_response(row), host) for row in theirs["samples"][task]]
         assert len(expected) == LIMIT and any(expected), task
         assert [normal(raw_response(row), host) for row in chat["samples"][task]] == expected, task
-        if task in TASKS.split(","):
+        if task != "own_messages":  # a task's own messages reach chat models only
             assert [normal(raw_response(row), host) for row in simple["samples"][task]] == expected, task
