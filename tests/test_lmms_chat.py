@@ -51,7 +51,12 @@ def test_large_only_equals_lmms_eval_model(real_tasks, models_dir, case):
     chat_tasks = TASKS + ("" if host == "qwen2_vl" else ",own_messages")  # qwen2_vl is simple-only
     chat_tasks = ",".join(t for t in chat_tasks.split(",") if t not in HOST_CANNOT.get(host, ()))
     theirs = evaluate(
-        host, f"pretrained={path},device=cpu,device_map=cpu{host_extra}", chat_tasks, real_tasks, LIMIT, gen_kwargs=FAST
+        host,
+        f"pretrained={path},device=cpu,device_map=cpu{host_extra}",
+        chat_tasks,
+        real_tasks,
+        LIMIT,
+        gen_kwargs=FAST,
     )
     args = f"pretrained={path},method=large_only,dtype={dtype}{our_extra}"
     chat = evaluate(ours, args, chat_tasks, real_tasks, LIMIT, gen_kwargs=FAST)

@@ -28,7 +28,7 @@ calls, run_large, generate = Path(sys.argv[1]), SGLPipeline._run_large, SGLPipel
 def count_large(self, samples, *args, **kwargs):
     run_large(self, samples, *args, **kwargs)
     with calls.open("a") as out:
-        out.write("".join(f"{s.task}/{s.doc_id}\\n" for s in samples))
+        out.write("".join(f"{{s.task}}/{{s.doc_id}}\\n" for s in samples))
 
 def killed_midway(self, samples, gen):
     done = len(calls.read_text().splitlines()) if calls.exists() else 0
