@@ -245,9 +245,8 @@ class SGLModel(lmms):
             self.uncovered += 1
             return GenerationResult(text=text)
         record = {**record, "extra": {**record.get("extra", {}), "from_cache": True}}
-        return GenerationResult(
-            text=text, token_counts=SGLTokenCounts(record["output_tokens"], self._keep(record))
-        )
+        self._records.append(record)
+        return GenerationResult(text=text, token_counts=SGLTokenCounts(record["output_tokens"], record))
 
     def generate_until_multi_round(self, requests) -> list[str]:
         raise NotImplementedError(
