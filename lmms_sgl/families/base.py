@@ -25,11 +25,19 @@ from lmms_sgl.method.units import UnitSkipHooks, UnitsUnavailable, VisualUnits
 @dataclass
 class Prompt:
     """One request as the family sees it: the task's text, its images and its videos (each in
-    order; a prompt lists its videos before its images)."""
+    order; a prompt lists its videos before its images).
+
+    ``messages`` is set on the chat path: the task's own turns (``role`` and a ``content`` list of
+    ``{"type": "text", "text": ...}`` / ``{"type": "image"}`` / ``{"type": "video"}`` entries, images
+    and videos in ``images``' and ``videos``' order), which the checkpoint's chat template renders as
+    they are, the way lmms-eval's chat models do. Without it the family builds its one user turn from
+    ``text`` (the simple path).
+    """
 
     text: str
     images: list[Image.Image] = field(default_factory=list)
     videos: list[Video] = field(default_factory=list)
+    messages: list[dict] | None = None
 
 
 @dataclass
@@ -187,13 +195,22 @@ class HFVisionLanguageFamily:
         content.append({"type": "text", "text": prompt.text})
         return [{"role": "user", "content": content}]
 
+    def chat_messages(self, loaded: LoadedVLM, prompt: Prompt) -> list[dict]:
+        """The task's own turns, as lmms-eval's chat model for this family passes them to the
+        template (unchanged here; Qwen3-VL's model puts a system turn first)."""
+        return prompt.messages
+
     def prompt_text(self, loaded: LoadedVLM, prompt: Prompt) -> str:
-        return loaded.processor.apply_chat_template(
-            self.messages(prompt), tokenize=False, add_generation_prompt=True
-        )
+        messages = self.messages(prompt) if prompt.messages is None else self.chat_messages(loaded, prompt)
+        return loaded.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def processor_kwargs(self) -> dict:
         return {}
+
+    def processor_kwargs_for(self, loaded: LoadedVLM) -> dict:
+        """The processor's extra arguments for images of ``loaded`` (a family whose choice depends
+        on the checkpoint overrides this)."""
+        return self.processor_kwargs()
 
     def check_video(self, loaded: LoadedVLM) -> None:
         """Refuse videos for a checkpoint that cannot take them (a clear per-sample error)."""
@@ -224,7 +241,7 @@ class HFVisionLanguageFamily:
             text=texts,
             return_tensors="pt",
             padding=True,
-            **(self.processor_kwargs() if images else {}),
+            **(self.processor_kwargs_for(loaded) if images else {}),
             **(self.video_inputs(loaded, list(videos)) if videos else {}),
         )
         return self.to_device(loaded, inputs)

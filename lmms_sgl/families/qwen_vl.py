@@ -12,16 +12,24 @@ family-specific for that: the pruner gathers cos/sin and position ids along thei
 (``lmms_sgl.method.pruning``), and Qwen3-VL's deepstack features follow the kept tokens.
 
 Prompts are those of lmms-eval's ``qwen2_vl`` / ``qwen2_5_vl`` / ``qwen3_vl``: a system turn "You are a
-helpful assistant.", then the images and the task text in one user turn.
+helpful assistant.", then the images and the task text in one user turn (simple path); the task's own
+turns as they are (chat path), with that system turn put first for Qwen3-VL as lmms-eval's ``qwen3_vl``
+does (Qwen2-VL / Qwen2.5-VL templates add it themselves when the task has none).
+
+Pixels: with ``preprocessing="lmms_eval"`` (default) images reach the processor as they reach it in
+lmms-eval's model for the large checkpoint's architecture (:mod:`lmms_sgl.families.qwen_pixels`); the
+guide gets the same, so both see the same pixels. ``"processor"`` leaves resizing to the processor.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
+from loguru import logger
 from PIL import Image
 from torch import nn
 
+from lmms_sgl.families import qwen_pixels
 from lmms_sgl.families.base import HFVisionLanguageFamily, LoadedVLM, Prompt
 from lmms_sgl.families.video import Video
 from lmms_sgl.method.cost import TransformerShape, layer_flops, mlp_chain_flops
@@ -88,8 +96,14 @@ class QwenVLFamily(HFVisionLanguageFamily):
     )
 
     def __init__(
-        self, max_tiles: int | None = None, min_pixels: int | None = None, max_pixels: int | None = None
+        self,
+        max_tiles: int | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        preprocessing: str = "lmms_eval",
     ):
+        if preprocessing not in qwen_pixels.MODES:
+            raise ValueError(f"preprocessing={preprocessing!r}; allowed: {qwen_pixels.MODES}")
         if max_tiles is not None:
             raise ValueError(
                 f"max_tiles={max_tiles}: the {self.name} family has no tiles; "
@@ -99,6 +113,8 @@ class QwenVLFamily(HFVisionLanguageFamily):
             raise ValueError(f"min_pixels={min_pixels} must be <= max_pixels={max_pixels}")
         super().__init__(None)
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.preprocessing = preprocessing
+        self.large_architecture: str | None = None  # set by check_checkpoint("pretrained")
 
     # -- checks ----------------------------------------------------------------------------
     def check_checkpoint(self, path: str, argument: str) -> int:
@@ -107,8 +123,19 @@ class QwenVLFamily(HFVisionLanguageFamily):
         from transformers import AutoConfig
 
         layers = super().check_checkpoint(path, argument)
-        vision = AutoConfig.from_pretrained(path).vision_config
+        config = AutoConfig.from_pretrained(path)
+        vision = config.vision_config
         self.check_pixel_bounds(vision.patch_size, vision.spatial_merge_size, f"{argument}={path!r}")
+        if argument == "pretrained":  # whose lmms-eval preprocessing guide and large model get
+            self.large_architecture = config.model_type
+            bounds = {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels}
+            given = {k: v for k, v in bounds.items() if v is not None}
+            if given and self.preprocessing == "lmms_eval" and self.large_architecture == "qwen3_vl":
+                logger.warning(
+                    f"{given}: with preprocessing='lmms_eval' Qwen3-VL images are sized by qwen_vl_utils' "
+                    "defaults and not resized again, as in lmms-eval's qwen3_vl, so these bounds do not "
+                    "reach images; use preprocessing=processor to bound them"
+                )
         return layers
 
     def check_pixel_bounds(self, patch: int, merge: int, checkpoint: str) -> None:
@@ -130,22 +157,37 @@ class QwenVLFamily(HFVisionLanguageFamily):
                 )
 
     # -- loading and prompting -------------------------------------------------------------
+    def architecture(self, loaded_type: str) -> str:
+        """Whose preprocessing both models get: the large checkpoint's architecture when known."""
+        return self.large_architecture or loaded_type
+
     def load_processor(self, folder: str):
         """The checkpoint's processor with the area bounds ``min_pixels`` / ``max_pixels`` set on its
         image processor's ``size`` (the effect of lmms-eval's ``from_pretrained(min_pixels=...)``,
-        without the per-call kwargs transformers deprecates)."""
-        from transformers import AutoProcessor
+        without the per-call kwargs transformers deprecates). Unset bounds are lmms-eval's model
+        defaults with ``preprocessing="lmms_eval"``, the checkpoint's own otherwise."""
+        from transformers import AutoConfig, AutoProcessor
 
         processor = AutoProcessor.from_pretrained(folder)
         image_processor = processor.image_processor
         # the processor's own patch and merge sizes are what it resizes with
         self.check_pixel_bounds(image_processor.patch_size, image_processor.merge_size, repr(folder))
+        size = image_processor.size
+        lower, upper = size.shortest_edge, size.longest_edge
+        if self.preprocessing == "lmms_eval":
+            lower, upper = qwen_pixels.DEFAULT_BOUNDS[
+                self.architecture(AutoConfig.from_pretrained(folder).model_type)
+            ]
+        image_processor.size = replace(
+            size,
+            shortest_edge=lower if self.min_pixels is None else self.min_pixels,
+            longest_edge=upper if self.max_pixels is None else self.max_pixels,
+        )
         # lmms-eval's from_pretrained(min_pixels=..., max_pixels=...) sets the video processor's too
-        for part in (image_processor, getattr(processor, "video_processor", None)):
-            if part is None:
-                continue
-            size = part.size
-            part.size = replace(
+        video_processor = getattr(processor, "video_processor", None)
+        if video_processor is not None:
+            size = video_processor.size
+            video_processor.size = replace(
                 size,
                 shortest_edge=size.shortest_edge if self.min_pixels is None else self.min_pixels,
                 longest_edge=size.longest_edge if self.max_pixels is None else self.max_pixels,
@@ -154,6 +196,31 @@ class QwenVLFamily(HFVisionLanguageFamily):
 
     def messages(self, prompt: Prompt) -> list[dict]:
         return [{"role": "system", "content": SYSTEM_PROMPT}, *super().messages(prompt)]
+
+    def chat_messages(self, loaded: LoadedVLM, prompt: Prompt) -> list[dict]:
+        if loaded.model.config.model_type == "qwen3_vl":  # lmms-eval's qwen3_vl always inserts it
+            system = {"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]}
+            return [system, *prompt.messages]
+        return prompt.messages
+
+    def encode(
+        self, loaded: LoadedVLM, texts: list[str], images: list[Image.Image], videos: list[Video] = ()
+    ) -> dict:
+        """Images resized (and for Qwen2-VL re-encoded) as lmms-eval's model for the large
+        checkpoint's architecture does before its processor, then the processor (videos: read by
+        ``qwen_vl_utils`` in :meth:`video_inputs`)."""
+        if self.preprocessing == "processor" or not images:
+            return super().encode(loaded, texts, images, videos)
+        arch = self.architecture(loaded.model.config.model_type)
+        bounds = (self.min_pixels, self.max_pixels)
+        ready = [qwen_pixels.prepare(image, arch, *bounds) for image in images]
+        return super().encode(loaded, texts, ready, videos)
+
+    def processor_kwargs_for(self, loaded: LoadedVLM) -> dict:
+        arch = self.architecture(loaded.model.config.model_type)
+        if self.preprocessing == "lmms_eval" and arch == "qwen3_vl":
+            return {"do_resize": False}  # lmms-eval's qwen3_vl: qwen_vl_utils already sized the image
+        return {}
 
     def pixel_bounds(self, loaded: LoadedVLM) -> tuple[int, int]:
         """The ``(min_pixels, max_pixels)`` the processor resizes with."""
