@@ -91,9 +91,10 @@ def raw_response(row: dict) -> str:
 
 
 def evaluate(
-    model: str, model_args: str, tasks: str, tasks_dir: Path, limit: int, batch_size: int = 1
+    model: str, model_args: str, tasks: str, tasks_dir: Path, limit: int, batch_size: int = 1, **options
 ) -> dict:
-    """lmms-eval's evaluator in this process (no CLI start-up), samples logged; it raises on errors."""
+    """lmms-eval's evaluator in this process (no CLI start-up), samples logged; it raises on errors.
+    ``options`` go to ``simple_evaluate`` as they are (``force_simple``, ``use_cache``...)."""
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
@@ -108,6 +109,7 @@ def evaluate(
         # only the local tasks: indexing lmms-eval's ~2,000 task files costs seconds per call
         task_manager=TaskManager("WARNING", include_path=str(tasks_dir), include_defaults=False),
         verbosity="WARNING",
+        **options,
     )
 
 

@@ -294,8 +294,10 @@ def test_other_models_refuse_pixel_bounds_and_the_entry_point_resolves(models_di
 
     from lmms_sgl.lmms.sgl_llava import SGLLlava
 
-    assert MODEL_REGISTRY_V2.resolve("sgl_qwen2_vl").model_type == "simple"
-    assert get_model("sgl_qwen2_vl").__name__ == "SGLQwen2VL"
+    assert MODEL_REGISTRY_V2.resolve("sgl_qwen2_vl").model_type == "chat"  # the default
+    assert get_model("sgl_qwen2_vl").__name__ == "SGLQwen2VLChat"
+    assert MODEL_REGISTRY_V2.resolve("sgl_qwen2_vl", force_simple=True).model_type == "simple"
+    assert get_model("sgl_qwen2_vl", force_simple=True).__name__ == "SGLQwen2VL"
     with pytest.raises(ValueError, match=r"max_pixels=50176 sets Qwen-VL's dynamic resolution; SGLLlava"):
         SGLLlava(pretrained=str(models_dir / "llava-large"), method="large_only", max_pixels=50176)
     from lmms_sgl.families.base import CheckpointError

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from lmms_sgl.families.qwen_pixels import MODES as PREPROCESSING
+from lmms_sgl.families.video import DEFAULT_NUM_FRAMES
 from lmms_sgl.method.importance import PRECISIONS
 from lmms_sgl.method.settings import BEFORE_LM, METHODS, SGLSettings
 
@@ -80,9 +82,11 @@ class ModelArgs:
     batch_size: int
     min_pixels: int | None = None
     max_pixels: int | None = None
+    preprocessing: str = "lmms_eval"
     guide_max_tiles: int | None = None
     guide_max_crops: int | None = None
     skip_units_asked: bool = False  # skip_units=true given explicitly (checked against the schedule)
+    num_frames: int = DEFAULT_NUM_FRAMES  # frames sampled per video, guide and large alike
 
     @property
     def guide_layout(self) -> dict:
@@ -110,6 +114,7 @@ def parse_model_args(
     max_tiles=None,
     min_pixels=None,
     max_pixels=None,
+    preprocessing="lmms_eval",
     guide_max_tiles=None,
     guide_max_crops=None,
     seed=0,
@@ -119,6 +124,7 @@ def parse_model_args(
     keep_global_view=None,
     batch_size=1,
     max_batch_size=None,
+    num_frames=DEFAULT_NUM_FRAMES,
     **unknown,
 ) -> ModelArgs:
     """Validate everything the SGL models accept; see the README's table for meanings and defaults."""
@@ -207,8 +213,10 @@ def parse_model_args(
         max_tiles=as_int("max_tiles", max_tiles, minimum=1, allow_none=True),
         batch_size=as_int("batch_size", batch, minimum=1),
         **pixels,
+        preprocessing=as_choice("preprocessing", preprocessing, PREPROCESSING),
         **guide_layout,
         skip_units_asked=bool(skip),
+        num_frames=as_int("num_frames", num_frames, minimum=1),
     )
 
 

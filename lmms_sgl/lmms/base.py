@@ -1,9 +1,11 @@
-"""The lmms-eval model shared by ``sgl_internvl2`` and ``sgl_llava``; each only names its family.
+"""The lmms-eval model shared by ``sgl_internvl2``, ``sgl_llava`` and ``sgl_qwen2_vl``; each names its family.
 
-It is a *simple* lmms-eval model (``is_simple = True``) because lmms-eval builds log-likelihood
-(multiple-choice) requests only for simple models. Prompts are built exactly as lmms-eval's chat
-models do (one image entry per image, then the task text, through the checkpoint's chat template),
-so with ``method=large_only`` answers equal those of ``internvl_hf`` / ``llava_hf`` (see README).
+This class is the *simple* interface (``is_simple = True``; ``doc_to_visual`` + the task text, and the
+only one lmms-eval sends log-likelihood / multiple-choice requests to); ``lmms_sgl.lmms.chat`` turns
+it into the chat interface lmms-eval prefers. Simple prompts are built as lmms-eval's chat models
+build the auto-generated messages (one image entry per image, then the task text, through the
+checkpoint's chat template), so with ``method=large_only`` both paths equal lmms-eval's own models
+on tasks without messages of their own (see README).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from lmms_sgl.families.base import HFVisionLanguageFamily, Prompt
+from lmms_sgl.families.video import open_video, video_of
+from lmms_sgl.lmms import resumable
 from lmms_sgl.lmms.args import ModelArgs, check_schedule, parse_model_args
 from lmms_sgl.method.importance import ATTENTION_NAME, recording_attention
 from lmms_sgl.method.settings import OWN_ATTENTION
@@ -53,6 +57,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype | str:
 
 class SGLModel(lmms):
     is_simple = True
+    sgl_resumable = True  # lmms_sgl.lmms.resumable: --use_cache stores batch by batch, records kept
     family_class: type[HFVisionLanguageFamily] = HFVisionLanguageFamily
 
     def __init__(self, **model_args) -> None:
@@ -63,6 +68,8 @@ class SGLModel(lmms):
         large_layers = self.family.check_checkpoint(self.args.pretrained, "pretrained")
         # The guide's own family instance: its layout may differ (guide_max_tiles / guide_max_crops).
         self.guide_family = self.family.for_guide(**self.args.guide_layout)
+        for family in {id(f): f for f in (self.family, self.guide_family)}.values():
+            family.num_frames = self.args.num_frames  # the guide sees the same frames
         if self.args.guide is not None:
             self.guide_family.check_checkpoint(self.args.guide, "guide")
         check_schedule(self.args, large_layers)
@@ -99,6 +106,8 @@ class SGLModel(lmms):
         self.pipeline = SGLPipeline(large, guide, settings)
         self._records: list[dict] = []
         self._seconds = 0.0
+        self.uncovered = 0  # answers served by --use_cache without our record
+        resumable.install()
 
     def make_family(self) -> HFVisionLanguageFamily:
         """The family adapter for these model args (a model whose family takes more options, such
@@ -150,18 +159,37 @@ class SGLModel(lmms):
         return self._world_size
 
     # -- requests --------------------------------------------------------------------------
+    @staticmethod
+    def gen_kwargs(request: Instance) -> dict:
+        """The request's generation kwargs (their place differs between simple and chat requests)."""
+        return request.args[1]
+
     def _sample(self, request: Instance) -> Sample:
         context, _, doc_to_visual, doc_id, task, split = request.args[:6]
         doc = self.task_dict[task][split][doc_id]
         visuals = doc_to_visual(doc) if doc_to_visual is not None else []
-        images = []
+        images, videos = [], []
         for visual in visuals or []:
-            if not isinstance(visual, Image.Image):
+            if isinstance(visual, Image.Image):
+                images.append(visual.convert("RGB"))
+                continue
+            path = video_of(visual)
+            if path is None:
                 raise ValueError(
-                    f"{task}/{doc_id}: visual of type {type(visual).__name__} is not supported (images only)"
+                    f"{task}/{doc_id}: visual of type {type(visual).__name__} is not supported "
+                    "(PIL images and video paths)"
                 )
-            images.append(visual.convert("RGB"))
-        return Sample(task, doc_id, Prompt(context, images))
+            videos.append(open_video(path))  # unreadable or empty: a clear error, counted as failed
+        self._check_videos(videos)
+        return Sample(task, doc_id, Prompt(context, images, videos))
+
+    def _check_videos(self, videos: list) -> None:
+        """A request with videos for a checkpoint without video support: refused per sample,
+        before any model runs on it."""
+        if videos:
+            for model in (self.pipeline.large, self.pipeline.guide):
+                if model is not None:
+                    model.family.check_video(model)
 
     def _keep(self, record: SampleRecord) -> dict:
         data = record.as_dict()
@@ -175,10 +203,10 @@ class SGLModel(lmms):
             if request.metadata.get("__padding_only__"):
                 results[index] = GenerationResult(text="")  # padding clones are discarded by lmms-eval
                 continue
-            groups[json.dumps(request.args[1], sort_keys=True, default=str)].append(index)
+            groups[json.dumps(self.gen_kwargs(request), sort_keys=True, default=str)].append(index)
         progress = tqdm(total=sum(map(len, groups.values())), disable=self.rank != 0, desc="SGL responding")
         for indices in groups.values():
-            gen = GenerationSettings.from_gen_kwargs(requests[indices[0]].args[1])
+            gen = GenerationSettings.from_gen_kwargs(self.gen_kwargs(requests[indices[0]]))
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start : start + self.batch_size]
                 samples, ready = [], []
@@ -238,6 +266,17 @@ class SGLModel(lmms):
             results.append(GenerationResult(text=(loss, greedy), token_counts=SGLTokenCounts(0, data)))
         return results
 
+    def from_cache(self, answer, record: dict | None) -> GenerationResult:
+        """An answer served by ``--use_cache`` with the record stored when it was computed (it then
+        counts in this run's statistics, marked ``extra["from_cache"]``), or counted as uncovered."""
+        text = tuple(answer) if isinstance(answer, list) else answer  # a stored (loss, greedy) pair
+        if record is None:
+            self.uncovered += 1
+            return GenerationResult(text=text)
+        record = {**record, "extra": {**record.get("extra", {}), "from_cache": True}}
+        self._records.append(record)
+        return GenerationResult(text=text, token_counts=SGLTokenCounts(record["output_tokens"], record))
+
     def generate_until_multi_round(self, requests) -> list[str]:
         raise NotImplementedError(
             f"{type(self).__name__} does not support multi-round generation; use a single-round task"
@@ -268,6 +307,11 @@ class SGLModel(lmms):
 
     def clean(self) -> None:
         stats, records = self.run_statistics()
+        if self.uncovered:
+            logger.warning(
+                f"SGL statistics cover {stats.overall.samples} requests; {self.uncovered} more answers came "
+                "from --use_cache without their SGL record (cached by another model or an earlier version)"
+            )
         if self.rank == 0 and stats.overall.samples:
             summary = stats.summary()
             report_to_lmms_eval(summary, stats.overall.output_tokens, self._seconds_all)
