@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from lmms_sgl.method.importance import PRECISIONS
-from lmms_sgl.method.settings import METHODS, SGLSettings
+from lmms_sgl.method.settings import DRAFT_SOURCES, METHODS, SGLSettings
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LARGE_ATTENTION = ("sdpa", "eager")
@@ -100,6 +100,8 @@ def parse_model_args(
     guide_max_crops=None,
     seed=0,
     importance_precision="fp32",
+    draft=None,
+    draft_tokens=4,
     batch_size=1,
     max_batch_size=None,
     **unknown,
@@ -113,12 +115,17 @@ def parse_model_args(
     method = as_choice("method", method, METHODS)
     if method in ("sgl", "guide_only") and _none(guide):
         raise ValueError(f"method={method!r} needs guide=<small model path or hub id>")
+    draft = None if _none(draft) else as_choice("draft", draft, DRAFT_SOURCES)
+    if draft is not None and _none(guide):
+        raise ValueError(f"draft={draft!r} needs guide=<small model path or hub id> (the drafting model)")
     settings_kwargs = {
         "method": method,
         "exit_threshold": as_float("exit_threshold", exit_threshold, allow_none=True),
         "consistency_ratio": as_float("consistency_ratio", consistency_ratio),
         "seed": as_int("seed", seed),
         "importance_precision": as_choice("importance_precision", importance_precision, PRECISIONS),
+        "draft": draft,
+        "draft_tokens": as_int("draft_tokens", draft_tokens, minimum=1),
     }
     if not _none(token_ratio):
         if not (_none(prune_layer) and _none(keep_ratio)):
@@ -159,7 +166,7 @@ def parse_model_args(
         raise ValueError(f"batch_size={batch_size!r}: automatic batch sizes are not supported; give a number")
     return ModelArgs(
         pretrained=str(pretrained),
-        guide=None if _none(guide) or method in ("large_only", "fastv", "random") else str(guide),
+        guide=None if _none(guide) or not settings.needs_guide else str(guide),
         settings=settings,
         device=None if _none(device) else str(device),
         device_map=None if _none(device_map) else str(device_map),

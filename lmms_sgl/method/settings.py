@@ -9,6 +9,8 @@ from lmms_sgl.method.cost import PAPER_PRESETS, prune_layer_index, token_ratio
 from lmms_sgl.method.importance import PRECISIONS
 
 METHODS = ("sgl", "fastv", "random", "large_only", "guide_only")
+DRAFT_SOURCES = ("guide",)  # who drafts for the large model's speculative decoding
+DRAFT_METHODS = ("sgl", "large_only")
 
 
 def _check_range(name: str, value: float, low: float, high: float, low_open: bool, high_open: bool) -> None:
@@ -47,6 +49,8 @@ class SGLSettings:
     consistency_ratio: float = 0.05
     seed: int = 0
     importance_precision: str = "fp32"
+    draft: str | None = None
+    draft_tokens: int = 4
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -56,6 +60,19 @@ class SGLSettings:
         _check_range("prune_layer", self.prune_layer, 0.0, 1.0, low_open=False, high_open=True)
         _check_range("keep_ratio", self.keep_ratio, 0.0, 1.0, low_open=True, high_open=False)
         _check_range("consistency_ratio", self.consistency_ratio, 0.0, 1.0, low_open=True, high_open=False)
+        if self.draft is not None:
+            if self.draft not in DRAFT_SOURCES:
+                raise ValueError(f"draft={self.draft!r} is not one of {DRAFT_SOURCES} (or None)")
+            if self.method not in DRAFT_METHODS:
+                raise ValueError(
+                    f"draft={self.draft!r} applies to method in {DRAFT_METHODS}, got {self.method!r}"
+                )
+        if (
+            isinstance(self.draft_tokens, bool)
+            or not isinstance(self.draft_tokens, int)
+            or self.draft_tokens < 1
+        ):
+            raise ValueError(f"draft_tokens={self.draft_tokens!r} must be a whole number >= 1")
         if self.exit_threshold is not None:
             _check_range("exit_threshold", self.exit_threshold, 0.0, 1.0, low_open=False, high_open=False)
             if self.method != "sgl":
@@ -79,6 +96,11 @@ class SGLSettings:
     @property
     def uses_guide(self) -> bool:
         return self.method in ("sgl", "guide_only")
+
+    @property
+    def needs_guide(self) -> bool:
+        """A guide is loaded: for SGL's guidance, or only to draft (``large_only`` + ``draft``)."""
+        return self.uses_guide or self.draft is not None
 
     def layer_k(self, num_layers: int) -> int:
         k = prune_layer_index(num_layers, self.prune_layer)
