@@ -317,6 +317,10 @@ def write_report(results: dict, out: Path, command: str, notes: str = READING) -
         *memory_table(results),
         "",
     ]
+    if results.get("drafting"):  # the decode-bound row of ``lmms_sgl.benchmarks.drafting``
+        from lmms_sgl.benchmarks.drafting import drafting_section
+
+        text += [*drafting_section(results["drafting"], results.get("drafting_command", command)), ""]
     resolution = out.with_name("benchmarks_resolution.json")
     if resolution.exists():  # keep the section of ``python -m lmms_sgl.benchmarks.resolution``
         from lmms_sgl.benchmarks.resolution import section
