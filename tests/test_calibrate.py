@@ -418,3 +418,37 @@ def test_judged_task_is_judged_once_and_cached(judged_run, tmp_path, monkeypatch
     # everything exits: the guide's answers as the judge scored them (4 of 6).
     assert first["curve"][0]["accuracy"] == pytest.approx(100 * 3 / 6)
     assert first["curve"][-1]["accuracy"] == pytest.approx(100 * 4 / 6)
+
+
+def test_unwritable_outputs_exit_2_before_any_calibration(runs, tmp_path, monkeypatch, capsys):
+    """``--json`` / ``--plot`` that cannot be written are usage errors: exit 2, one line naming the
+    option and the path, before the run is even read."""
+    import os
+
+    import lmms_sgl.calibration.cli as cli
+
+    def read(*args, **kwargs):
+        raise AssertionError("the run was read although an output cannot be written")
+
+    monkeypatch.setattr(cli, "load_run", read)
+    run = str(runs["no_exit"])
+    (tmp_path / "notes.txt").write_text("a file")
+    _fails(
+        [run, "--json", str(tmp_path / "notes.txt" / "out.json")], capsys, "--json", "is a file, not a folder"
+    )
+    _fails([run, "--plot", str(tmp_path)], capsys, "--plot", "is a folder")
+    locked = tmp_path / "read_only"
+    locked.mkdir()
+    locked.chmod(0o555)
+    real_access = os.access
+    if os.geteuid() == 0:  # root may write anywhere: let the OS answer as it does for other users
+
+        def access(path, mode, *args, **kwargs):
+            if Path(path) == locked and mode & os.W_OK:
+                return False
+            return real_access(path, mode, *args, **kwargs)
+
+        monkeypatch.setattr(os, "access", access)
+    err = _fails([run, "--plot", str(locked / "deep" / "out.png")], capsys, "--plot", "not writable")
+    assert str(locked) in err and "Traceback" not in err
+    assert list(locked.iterdir()) == []

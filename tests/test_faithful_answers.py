@@ -97,9 +97,14 @@ def test_long_answers_equal_lmms_eval_models_uncut(scripted, tasks_dir, host, mo
 
 
 def official_bf16_importance(model, inputs, visual, steps):
-    """The official arithmetic from transformers' eager ``output_attentions`` (batch of one): per
-    layer, the bf16 slice [rows from the last visual token, visual span] summed over batch, heads
-    and rows, added to a running bf16 total, prefill first, then each fed-back token."""
+    """The official arithmetic from transformers' eager ``output_attentions`` (batch of one), and the
+    one-running-total reading it is not.
+
+    Official order: within each forward (the prefill, then each fed-back token) the bf16 slices
+    [rows from the last visual token, visual span] of every layer, summed over batch, heads and
+    rows, are added to a per-forward total that starts at 0; the per-forward totals are then added
+    up across the forwards. The other reading adds every layer of every forward to one total.
+    """
     out = model.generate(
         **inputs,
         max_new_tokens=steps,
@@ -110,12 +115,16 @@ def official_bf16_importance(model, inputs, visual, steps):
     )
     positions = visual[0].nonzero().flatten()
     first, last = int(positions[0]), int(positions[-1]) + 1
-    total = 0
+    total = running = 0
     for step, layers in enumerate(out.attentions[:steps]):  # the last token is never fed back
+        forward = 0
         for attention in layers:
             rows = attention[:, :, last - 1 :] if step == 0 else attention
-            total = total + rows[..., first:last].sum(dim=(0, 1, 2))
-    return total
+            layer = rows[..., first:last].sum(dim=(0, 1, 2))
+            forward = forward + layer
+            running = running + layer
+        total = total + forward
+    return total, running
 
 
 @pytest.mark.parametrize("family", ["internvl", "llava"])
@@ -132,20 +141,22 @@ def test_model_precision_reproduces_official_bf16_rankings(models_dir, family):
 
     processor = AutoProcessor.from_pretrained(path)
     recording, eager = bf16(EAGER_ATTENTION_NAME), bf16("eager")
-    steps = 5
+    steps, orders_differ = 5, 0
     for index in (0, 1, 2):
         inputs = batch(processor, (index,))
         visual = inputs["input_ids"] == recording.config.image_token_id
         run = run_guide(recording, recording.model.language_model, dict(inputs), visual, steps, [-1])
-        assert run.lengths.tolist() == [steps]
+        assert run.lengths.tolist() == [steps], "a multi-token answer: prefill plus four decode steps"
         ours = run.importance[0]
-        official = official_bf16_importance(eager, inputs, visual, steps)
-        assert ours.dtype == torch.bfloat16
+        official, running = official_bf16_importance(eager, inputs, visual, steps)
+        assert ours.dtype == official.dtype == torch.bfloat16
         assert torch.equal(ours, official), f"sample {index}: bf16 importance differs from the official sum"
+        orders_differ += not torch.equal(official, running)
         for ratio in (0.05, 0.2, 0.4):
             ours_plan = plan_from_scores([ours], visual, inputs["attention_mask"], ratio)
             official_plan = plan_from_scores([official], visual, inputs["attention_mask"], ratio)
             assert torch.equal(ours_plan.index, official_plan.index)
+    assert orders_differ, "the inputs must tell the official order from one running total"
 
 
 def test_settings_refuse_unknown_precision():

@@ -376,3 +376,87 @@ def test_command_line_converts(originals, converted, tmp_path):
     assert folder_bytes(tmp_path / "cli") == folder_bytes(converted["internvl2-orig-guide"])
     with pytest.raises(FileExistsError, match="not an empty folder"):
         main([str(originals["internvl2-orig-guide"]), str(tmp_path / "cli")])
+
+
+# -- destinations, concurrent and interrupted conversions, arguments ---------------------------
+def test_max_tiles_below_one_is_an_argument_error_before_any_work(originals, tmp_path, monkeypatch, capsys):
+    def planned(*args, **kwargs):
+        raise AssertionError("the checkpoint was planned although an argument is invalid")
+
+    monkeypatch.setattr(convert_module, "plan_conversion", planned)
+    source = str(originals["internvl2-orig-guide"])
+    with pytest.raises(SystemExit) as exit_info:
+        main([source, str(tmp_path / "out"), "--max-tiles", "0"])
+    assert exit_info.value.code == 2
+    assert (
+        "argument --max-tiles: '0': the tiling limit must be a whole number >= 1" in capsys.readouterr().err
+    )
+    with pytest.raises(ValueError, match=r"max_tiles=0: the tiling limit must be a whole number >= 1"):
+        convert_checkpoint(source, tmp_path / "out", max_tiles=0, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_destination_below_a_regular_file_is_refused_clearly(originals, tmp_path, no_weight_reads):
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    dst = tmp_path / "notes.txt" / "converted"
+    with pytest.raises(NotADirectoryError, match=r"notes\.txt', which is a file, not a folder"):
+        convert_checkpoint(originals["internvl2-orig-guide"], dst, progress=False)
+
+
+def test_killed_conversions_leave_nothing_the_next_one_keeps(originals, tmp_path):
+    """A ``.DST.partial-PID`` folder of a process that no longer runs is removed by the next
+    conversion into DST; one of a running process is left alone."""
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])  # a PID that has exited
+    assert dead.wait() == 0
+    stale = tmp_path / f".out.partial-{dead.pid}"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half a shard")
+    live = tmp_path / f".out.partial-{os.getppid()}"
+    live.mkdir()
+    convert_checkpoint(originals["internvl2-orig-guide"], tmp_path / "out", progress=False)
+    assert (tmp_path / "out" / MARKER).is_file()
+    assert not stale.exists() and live.exists()
+
+
+def test_two_conversions_into_one_destination_refuse_early(originals, tmp_path, monkeypatch):
+    """The second conversion into the same folder is refused before it reads any weights, while
+    the first one finishes normally."""
+    real_write, started, proceed, calls = (
+        convert_module._write_weights,
+        threading.Event(),
+        threading.Event(),
+        [],
+    )
+
+    def first_waits(*args, **kwargs):
+        calls.append(threading.current_thread().name)
+        if len(calls) == 1:
+            started.set()
+            assert proceed.wait(60)
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(convert_module, "_write_weights", first_waits)
+    source, dst, outcome = originals["internvl2-orig-guide"], tmp_path / "out", {}
+
+    def first():
+        try:
+            outcome["first"] = convert_checkpoint(source, dst, progress=False)
+        except BaseException as error:  # reported by the assertion below
+            outcome["first"] = error
+
+    thread = threading.Thread(target=first, name="first")
+    thread.start()
+    try:
+        assert started.wait(60)
+        with pytest.raises(RuntimeError, match=r"another conversion is writing into it") as refused:
+            convert_checkpoint(source, dst, progress=False)
+        assert type(refused.value).__name__ == "ConversionLockedError"
+    finally:
+        proceed.set()
+        thread.join(120)
+    assert outcome["first"] == dst and (dst / MARKER).is_file()
+    assert calls == ["first"], "the second conversion read no weights"

@@ -68,3 +68,59 @@ def test_original_checkpoints_default_to_six_tiles_and_fail_fast(tmp_path):
     config.write_text(config.read_text().replace('"template"', '"templat"'))
     with pytest.raises(OriginalCheckpointError, match="template"):
         family.check_checkpoint(str(pair["guide"]), "guide")
+
+
+def add_lora_tensor(folder: Path) -> str:
+    """Put an unmerged LoRA tensor into the checkpoint's first shard (listed in its index)."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shard = sorted(folder.glob("*.safetensors"))[0]
+    name = "language_model.model.layers.0.attention.wqkv.lora_A.weight"
+    tensors = load_file(str(shard))
+    tensors[name] = torch.zeros(4, 8)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"][name] = shard.name
+        index.write_text(json.dumps(data))
+    return name
+
+
+def widen_intermediate_size(folder: Path) -> str:
+    """Make ``config.json`` disagree with the weights (the MLP tensors keep their shapes)."""
+    import json
+
+    config = json.loads((folder / "config.json").read_text())
+    config["llm_config"]["intermediate_size"] += 8
+    (folder / "config.json").write_text(json.dumps(config))
+    return "disagree with config.json"
+
+
+@pytest.mark.parametrize(
+    ("defect", "message"), [(add_lora_tensor, "lora_A.*merge it"), (widen_intermediate_size, None)]
+)
+def test_bad_original_guide_is_refused_before_either_model_loads(tmp_path, monkeypatch, defect, message):
+    """The guide's weights are checked against its config (and for unmerged LoRA) together with the
+    large model's, from headers alone, before any weights load; the error names guide= and the folder."""
+    import re
+
+    from lmms_sgl.lmms.sgl_internvl2 import SGLInternVL2
+
+    pair = build_original_pair(tmp_path / "originals")
+    monkeypatch.setenv("LMMS_SGL_CACHE", str(tmp_path / "cache"))
+    found = defect(pair["guide"])
+    message = message or found
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model loaded before the guide checkpoint was checked")
+
+    monkeypatch.setattr(InternVLFamily, "load", loaded)
+    with pytest.raises(
+        OriginalCheckpointError, match=rf"guide={re.escape(repr(str(pair['guide'])))}.*{message}"
+    ):
+        SGLInternVL2(pretrained=str(pair["large"]), guide=str(pair["guide"]), prune_layer=0.5, keep_ratio=0.2)
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.safetensors"))

@@ -20,9 +20,9 @@ import sentencepiece as spm
 import torch
 from PIL import Image
 
-from lmms_sgl.checkpoints.internvl_original import fixtures
 from lmms_sgl.checkpoints.internvl_original.processing import build_processor, load_processor, stop_token_ids
 from lmms_sgl.checkpoints.internvl_original.tokenizer import build_tokenizer
+from lmms_sgl.factory import original_tokenizers as fixtures
 
 ARCHITECTURES = {
     "internlm2": "InternLM2ForCausalLM",
@@ -323,6 +323,82 @@ def test_saved_processor_is_plain_transformers(layouts, tmp_path):
         "<img>",
         "<IMG_CONTEXT>",
     )
+
+
+# Byte-fallback runs as SentencePiece decodes them: each well-formed character, and one U+FFFD per
+# byte that starts none (ByteFallback would give one U+FFFD per byte of the whole run).
+ZH, EMOJI = "中".encode(), "😀".encode()
+BYTE_RUNS = [
+    ZH,  # valid: 中
+    ZH + "龘".encode(),  # valid, two characters
+    EMOJI,  # valid, four bytes
+    ZH + ZH[:2],  # a character, then one cut short (generation stopped mid-character)
+    ZH[:2] + b"A",  # a cut character before ASCII: two U+FFFD (Python's "replace" gives one)
+    b"\x80" + ZH,  # a stray continuation byte before a character
+    EMOJI[:3] + "é".encode(),  # a cut four-byte character, then a two-byte one
+    b"\xc0\x80",  # overlong form
+    b"\xed\xa0\x80",  # a surrogate
+    b"\xf5\x80\x80\x80",  # above U+10FFFF
+    b"\xff\xfe",  # never valid
+    "龘".encode()[1:] + ZH[:1],  # only continuation bytes and a lead byte
+]
+
+
+def random_ids(reference: SlowReference, count: int, seed: int) -> list[list[int]]:
+    """Random answers over the whole vocabulary, byte pieces drawn often (as random weights do)."""
+    rng, size = random.Random(seed), reference.sp.get_piece_size()
+    byte_ids = [i for i in range(size) if reference.sp.is_byte(i)]
+    return [
+        [
+            rng.choice(byte_ids) if rng.random() < 0.6 else rng.randrange(3, size)
+            for _ in range(rng.randrange(1, 24))
+        ]
+        for _ in range(count)
+    ]
+
+
+def test_byte_fallback_runs_decode_as_sentencepiece(layouts, tmp_path):
+    """Valid and invalid runs of byte pieces (Chinese included), alone, between pieces and special
+    tokens, and random answers: the text of SentencePiece's own decode, also after saving and
+    loading with ``load_processor``; plain transformers still loads the folder."""
+    from transformers import AutoTokenizer
+
+    config = original_config("internlm2", "internlm2-chat")
+    tokenizer = build_tokenizer(layouts["internlm2"], config)
+    reference = SlowReference(layouts["internlm2"], "internlm2")
+    sp = reference.sp
+    word, im_end = sp.piece_to_id("▁the"), tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert sp.id_to_piece(word) == "▁the" and im_end > 2
+    answers = []
+    for data in BYTE_RUNS:
+        run = [sp.piece_to_id(f"<0x{byte:02X}>") for byte in data]
+        answers += [run, [word, *run, word], [*run, im_end, *run], [word, *run[:1], word, *run[1:]]]
+    answers += random_ids(reference, 200, seed=0)
+    build_processor(layouts["internlm2"], config).save_pretrained(tmp_path)
+    loaded = load_processor(tmp_path).tokenizer
+    plain = AutoTokenizer.from_pretrained(tmp_path)
+    differs = 0
+    for ids in answers:
+        expected = reference.decode_plain(ids)
+        assert tokenizer.decode(ids, skip_special_tokens=True) == expected, ids
+        assert loaded.decode(ids, skip_special_tokens=True) == expected, ids
+        differs += plain.decode(ids, skip_special_tokens=True) != expected
+    assert loaded.batch_decode(answers[:3], skip_special_tokens=True) == [
+        reference.decode_plain(ids) for ids in answers[:3]
+    ]
+    assert sp.decode([sp.piece_to_id(f"<0x{b:02X}>") for b in ZH + ZH[:2]]) == "中\ufffd\ufffd"
+    assert differs > 50, "the cases must include runs that ByteFallback alone decodes differently"
+    pieces = tokenizer.convert_ids_to_tokens(answers[7])
+    assert tokenizer.convert_tokens_to_string(pieces) == sp.decode_pieces(pieces)
+    # everything else decodes as the backend's own pipeline (special tokens kept or skipped), here
+    # with a valid run, which both decode alike, so that the cutting path runs
+    zh = [sp.piece_to_id(f"<0x{byte:02X}>") for byte in ZH]
+    for ids in random_ids(reference, 50, seed=1):
+        ids = [i for i in ids if not sp.is_byte(i)] + [im_end, *zh, 1]
+        for skip in (True, False):
+            assert tokenizer.decode(ids, skip_special_tokens=skip) == plain.decode(
+                ids, skip_special_tokens=skip
+            )
 
 
 def test_unknown_template_and_bad_fields_are_refused(layouts):

@@ -83,3 +83,23 @@ def test_models_resolve_through_the_entry_point():
     for name in ("sgl_internvl2", "sgl_llava"):
         assert MODEL_REGISTRY_V2.resolve(name).model_type == "simple"
         assert get_model(name).__name__ in ("SGLInternVL2", "SGLLlava")
+
+
+@pytest.mark.parametrize("extra", [{"prune_layer": 0.2}, {"keep_ratio": 0.3}, {}])
+def test_token_ratio_that_is_no_preset_names_the_presets_and_the_alternative(extra):
+    """0.5 is not "a preset" whatever else is given: the message names the presets, their settings
+    and how to get another ratio."""
+    with pytest.raises(ValueError) as refused:
+        parse_model_args(pretrained="big", guide="small", token_ratio=0.5, **extra)
+    message = str(refused.value)
+    assert message.startswith("token_ratio=0.5 is not a preset; allowed: [0.09, 0.35, 0.64]")
+    assert "0.35 (prune_layer=0.2, keep_ratio=0.2)" in message
+    assert "give prune_layer and keep_ratio instead of token_ratio" in message
+    assert "is a preset" not in message
+
+
+def test_token_ratio_preset_with_its_own_knobs_says_what_the_preset_sets():
+    with pytest.raises(
+        ValueError, match=r"token_ratio=0.35 is the paper preset prune_layer=0.2, keep_ratio=0.2; "
+    ):
+        parse_model_args(pretrained="big", guide="small", token_ratio=0.35, prune_layer=0.2)

@@ -304,6 +304,37 @@ def test_other_models_refuse_pixel_bounds_and_the_entry_point_resolves(models_di
         QwenVLFamily().check_checkpoint(str(models_dir / "llava-large"), "pretrained")
 
 
+@pytest.mark.parametrize(("arch", "minimum"), [("qwen2_vl", 784), ("qwen2_5_vl", 784), ("qwen3_vl", 1024)])
+def test_pixel_bounds_below_one_merged_patch_are_refused_before_loading(
+    models_dir, monkeypatch, arch, minimum
+):
+    """(patch x merge)^2 pixels is one visual token: a max_pixels below it made every image a single
+    token, silently. Refused before any weights load, naming the argument, value and minimum."""
+    from lmms_sgl.lmms.sgl_qwen2_vl import SGLQwen2VL
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("weights loaded although the pixel bounds are invalid")
+
+    monkeypatch.setattr(QwenVLFamily, "load", loaded)
+    large, guide = (str(models_dir / f"{ARCHS[arch]}-{role}") for role in ("large", "guide"))
+    side = int(minimum**0.5)
+    for bounds, name, value in [
+        ({"min_pixels": 1, "max_pixels": 1}, "min_pixels", 1),
+        ({"max_pixels": minimum - 1}, "max_pixels", minimum - 1),
+        ({"min_pixels": 16, "max_pixels": 50176}, "min_pixels", 16),
+    ]:
+        with pytest.raises(
+            ValueError,
+            match=rf"{name}={value} is below one merged patch of pretrained='.*': "
+            rf"{side} x {side} = {minimum} pixels .*allowed: {name} >= {minimum}",
+        ):
+            SGLQwen2VL(pretrained=large, guide=guide, prune_layer=0.5, **bounds)
+    family = QwenVLFamily(min_pixels=minimum, max_pixels=minimum)
+    assert family.check_checkpoint(large, "pretrained") > 0 and family.check_checkpoint(guide, "guide") > 0
+    with pytest.raises(ValueError, match=rf"max_pixels={minimum - 1} is below one merged patch"):
+        QwenVLFamily(max_pixels=minimum - 1).load_processor(large)
+
+
 # -- large_only answers equal lmms-eval's own models ------------------------------------------------
 LMMS_EVAL_MODELS = {  # architecture -> (module, class, the dtype it loads with)
     "qwen2_vl": ("lmms_eval.models.simple.qwen2_vl", "Qwen2_VL", "float32"),  # torch_dtype="auto"
@@ -342,7 +373,8 @@ def lmms_eval_answers(arch: str, path: str, docs: list[dict], gen: dict, pixels:
 def test_large_only_answers_equal_lmms_eval_models(models_dir, arch):
     """Image sizes already on both grids (224 = 8 x 28 = 7 x 32) and inside the pixel bounds, so
     that no resampling happens on either side (lmms-eval's chat models resize with qwen_vl_utils'
-    defaults first, its ``qwen2_vl`` re-encodes images as JPEG: solid colours survive that)."""
+    defaults first, its ``qwen2_vl`` re-encodes every image as JPEG, which moves a solid colour by
+    one level only)."""
     pixels = {"min_pixels": 4 * 32 * 32, "max_pixels": 448 * 224}
     docs = [{"question": "What color is it?", "image": Image.new("RGB", (448, 224), (200, 20, 20))}]
     gen = {"max_new_tokens": 6, "until": ["\n\n"]}
@@ -361,6 +393,31 @@ def test_large_only_answers_equal_lmms_eval_models(models_dir, arch):
 
     assert [cut(r.answer) for r in ours] == [cut(a) for a in expected]
     assert all(cut(a) for a in expected), "the comparison needs non-empty answers"
+
+
+def test_lmms_eval_qwen2_vl_re_encodes_every_image_as_jpeg_and_the_readme_says_so():
+    """lmms-eval's ``qwen2_vl`` sends every PIL image through JPEG (quality 85), also one whose size
+    needs no resampling, so its pixels differ from the image's; the README must not restrict that
+    to resampled images."""
+    import base64
+    import io
+    from pathlib import Path
+
+    from lmms_eval.models.simple.qwen2_vl import Qwen2_VL
+
+    noise = torch.randint(
+        0, 256, (224, 448, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
+    )
+    image = Image.fromarray(noise.numpy())  # 448 x 224: on the 28 and 32 grids, no resampling
+    url = Qwen2_VL._encode_image_data_url(None, image)  # the method uses nothing of the instance
+    assert url.startswith("data:image/jpeg;base64,")
+    decoded = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB")
+    assert decoded.size == image.size
+    changed = (torch.tensor(list(decoded.getdata())) != torch.tensor(list(image.getdata()))).any(1)
+    assert changed.float().mean() > 0.5, "JPEG changes most pixels of a textured image"
+    readme = " ".join((Path(__file__).resolve().parent.parent / "README.md").read_text().split())
+    assert "`qwen2_vl` re-encodes every image as JPEG (quality 85)" in readme
+    assert "`qwen2_vl`, `qwen2_5_vl` and `qwen3_vl` on images whose size needs no resampling" not in readme
 
 
 # -- end to end through lmms-eval -------------------------------------------------------------------

@@ -226,6 +226,25 @@ class _quiet_lmms_eval:
         logger.enable("lmms_eval")
 
 
+def check_writable(path: Path, option: str) -> None:
+    """``path`` can be written: not a folder itself, and its nearest existing folder is writable
+    (missing folders in between are created at the end). Checked before any calibration work, so
+    an unwritable ``--json`` / ``--plot`` fails at once instead of after the whole replay."""
+    if path.is_dir():
+        raise CalibrationError(f"{option} {path}: is a folder; give a file name")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise CalibrationError(f"{option} {path}: the file exists and is not writable")
+    folder = path.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise CalibrationError(f"{option} {path}: {folder} is a file, not a folder; choose a writable folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CalibrationError(
+            f"{option} {path}: the folder {folder} is not writable; choose a writable folder"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     import lmms_eval.models  # noqa: F401 -- replaces loguru's handlers when imported: before ours
@@ -240,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     try:
+        for option, path in (("--json", args.json), ("--plot", args.plot)):
+            if path is not None:
+                check_writable(path, option)
         apply(args) if args.apply is not None else calibrate(args)
     except CalibrationError as error:
         print(f"error: {error}", file=sys.stderr)

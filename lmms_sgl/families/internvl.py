@@ -20,10 +20,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from lmms_sgl.checkpoints.integrity import check_weights
 from lmms_sgl.checkpoints.internvl_original.config import read_original_config
 from lmms_sgl.checkpoints.internvl_original.convert import DEFAULT_MAX_TILES as ORIGINAL_MAX_TILES
-from lmms_sgl.checkpoints.internvl_original.convert import MARKER, resolve_checkpoint
+from lmms_sgl.checkpoints.internvl_original.convert import MARKER, check_original, resolve_checkpoint
 from lmms_sgl.checkpoints.internvl_original.processing import load_processor
 from lmms_sgl.families.base import HFVisionLanguageFamily, LoadedVLM
 from lmms_sgl.method.cost import TransformerShape, mlp_chain_flops, vit_flops
@@ -39,6 +38,21 @@ def converted_from_original(folder: str) -> bool:
 
 def _first(value):
     return value[0] if isinstance(value, (list, tuple)) else value
+
+
+def config_tile_flops(config) -> int:
+    """Vision tower + projector FLOPs of one tile (or the thumbnail), from the ``InternVLConfig`` alone,
+    so the run-time records and ``lmms-sgl-cost`` (which reads only ``config.json``) share one formula."""
+    vision = config.vision_config
+    patch, size = _first(vision.patch_size), _first(vision.image_size)
+    patches = (size // patch) ** 2
+    tower = vit_flops(TransformerShape.from_vision_config(vision), patches + 1, patch, patches)
+    shuffle = int(1 / config.downsample_ratio) ** 2
+    projector = mlp_chain_flops(
+        patches // shuffle,
+        [vision.hidden_size * shuffle, config.text_config.hidden_size, config.text_config.hidden_size],
+    )
+    return tower + projector
 
 
 class InternVLFamily(HFVisionLanguageFamily):
@@ -67,8 +81,8 @@ class InternVLFamily(HFVisionLanguageFamily):
         original = read_original_config(path, argument)  # None: not the original layout
         if original is None:
             layers = super().check_checkpoint(path, argument)
-        else:
-            check_weights(path, argument)
+        else:  # what its conversion would refuse, refused now: before either model loads
+            check_original(path, original)
             layers = original.num_layers
         if argument == "pretrained":
             self.large_is_original = original is not None or converted_from_original(path)
@@ -92,17 +106,7 @@ class InternVLFamily(HFVisionLanguageFamily):
         return {"max_patches": self.tiles}
 
     def tile_flops(self, loaded: LoadedVLM) -> int:
-        config = loaded.model.config
-        vision = config.vision_config
-        patch, size = _first(vision.patch_size), _first(vision.image_size)
-        patches = (size // patch) ** 2
-        tower = vit_flops(TransformerShape.from_vision_config(vision), patches + 1, patch, patches)
-        shuffle = int(1 / config.downsample_ratio) ** 2
-        projector = mlp_chain_flops(
-            patches // shuffle,
-            [vision.hidden_size * shuffle, config.text_config.hidden_size, config.text_config.hidden_size],
-        )
-        return tower + projector
+        return config_tile_flops(loaded.model.config)
 
     def vision_flops(
         self, loaded: LoadedVLM, inputs: dict, images_per_sample: list[int], n_visual: list[int]

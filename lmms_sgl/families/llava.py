@@ -38,6 +38,31 @@ def _pinpoint_crops(pinpoint, crop: int) -> int:
     return (pinpoint[0] // crop) * (pinpoint[1] // crop)
 
 
+def config_crop_flops(config) -> int:
+    """Vision tower + projector FLOPs of one crop (or the base image), from the model config alone,
+    so the run-time records and ``lmms-sgl-cost`` (which reads only ``config.json``) share one formula."""
+    vision = config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    has_class_token = vision.model_type == "clip_vision_model"
+    tower = vit_flops(
+        TransformerShape.from_vision_config(vision),
+        patches + int(has_class_token),
+        vision.patch_size,
+        patches,
+    )
+    if getattr(vision, "vision_use_head", False):  # SigLIP's pooling head runs, though LLaVA discards it
+        d = vision.hidden_size  # one probe query over every patch, then an MLP on that one row
+        tower += 2 * d * d * (2 * patches + 2) + 4 * patches * d
+        tower += mlp_chain_flops(1, [d, vision.intermediate_size, d])
+    layers = config.vision_feature_layer
+    width = vision.hidden_size * (len(layers) if isinstance(layers, (list, tuple)) else 1)
+    projected = patches + int(has_class_token and config.vision_feature_select_strategy == "full")
+    projector = mlp_chain_flops(
+        projected, [width, config.text_config.hidden_size, config.text_config.hidden_size]
+    )
+    return tower + projector
+
+
 class LlavaFamily(HFVisionLanguageFamily):
     name = "llava"
     model_types = ("llava", "llava_next", "llava_onevision")
@@ -90,23 +115,7 @@ class LlavaFamily(HFVisionLanguageFamily):
         return loaded
 
     def crop_flops(self, loaded: LoadedVLM) -> int:
-        config = loaded.model.config
-        vision = config.vision_config
-        patches = (vision.image_size // vision.patch_size) ** 2
-        has_class_token = vision.model_type == "clip_vision_model"
-        tower = vit_flops(
-            TransformerShape.from_vision_config(vision),
-            patches + int(has_class_token),
-            vision.patch_size,
-            patches,
-        )
-        layers = config.vision_feature_layer
-        width = vision.hidden_size * (len(layers) if isinstance(layers, (list, tuple)) else 1)
-        projected = patches + int(has_class_token and config.vision_feature_select_strategy == "full")
-        projector = mlp_chain_flops(
-            projected, [width, config.text_config.hidden_size, config.text_config.hidden_size]
-        )
-        return tower + projector
+        return config_crop_flops(loaded.model.config)
 
     def crops_per_image(self, loaded: LoadedVLM, inputs: dict) -> list[int]:
         pixel_values = inputs.get("pixel_values")

@@ -128,13 +128,15 @@ def parse_model_args(
         "draft_tokens": as_int("draft_tokens", draft_tokens, minimum=1),
     }
     if not _none(token_ratio):
+        ratio = as_float("token_ratio", token_ratio)
+        preset_layer, preset_keep = SGLSettings.preset(ratio)  # refuses a value that is no preset
         if not (_none(prune_layer) and _none(keep_ratio)):
             raise ValueError(
-                f"token_ratio={token_ratio!r} is a preset for prune_layer and keep_ratio; give either "
-                f"token_ratio or prune_layer/keep_ratio, not both "
+                f"token_ratio={token_ratio!r} is the paper preset prune_layer={preset_layer:g}, "
+                f"keep_ratio={preset_keep:g}; give either token_ratio or prune_layer/keep_ratio, not both "
                 f"(got prune_layer={prune_layer!r}, keep_ratio={keep_ratio!r})"
             )
-        settings = SGLSettings.from_token_ratio(as_float("token_ratio", token_ratio), **settings_kwargs)
+        settings = SGLSettings.from_token_ratio(ratio, **settings_kwargs)
     else:
         defaults = SGLSettings()
         settings = SGLSettings(

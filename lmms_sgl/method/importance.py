@@ -23,9 +23,12 @@ finish early keep receiving padding in a batch; those steps are dropped in :meth
 Precision (``importance_precision``): ``fp32`` (default) accumulates fp32 probabilities in fp32.
 ``model`` reproduces the official code's arithmetic for users who need its exact rankings on
 bf16/fp16: the text model runs eager attention (``EAGER_ATTENTION_NAME``), whose probabilities are
-cast to the model dtype, each layer's slice over the visual span is summed in that dtype and added
-to a running total in that dtype, layer after layer, prefill first, then each decode step. On bf16
-the two differ at the top-k boundary on a sizeable share of samples (near-ties rounded away).
+cast to the model dtype, and the sums keep the official code's two-level order, all in that dtype:
+within each forward (the prefill, then each decode step) the layers' slices over the visual span
+are added to a total that starts at 0, and those per-forward totals are then added up across the
+forwards, prefill first. Rounding makes the order matter: one running total over every layer of
+every step differs by a few units in the last place. On bf16 the two precisions differ at the top-k
+boundary on a sizeable share of samples (near-ties rounded away).
 """
 
 from __future__ import annotations
@@ -153,8 +156,7 @@ class AttentionRecorder:
     decode_steps: list[torch.Tensor] = field(init=False, default_factory=list)
     _prefill_layers: set[int] = field(init=False, default_factory=set)
     _decode_calls: dict[int, int] = field(init=False, default_factory=dict)
-    _running: torch.Tensor | None = field(init=False, default=None)  # model-dtype total
-    _snapshots: list[torch.Tensor] = field(init=False, default_factory=list)  # total before step s+1
+    _forwards: list[torch.Tensor] = field(init=False, default_factory=list)  # model dtype, per step
 
     def __post_init__(self) -> None:
         self.prompt_rows = self.prompt_rows.bool()
@@ -201,12 +203,11 @@ class AttentionRecorder:
             return
         if self.visual_mask is None:
             raise RuntimeError("importance_precision='model' needs the recorder's visual_mask")
-        if self._running is None:
-            self._running = torch.zeros(
-                self.prompt_rows.shape, dtype=weights.dtype, device=self.prefill.device
+        while len(self._forwards) <= step:  # a new forward: its own total, from 0
+            self._forwards.append(
+                torch.zeros(self.prompt_rows.shape, dtype=weights.dtype, device=self.prefill.device)
             )
-        while len(self._snapshots) < step:  # a new decode step: freeze the total of the previous one
-            self._snapshots.append(self._running.clone())
+        forward = self._forwards[step]
         positions = torch.arange(self.prompt_length)
         for b in range(weights.shape[0]):
             visual = positions[self.visual_mask[b].cpu()]
@@ -216,7 +217,7 @@ class AttentionRecorder:
             first, last = int(visual[0]), int(visual[-1]) + 1
             from_row = int(rows[0]) if step == 0 else 0  # prefill: rows from the last visual token
             queries = weights[b : b + 1, :, from_row:, first:last]
-            self._running[b, first:last] += queries.sum(dim=(0, 1, 2)).to(self._running.device)
+            forward[b, first:last] += queries.sum(dim=(0, 1, 2)).to(forward.device)
 
     def observe(self, layer_idx: int, query, key, attention_mask, scaling) -> None:
         step = self._step(layer_idx, query.shape[2])
@@ -246,12 +247,15 @@ class AttentionRecorder:
 
         ``fed_tokens[b]`` is how many decode steps belong to sample b: its generated tokens that were
         fed back, i.e. its answer length (EOS included) minus one. ``None`` counts every step.
-        The model-dtype path returns its running total in the model dtype.
+        The model-dtype path returns, in the model dtype, the per-forward totals added up forward by
+        forward (prefill first), as the official code accumulates them.
         """
-        if self._running is not None:
-            totals = [*self._snapshots, self._running]  # totals[s]: after prefill and s decode steps
+        if self._forwards:
+            totals = [self._forwards[0].clone()]  # totals[s]: after the prefill and s decode steps
+            for forward in self._forwards[1:]:
+                totals.append(totals[-1] + forward)
             if fed_tokens is None:
-                return totals[-1].clone()
+                return totals[-1]
             fed = torch.as_tensor(fed_tokens).clamp(0, len(totals) - 1).tolist()
             return torch.stack([totals[s][b] for b, s in enumerate(fed)])
         total = self.prefill.clone()

@@ -38,8 +38,9 @@ class SGLSettings:
         consistency_ratio: visual tokens kept in the consistency pass, in (0, 1].
         seed: seed of the ``random`` baseline.
         importance_precision: ``fp32`` (default: fp32 probabilities summed in fp32) or ``model``
-            (the official arithmetic: eager probabilities in the model dtype, summed in it; reproduces
-            the official rankings on bf16, where near-ties round differently).
+            (the official arithmetic: eager probabilities in the model dtype, summed in it per forward,
+            then across forwards; reproduces the official rankings on bf16, where near-ties round
+            differently).
     """
 
     method: str = "sgl"
@@ -78,16 +79,28 @@ class SGLSettings:
             if self.method != "sgl":
                 raise ValueError(f"exit_threshold applies to method='sgl' only, got method={self.method!r}")
 
+    @staticmethod
+    def preset(token_ratio_preset: float) -> tuple[float, float]:
+        """``(prune_layer, keep_ratio)`` of a paper preset; other values are refused naming the
+        presets and the way to get any other ratio."""
+        for preset, schedule in PAPER_PRESETS.items():
+            if math.isclose(token_ratio_preset, preset):
+                return schedule
+        presets = ", ".join(
+            f"{p:g} (prune_layer={k:g}, keep_ratio={r:g})" for p, (k, r) in sorted(PAPER_PRESETS.items())
+        )
+        raise ValueError(
+            f"token_ratio={token_ratio_preset!r} is not a preset; allowed: {sorted(PAPER_PRESETS)}, the "
+            f"paper's settings: {presets}. For another ratio give prune_layer and keep_ratio instead "
+            "of token_ratio"
+        )
+
     @classmethod
     def from_token_ratio(cls, token_ratio_preset: float, **kwargs) -> SGLSettings:
         """The paper's presets: 0.64 / 0.35 / 0.09 -> (prune_layer, keep_ratio) (0.4, 0.4) / (0.2, 0.2) /
         (0.05, 0.05)."""
-        for preset, (prune_layer, keep_ratio) in PAPER_PRESETS.items():
-            if math.isclose(token_ratio_preset, preset):
-                return cls(prune_layer=prune_layer, keep_ratio=keep_ratio, **kwargs)
-        raise ValueError(
-            f"token_ratio={token_ratio_preset!r} is not a preset; allowed: {sorted(PAPER_PRESETS)}"
-        )
+        prune_layer, keep_ratio = cls.preset(token_ratio_preset)
+        return cls(prune_layer=prune_layer, keep_ratio=keep_ratio, **kwargs)
 
     @property
     def prunes(self) -> bool:

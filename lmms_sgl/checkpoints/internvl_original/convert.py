@@ -21,6 +21,8 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +36,13 @@ from lmms_sgl.checkpoints.internvl_original.config import (
     OriginalInternVL,
     read_original_config,
 )
-from lmms_sgl.checkpoints.internvl_original.weights import TEXT, WeightLayout, convert_tensor, tied_lm_head
+from lmms_sgl.checkpoints.internvl_original.weights import (
+    TEXT,
+    UnconvertibleTensorError,
+    WeightLayout,
+    convert_tensor,
+    tied_lm_head,
+)
 
 CONVERTER_VERSION = 1
 MARKER = "lmms_sgl_conversion.json"
@@ -118,7 +126,16 @@ def plan_conversion(folder: Path, original: OriginalInternVL) -> ConversionPlan:
             dtypes.add(dtype)
             shard.source_tensors += 1
             meta = torch.empty(info["shape"], dtype=dtype, device="meta")
-            for target, tensor in convert_tensor(name, meta, layout).items():
+            try:
+                converted = convert_tensor(name, meta, layout)
+            except UnconvertibleTensorError as error:
+                hint = (
+                    " (an unmerged LoRA adapter: merge it into the weights first)" if "lora" in name else ""
+                )
+                raise OriginalCheckpointError(
+                    f"{argument}={original.source!r}: {file.name}: {error}{hint}"
+                ) from None
+            for target, tensor in converted.items():
                 if target in seen:
                     raise OriginalCheckpointError(
                         f"{argument}={original.source!r}: {name} maps to {target}, "
@@ -270,6 +287,75 @@ def _write_companions(companions: Companions, out: Path) -> None:
     (out / MARKER).write_text(json.dumps(companions.marker, indent=2, sort_keys=True) + "\n")
 
 
+class ConversionLockedError(RuntimeError):
+    """Another conversion is writing into the same destination."""
+
+
+def check_max_tiles(max_tiles: object, name: str = "max_tiles") -> int:
+    """``max_tiles`` must be a whole number >= 1 (the processor's tiling limit)."""
+    if not isinstance(max_tiles, int) or isinstance(max_tiles, bool) or max_tiles < 1:
+        raise ValueError(f"{name}={max_tiles!r}: the tiling limit must be a whole number >= 1 (default 6)")
+    return max_tiles
+
+
+def check_destination(dst: Path) -> None:
+    """``dst`` must be new or an empty folder, and lie below folders (not below a regular file)."""
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise FileExistsError(f"dst={str(dst)!r} exists and is not an empty folder; choose a new folder")
+    for ancestor in dst.absolute().parents:
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise NotADirectoryError(
+                    f"dst={str(dst)!r} lies below {str(ancestor)!r}, which is a file, not a folder; "
+                    "choose a destination inside a folder"
+                )
+            return
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_partials(dst: Path) -> None:
+    """Remove ``.DST.partial-PID`` folders left by killed conversions into ``dst`` (their PID is no
+    longer running); a live one is left alone and named."""
+    for partial in dst.parent.glob(f".{dst.name}.partial-*"):
+        pid = partial.name.rsplit("-", 1)[1]
+        if not pid.isdigit():  # not a name we write
+            continue
+        if int(pid) != os.getpid() and _pid_alive(int(pid)):
+            logger.warning(f"{partial} belongs to running process {pid}; left in place")
+            continue
+        logger.warning(f"removing {partial}, left by an interrupted conversion")
+        shutil.rmtree(partial)
+
+
+@contextmanager
+def destination_lock(dst: Path) -> Iterator[None]:
+    """Hold ``.DST.lock`` next to ``dst`` while converting into it; refuse at once if another
+    conversion holds it (rather than converting everything and then colliding)."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(dst.parent / f".{dst.name}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ConversionLockedError(
+            f"dst={str(dst)!r}: another conversion is writing into it (it holds {lock.lock_file}); "
+            "wait for it to finish or choose another folder"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def convert_checkpoint(
     src: str | Path,
     dst: str | Path,
@@ -280,11 +366,14 @@ def convert_checkpoint(
 ) -> Path:
     """Convert ``src`` (folder or hub id of the original layout) into the new folder ``dst``.
 
-    Everything is validated before anything is written; ``dst`` appears only when complete.
+    Everything is validated before anything is written; ``dst`` appears only when complete. One
+    conversion at a time per destination (a lock file beside it, taken before any weights are
+    read); the hidden ``.DST.partial-PID`` folder a killed conversion leaves is removed by the next
+    conversion into ``dst``.
     """
     dst = Path(dst)
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise FileExistsError(f"dst={str(dst)!r} exists and is not an empty folder; choose a new folder")
+    check_max_tiles(max_tiles)
+    check_destination(dst)
     folder = source_folder(src)
     original = read_original_config(folder, argument)
     if original is None:
@@ -295,21 +384,28 @@ def convert_checkpoint(
     original = OriginalInternVL(source=str(src), argument=argument, raw=original.raw)
     plan = plan_conversion(folder, original)
     companions = prepare_companions(plan, max_tiles)
-    logger.info(f"converting {original.describe()} from {folder} ({len(plan.shards)} shard(s)) -> {dst}")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    partial = dst.parent / f".{dst.name}.partial-{os.getpid()}"
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir()
-    try:
-        _write_weights(plan, partial, progress)
-        _write_companions(companions, partial)
-        if dst.exists():
-            dst.rmdir()  # checked empty above
-        os.replace(partial, dst)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+    with destination_lock(dst):
+        check_destination(dst)  # again: another conversion may have finished meanwhile
+        remove_stale_partials(dst)
+        partial = dst.parent / f".{dst.name}.partial-{os.getpid()}"
+        logger.info(
+            f"converting {original.describe()} from {folder} ({len(plan.shards)} shard(s)) -> {dst}, "
+            f"writing into {partial} until complete (if this process is killed, the next conversion "
+            f"into {dst} removes it)"
+        )
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir()
+        try:
+            _write_weights(plan, partial, progress)
+            _write_companions(companions, partial)
+            if dst.exists():
+                dst.rmdir()  # checked empty above
+            os.replace(partial, dst)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
     logger.info(f"converted {original.source} -> {dst}")
     return dst
 
@@ -330,6 +426,24 @@ def source_identity(folder: Path) -> str:
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def cache_target(folder: Path, original: OriginalInternVL) -> Path:
+    """The conversion cache folder of an original checkpoint's local ``folder``."""
+    return cache_root() / f"{original.name.replace('/', '--')}-{source_identity(folder)}"
+
+
+def check_original(path_or_hub_id: str | Path, original: OriginalInternVL) -> None:
+    """What a conversion checks before writing, without converting: shard headers, every tensor's
+    name and shape against ``config.json`` (unmerged LoRA tensors included) and the tokenizer.
+
+    Cheap (headers and meta tensors), so a run checks guide and large model this way before loading
+    either; skipped when the cache already holds the finished conversion.
+    """
+    folder = source_folder(path_or_hub_id)
+    if (cache_target(folder, original) / MARKER).is_file():
+        return
+    prepare_companions(plan_conversion(folder, original), DEFAULT_MAX_TILES)
+
+
 def resolve_checkpoint(path_or_hub_id: str | Path, argument: str = "pretrained") -> str:
     """What to load for ``path_or_hub_id``: itself, or the converted cache folder of an original one.
 
@@ -340,8 +454,7 @@ def resolve_checkpoint(path_or_hub_id: str | Path, argument: str = "pretrained")
     if original is None:
         return str(path_or_hub_id)
     folder = source_folder(path_or_hub_id)
-    name = original.name.replace("/", "--")
-    target = cache_root() / f"{name}-{source_identity(folder)}"
+    target = cache_target(folder, original)
     if (target / MARKER).is_file():
         logger.info(f"{argument}={str(path_or_hub_id)!r}: using the converted checkpoint {target}")
         return str(target)
@@ -372,6 +485,13 @@ def resolve_checkpoint(path_or_hub_id: str | Path, argument: str = "pretrained")
 
 
 # -- command line -----------------------------------------------------------------------------
+def _max_tiles_argument(value: str) -> int:
+    try:
+        return check_max_tiles(int(value), "--max-tiles")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: the tiling limit must be a whole number >= 1") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="lmms-sgl-convert",
@@ -384,7 +504,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("dst", type=Path, help="new folder that receives the converted checkpoint")
     parser.add_argument(
         "--max-tiles",
-        type=int,
+        type=_max_tiles_argument,
         default=DEFAULT_MAX_TILES,
         help="processor's tiling limit (default 6)",
     )

@@ -21,7 +21,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmms_sgl.checkpoints.internvl_original.templates import chat_template, conversation_format
-from lmms_sgl.checkpoints.internvl_original.tokenizer import build_tokenizer
+from lmms_sgl.checkpoints.internvl_original.tokenizer import (
+    SentencePieceTokenizer,
+    build_tokenizer,
+    decodes_byte_fallback,
+)
 
 DEFAULT_MAX_TILES = 6  # the paper's and lmms-eval's internvl2 setting (configs say 12)
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -117,13 +121,19 @@ def stop_token_ids(tokenizer, template: str) -> list[int]:
 
 
 def load_processor(path: str | Path, **kwargs):
-    """``AutoProcessor.from_pretrained`` with the PIL image backend (exact original pixels).
+    """``AutoProcessor.from_pretrained`` with the PIL image backend (exact original pixels) and, for
+    SentencePiece tokenizers, :class:`SentencePieceTokenizer` (the slow tokenizer's decoding).
 
     ``backend="pil"`` cannot be passed to ``AutoProcessor`` (the video processor has no PIL
-    backend), so the image processor is reloaded from the same files with the PIL backend.
+    backend), so the image processor is reloaded from the same files with the PIL backend; the
+    tokenizer is reloaded from its files as the subclass (the saved config names the base class).
     """
     from transformers import AutoImageProcessor, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(path, **kwargs)
     processor.image_processor = AutoImageProcessor.from_pretrained(path, backend="pil", **kwargs)
+    if decodes_byte_fallback(processor.tokenizer.backend_tokenizer):
+        tokenizer = SentencePieceTokenizer.from_pretrained(path, **kwargs)
+        tokenizer.padding_side = processor.tokenizer.padding_side
+        processor.tokenizer = tokenizer
     return processor

@@ -8,10 +8,19 @@ per chunk, a BPE model whose merge ranks follow the piece scores, byte fallback,
 decoder. ``prefix`` chooses where the dummy prefix goes: ``"chunk"`` (SentencePiece on every chunk:
 InternLM2, legacy Llama), ``"first"`` (only at the start of the text: Llama with ``legacy=false``) or
 ``"none"``.
+
+Decoding byte-fallback pieces is the one thing the ``tokenizers`` decoders cannot express: their
+``ByteFallback`` turns a run of byte pieces into its text only when the *whole run* is valid UTF-8,
+and otherwise into one U+FFFD per byte. SentencePiece decodes the run one character at a time: a
+valid UTF-8 sequence becomes its character, each byte that does not start one becomes a U+FFFD
+(``"中"`` plus a truncated character is ``"中��"`` there, five U+FFFD in ``ByteFallback``). No
+decoder step sees its neighbours, so the run cannot be cut per character inside the pipeline;
+:func:`split_byte_runs` does it before the pipeline runs (see ``tokenizer.SentencePieceTokenizer``).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -28,6 +37,72 @@ from lmms_sgl.checkpoints.internvl_original.sentencepiece_model import (
 
 Prefix = Literal["chunk", "first", "none"]
 SPACE = "▁"
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def byte_of(token: str) -> int | None:
+    """The byte a byte-fallback piece (``<0xE4>``) stands for, as the ``ByteFallback`` decoder reads it."""
+    match = _BYTE_PIECE.fullmatch(token)
+    return int(match.group(1), 16) if match else None
+
+
+def _utf8_length(lead: int) -> int:
+    """Bytes of the UTF-8 sequence ``lead`` starts, by its high bits (SentencePiece's DecodeUTF8)."""
+    if lead < 0x80:
+        return 1
+    if lead & 0xE0 == 0xC0:
+        return 2
+    if lead & 0xF0 == 0xE0:
+        return 3
+    if lead & 0xF8 == 0xF0:
+        return 4
+    return 0  # a continuation byte or 0xF8-0xFF: never starts a character
+
+
+def character_groups(data: bytes) -> list[int]:
+    """Lengths that cut ``data`` as SentencePiece decodes byte pieces: each well-formed UTF-8
+    character (no overlong forms, surrogates or code points above U+10FFFF) is one group, every
+    other byte a group of its own (one U+FFFD)."""
+    groups, offset = [], 0
+    while offset < len(data):
+        length = _utf8_length(data[offset])
+        try:
+            valid = length > 0 and offset + length <= len(data)
+            if valid:
+                data[offset : offset + length].decode("utf-8")
+        except UnicodeDecodeError:
+            valid = False
+        groups.append(length if valid else 1)
+        offset += groups[-1]
+    return groups
+
+
+def split_byte_runs(tokens: list[str]) -> list[str]:
+    """``tokens`` with an empty token between the characters of each run of byte pieces.
+
+    The ``ByteFallback`` decoder decodes each run between two non-byte tokens on its own, and an
+    empty token decodes to nothing, so the pipeline then gives SentencePiece's text.
+    """
+    out: list[str] = []
+    run: list[str] = []
+
+    def flush() -> None:
+        start = 0
+        for length in character_groups(bytes(byte_of(t) for t in run)):
+            if start:
+                out.append("")
+            out.extend(run[start : start + length])
+            start += length
+        run.clear()
+
+    for token in tokens:
+        if byte_of(token) is not None:
+            run.append(token)
+            continue
+        flush()
+        out.append(token)
+    flush()
+    return out
 
 
 def _merges(model: SentencePieceModel, pieces: list[str], mergeable: set[int]) -> list[tuple[str, str]]:

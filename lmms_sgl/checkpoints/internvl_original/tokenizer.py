@@ -15,6 +15,15 @@ expansion (``InternVLProcessor`` only looks for it there).
 * Phi-3, Yi (``tokenizer.model``): LlamaTokenizer semantics, ``legacy`` read from the config.
 * Qwen2 (``vocab.json`` + ``merges.txt``): transformers' own ``Qwen2Tokenizer``.
 * Llama-3 (``tokenizer.json`` only): the file itself.
+
+The SentencePiece ones are :class:`SentencePieceTokenizer`: ids, pieces and saved files are those of a
+plain ``PreTrainedTokenizerFast``; only decoding differs, to give SentencePiece's text for runs of
+byte-fallback pieces that are not valid UTF-8 (see ``sentencepiece_convert``). The saved
+``tokenizer_config.json`` names ``TokenizersBackend``, so plain ``AutoTokenizer`` / ``AutoProcessor``
+load the folder in any transformers version (they decode such runs as the ``ByteFallback`` decoder
+does: one U+FFFD per byte of the run); ``processing.load_processor`` loads it as
+:class:`SentencePieceTokenizer` (whenever its decoder has a ``ByteFallback`` step), with the exact
+decoding.
 """
 
 from __future__ import annotations
@@ -26,8 +35,13 @@ from pathlib import Path
 
 from loguru import logger
 from tokenizers import AddedToken, Tokenizer, processors
+from transformers import PreTrainedTokenizerFast
 
-from lmms_sgl.checkpoints.internvl_original.sentencepiece_convert import sentencepiece_backend
+from lmms_sgl.checkpoints.internvl_original.sentencepiece_convert import (
+    byte_of,
+    sentencepiece_backend,
+    split_byte_runs,
+)
 from lmms_sgl.checkpoints.internvl_original.templates import conversation_format
 
 INTERNVL_TOKENS = {
@@ -43,6 +57,72 @@ TEXT_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
 }
 MODEL_MAX_LENGTH = 32768
+
+
+class SentencePieceTokenizer(PreTrainedTokenizerFast):
+    """A fast tokenizer that decodes runs of byte-fallback pieces as SentencePiece does.
+
+    Each run is cut into characters before the backend's own decoder pipeline runs
+    (:func:`split_byte_runs`), so everything else (spaces, added tokens, the dummy prefix) decodes
+    exactly as before. Saved as ``TokenizersBackend`` (see the module docstring).
+    """
+
+    def _byte_ids(self) -> frozenset[int]:
+        """Ids of the byte-fallback pieces (the model vocabulary never changes after loading)."""
+        if getattr(self, "_byte_id_set", None) is None:
+            vocab = self.backend_tokenizer.get_vocab(with_added_tokens=False)
+            self._byte_id_set = frozenset(i for token, i in vocab.items() if byte_of(token) is not None)
+        return self._byte_id_set
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        return super().convert_tokens_to_string(split_byte_runs(list(tokens)))
+
+    def _decode(
+        self,
+        token_ids: int | list[int],
+        skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: bool | None = None,
+        **kwargs,
+    ) -> str:
+        ids = [token_ids] if isinstance(token_ids, int) else token_ids
+        ids = ids["input_ids"] if isinstance(ids, dict) else list(ids)
+        if self._byte_ids().isdisjoint(ids):  # nothing to cut: the backend's own decode
+            return super()._decode(ids, skip_special_tokens, clean_up_tokenization_spaces, **kwargs)
+        backend = self.backend_tokenizer
+        # the tokens the backend's decode feeds its decoder: unknown ids dropped, special ones if asked
+        special = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
+        tokens = [
+            token
+            for i in ids
+            if not (skip_special_tokens and i in special) and (token := backend.id_to_token(i)) is not None
+        ]
+        text = self.convert_tokens_to_string(tokens)
+        # the base class cleans up only non-BPE output (or when forced); these backends are BPE
+        if (
+            clean_up_tokenization_spaces
+            if clean_up_tokenization_spaces is not None
+            else self.clean_up_tokenization_spaces
+        ) and getattr(self, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False):
+            text = self.clean_up_tokenization(text)
+        return text
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save as a plain ``TokenizersBackend``: loadable without lmms_sgl, in any transformers."""
+        files = super().save_pretrained(save_directory, *args, **kwargs)
+        config_file = Path(save_directory) / "tokenizer_config.json"
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        config["tokenizer_class"] = "TokenizersBackend"
+        config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        return files
+
+
+def decodes_byte_fallback(backend: Tokenizer) -> bool:
+    """Whether the backend's decoder has a ``ByteFallback`` step (the SentencePiece conversions)."""
+    if backend.decoder is None:
+        return False
+    decoder = json.loads(backend.to_str()).get("decoder") or {}
+    steps = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
+    return any(step.get("type") == "ByteFallback" for step in steps)
 
 
 def text_arch(original_config: dict) -> str:
@@ -170,9 +250,8 @@ def backend_tokenizer(src_dir: Path, original_config: dict) -> tuple[Tokenizer, 
 
 
 def build_tokenizer(src_dir: Path, original_config: dict):
-    """A ``PreTrainedTokenizerFast`` with the original ids plus the names ``InternVLProcessor`` needs."""
-    from transformers import PreTrainedTokenizerFast
-
+    """A ``PreTrainedTokenizerFast`` with the original ids plus the names ``InternVLProcessor`` needs
+    (a :class:`SentencePieceTokenizer` for SentencePiece models)."""
     fmt = conversation_format(original_config.get("template"))
     backend, config = backend_tokenizer(src_dir, original_config)
     missing = [t for t in [*INTERNVL_TOKENS.values(), fmt.stop_token] if backend.token_to_id(t) is None]
@@ -181,7 +260,8 @@ def build_tokenizer(src_dir: Path, original_config: dict):
     pad = _token(config.get("pad_token")) or _token(config.get("eos_token"))
     unk = _token(config.get("unk_token"))
     bos = _token(config.get("bos_token"))
-    tokenizer = PreTrainedTokenizerFast(
+    kind = SentencePieceTokenizer if decodes_byte_fallback(backend) else PreTrainedTokenizerFast
+    tokenizer = kind(
         tokenizer_object=backend,
         bos_token=bos,
         eos_token=fmt.stop_token,  # the original chat() stops here
