@@ -22,14 +22,13 @@ import torch
 from PIL import Image
 
 from lmms_sgl.benchmarks.common import FULL, IMAGES, QUESTION, SMOKE, interleaved, load_pair
-from lmms_sgl.benchmarks.report import _f, md_header, md_row
+from lmms_sgl.benchmarks.report import drafting_section
 from lmms_sgl.factory.scripted_pairs import script_pair
 from lmms_sgl.families import Prompt
 from lmms_sgl.method.settings import SGLSettings
 from lmms_sgl.pipeline import GenerationSettings, Sample, SGLPipeline
 
 AGREEMENTS = (0.0, 0.5, 0.9)
-GOAL_FAST, GOAL_SLOW = 0.4, 1.15  # large decode at 90 % agreement / overhead at 0 %
 
 
 def bench_drafting(specs: dict, new_tokens: int, rounds: int, draft_tokens: int = 4) -> list[dict]:
@@ -83,53 +82,6 @@ def bench_drafting(specs: dict, new_tokens: int, rounds: int, draft_tokens: int 
             }
         )
     return rows
-
-
-def drafting_section(rows: list[dict], command: str) -> list[str]:
-    """The report's section for this row (``rows`` from :func:`bench_drafting`)."""
-    if not rows:
-        return []
-    lines = [
-        "## 5. Speculative decoding (draft=guide), decode-bound",
-        "",
-        f"Reproduce: `{command}`. The large model answers {rows[0]['new_tokens']} scripted tokens (EOS "
-        "included); the guide agrees with each next token at the given rate. `method=large_only` with "
-        f"and without `draft=guide` (draft_tokens={rows[0]['draft_tokens']}), interleaved in one run. "
-        "*Large s* is the large step (prefill, decode or verification, and the guide's drafting after "
-        "its own answer runs out or is rejected); *total s* adds the guide's own answer. Goals: large "
-        f"step <= {GOAL_FAST}x plain at 90 % agreement, <= {GOAL_SLOW}x at 0 %, identical answers.",
-        "",
-        *md_header(
-            "agreement",
-            "acceptance",
-            "large fwd/token plain",
-            "large fwd/token drafted",
-            "large s plain",
-            "large s drafted",
-            "large ratio",
-            "total s plain",
-            "total s drafted",
-            "identical",
-            "FLOPs ratio",
-        ),
-    ]
-    for row in rows:
-        lines.append(
-            md_row(
-                f"{row['agreement']:.0%}",
-                _f(row["acceptance_rate"]),
-                _f(row["large_forwards_per_token_plain"]),
-                _f(row["large_forwards_per_token_drafted"]),
-                _f(row["large_seconds_plain"]),
-                _f(row["large_seconds_drafted"]),
-                _f(row["large_ratio"]),
-                _f(row["seconds_plain"]),
-                _f(row["seconds_drafted"]),
-                "yes" if row["identical_answers"] else "**no**",
-                _f(row["flops_ratio"]),
-            )
-        )
-    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
