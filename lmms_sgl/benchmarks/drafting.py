@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from loguru import logger
 from PIL import Image
 
 from lmms_sgl.benchmarks.common import FULL, IMAGES, QUESTION, SMOKE, interleaved, load_pair
@@ -62,6 +63,7 @@ def bench_drafting(specs: dict, new_tokens: int, rounds: int, draft_tokens: int 
         large_drafted = statistics.median(r.large_seconds for _, r in drafted)
         rows.append(
             {
+                "rounds": rounds,
                 "agreement": agreement,
                 "new_tokens": record.output_tokens,
                 "draft_tokens": draft_tokens,
@@ -81,6 +83,7 @@ def bench_drafting(specs: dict, new_tokens: int, rounds: int, draft_tokens: int 
                 "flops_ratio": record.flops / record.flops_large_alone,
             }
         )
+        logger.info(f"drafting benchmark row: {rows[-1]}")
     return rows
 
 
