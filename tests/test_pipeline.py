@@ -138,10 +138,10 @@ def test_a_failing_sample_falls_back_and_the_batch_survives(pair, monkeypatch):
     alone = SGLPipeline(large, None, SGLSettings(method="large_only")).generate(samples(), GEN)
     original = pipeline._run_guide
 
-    def broken_for_doc_2(batch, records, gen):
+    def broken_for_doc_2(batch, records, gen, *rest):
         if any(s.doc_id == 2 for s in batch):
             raise RuntimeError("simulated guide failure")
-        return original(batch, records, gen)
+        return original(batch, records, gen, *rest)
 
     monkeypatch.setattr(pipeline, "_run_guide", broken_for_doc_2)
     records = pipeline.generate(samples(), GEN)

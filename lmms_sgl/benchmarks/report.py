@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 EXIT_RATES = (0.0, 0.2, 0.4)
+DRAFT_GOAL_FAST, DRAFT_GOAL_SLOW = 0.4, 1.15  # large step at 90 % agreement / overhead at 0 %
 
 
 def _f(value, digits: int = 3) -> str:
@@ -259,6 +260,54 @@ READING = """### Reading the goals
 """
 
 
+def drafting_section(rows: list[dict], command: str) -> list[str]:
+    """The report's section for this row (``rows`` from ``lmms_sgl.benchmarks.drafting``)."""
+    if not rows:
+        return []
+    lines = [
+        "## 5. Speculative decoding (draft=guide), decode-bound",
+        "",
+        f"Reproduce: `{command}`. The large model answers {rows[0]['new_tokens']} scripted tokens (EOS "
+        "included); the guide agrees with each next token at the given rate. `method=large_only` with "
+        f"and without `draft=guide` (draft_tokens={rows[0]['draft_tokens']}), interleaved in one run. "
+        "*Large s* is the large step (prefill, decode or verification, and the guide's drafting after "
+        "its own answer runs out or is rejected); *total s* adds the guide's own answer. Goals: large "
+        f"step <= {DRAFT_GOAL_FAST}x plain at 90 % agreement, <= {DRAFT_GOAL_SLOW}x at 0 %, "
+        "identical answers.",
+        "",
+        *md_header(
+            "agreement",
+            "acceptance",
+            "large fwd/token plain",
+            "large fwd/token drafted",
+            "large s plain",
+            "large s drafted",
+            "large ratio",
+            "total s plain",
+            "total s drafted",
+            "identical",
+            "FLOPs ratio",
+        ),
+    ]
+    for row in rows:
+        lines.append(
+            md_row(
+                f"{row['agreement']:.0%}",
+                _f(row["acceptance_rate"]),
+                _f(row["large_forwards_per_token_plain"]),
+                _f(row["large_forwards_per_token_drafted"]),
+                _f(row["large_seconds_plain"]),
+                _f(row["large_seconds_drafted"]),
+                _f(row["large_ratio"]),
+                _f(row["seconds_plain"]),
+                _f(row["seconds_drafted"]),
+                "yes" if row["identical_answers"] else "**no**",
+                _f(row["flops_ratio"]),
+            )
+        )
+    return lines
+
+
 def write_report(results: dict, out: Path, command: str, notes: str = READING) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2, default=str) + "\n")
@@ -317,6 +366,8 @@ def write_report(results: dict, out: Path, command: str, notes: str = READING) -
         *memory_table(results),
         "",
     ]
+    if results.get("drafting"):  # the decode-bound row of ``lmms_sgl.benchmarks.drafting``
+        text += [*drafting_section(results["drafting"], results.get("drafting_command", command)), ""]
     resolution = out.with_name("benchmarks_resolution.json")
     if resolution.exists():  # keep the section of ``python -m lmms_sgl.benchmarks.resolution``
         from lmms_sgl.benchmarks.resolution import section

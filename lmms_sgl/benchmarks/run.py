@@ -279,6 +279,10 @@ def run_all(plan: Plan) -> dict:
         results["recording"][n] = bench_recording(guide, n, plan.new_tokens, plan.rounds)
         results["pruning"][n] = bench_pruning(large, n, settings, plan.rounds)
         results["end_to_end"] += bench_end_to_end(guide, large, n, plan.new_tokens, plan.rounds)
+    from lmms_sgl.benchmarks.drafting import bench_drafting
+
+    tokens, rounds = (32, 1) if plan.specs_name == "smoke" else (256, 3)
+    results["drafting"] = bench_drafting(specs, tokens, rounds)
     results["guide_to_large_flops"] = {
         n: cost.generation_flops(text_shape(specs["guide"]), n + 20, plan.new_tokens)
         / cost.generation_flops(text_shape(specs["large"]), n + 20, plan.new_tokens)

@@ -302,26 +302,48 @@ def save_checkpoint(spec: ModelSpec, out_dir: Path) -> Path:
     return target
 
 
+def generation_prompt_token(processor) -> int:
+    """The last token of the chat template's generation prompt: what every answer follows."""
+    sample = [{"role": "user", "content": [{"type": "text", "text": "?"}]}]
+    text = processor.apply_chat_template(sample, tokenize=False, add_generation_prompt=True)
+    return processor.tokenizer(text).input_ids[-1]
+
+
+def script_transitions(model, transitions: dict[int, int], scale: float = 40.0):
+    """Make ``model`` follow token ``a`` with ``transitions[a]`` greedily, whatever came before.
+
+    Every decoder layer's output projections are zeroed, so the final hidden state of a position
+    is the normalised embedding of its own token; the LM head then maps each source token to its
+    successor. Attention (and so SGL's importance) still runs on the real prompt. Token-level, so
+    two models scripted from one tokenizer keep identical token ids (speculative-decoding pairs).
+    """
+    text_model = model.model.language_model
+    sources, targets = list(transitions), list(transitions.values())
+    with torch.no_grad():
+        for layer in text_model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        hidden = text_model.norm(text_model.embed_tokens.weight[sources])  # [n, d]
+        head = model.lm_head.weight
+        head.zero_()
+        head[targets] += scale * hidden / hidden.pow(2).sum(-1, keepdim=True)
+    return model
+
+
 def script_answer(model, processor, answer: str, scale: float = 40.0):
     """Make ``model`` answer ``answer`` (then EOS) greedily, whatever the image and question.
 
     For tests that need a known long-form answer, e.g. one with blank lines, where random weights
-    would need luck. Every decoder layer's output projections are zeroed, so the final hidden state
-    of a position is the normalised embedding of its own token; the LM head then maps each token of
-    the chain (the generation prompt's last token, then the answer's tokens) to the next one. Words
-    of the answer are added to the tokenizer when they are not single tokens, so that each token of
-    the chain is distinct. Attention (and so SGL's importance) still runs on the real prompt.
+    would need luck (:func:`script_transitions` over the answer's chain). Words of the answer are
+    added to the tokenizer when they are not single tokens, so that each token of the chain is
+    distinct.
     """
     tokenizer = processor.tokenizer
     pieces = [piece for piece in answer.replace("\n\n", "\0\n\n\0").split("\0") if piece]
     tokenizer.add_tokens([piece for piece in pieces if len(tokenizer.tokenize(piece)) != 1])
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    sample = [{"role": "user", "content": [{"type": "text", "text": "?"}]}]
-    last_prompt_token = tokenizer(
-        processor.apply_chat_template(sample, tokenize=False, add_generation_prompt=True)
-    ).input_ids[-1]
     chain = [
-        last_prompt_token,
+        generation_prompt_token(processor),
         *tokenizer(answer, add_special_tokens=False).input_ids,
         tokenizer.eos_token_id,
     ]
@@ -329,15 +351,7 @@ def script_answer(model, processor, answer: str, scale: float = 40.0):
         raise ValueError(
             f"answer {answer!r} repeats a token of its chain {chain}: scripting needs distinct ones"
         )
-    text_model = model.model.language_model
-    with torch.no_grad():
-        for layer in text_model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        hidden = text_model.norm(text_model.embed_tokens.weight[chain[:-1]])  # [n, d]
-        head = model.lm_head.weight
-        head.zero_()
-        head[chain[1:]] += scale * hidden / hidden.pow(2).sum(-1, keepdim=True)
+    script_transitions(model, dict(zip(chain[:-1], chain[1:], strict=True)), scale)
     model.config.text_config.vocab_size = len(tokenizer)
     return model, processor
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 from lmms_sgl.families.qwen_pixels import MODES as PREPROCESSING
 from lmms_sgl.families.video import DEFAULT_NUM_FRAMES
 from lmms_sgl.method.importance import PRECISIONS
-from lmms_sgl.method.settings import BEFORE_LM, METHODS, SGLSettings
+from lmms_sgl.method.settings import BEFORE_LM, DRAFT_SOURCES, METHODS, SGLSettings
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LARGE_ATTENTION = ("sdpa", "eager")
@@ -122,6 +122,8 @@ def parse_model_args(
     skip_units=None,
     keep_units=None,
     keep_global_view=None,
+    draft=None,
+    draft_tokens=4,
     batch_size=1,
     max_batch_size=None,
     num_frames=DEFAULT_NUM_FRAMES,
@@ -136,12 +138,17 @@ def parse_model_args(
     method = as_choice("method", method, METHODS)
     if method in ("sgl", "guide_only") and _none(guide):
         raise ValueError(f"method={method!r} needs guide=<small model path or hub id>")
+    draft = None if _none(draft) else as_choice("draft", draft, DRAFT_SOURCES)
+    if draft is not None and _none(guide):
+        raise ValueError(f"draft={draft!r} needs guide=<small model path or hub id> (the drafting model)")
     settings_kwargs = {
         "method": method,
         "exit_threshold": as_float("exit_threshold", exit_threshold, allow_none=True),
         "consistency_ratio": as_float("consistency_ratio", consistency_ratio),
         "seed": as_int("seed", seed),
         "importance_precision": as_choice("importance_precision", importance_precision, PRECISIONS),
+        "draft": draft,
+        "draft_tokens": as_int("draft_tokens", draft_tokens, minimum=1),
     }
     skip = as_bool("skip_units", skip_units, allow_none=True)
     units = as_int("keep_units", keep_units, minimum=1, allow_none=True)
@@ -204,7 +211,7 @@ def parse_model_args(
         raise ValueError(f"batch_size={batch_size!r}: automatic batch sizes are not supported; give a number")
     return ModelArgs(
         pretrained=str(pretrained),
-        guide=None if _none(guide) or method not in ("sgl", "guide_only") else str(guide),
+        guide=None if _none(guide) or not settings.needs_guide else str(guide),
         settings=settings,
         device=None if _none(device) else str(device),
         device_map=None if _none(device_map) else str(device_map),

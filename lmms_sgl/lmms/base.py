@@ -100,7 +100,9 @@ class SGLModel(lmms):
                 self.args.guide,
                 dtype=dtype,
                 device_map=str(large.device),
-                text_attention=recording_attention(settings.importance_precision),
+                text_attention=(
+                    recording_attention(settings.importance_precision) if settings.uses_guide else "sdpa"
+                ),
                 argument="guide",
             )
         self.pipeline = SGLPipeline(large, guide, settings)

@@ -138,6 +138,22 @@ def decode_flops(
     return total
 
 
+def chunk_flops(
+    shape: TransformerShape,
+    new_tokens: int,
+    past: int,
+    layer_k: int | None = None,
+    pruned_past: int | None = None,
+) -> int:
+    """One forward of ``new_tokens`` tokens after ``past`` cached ones, logits at every new position
+    (speculative verification and drafting): layers ``< K`` attend over ``past + new_tokens`` keys,
+    the others over ``pruned_past + new_tokens``. A decode step is the case ``new_tokens = 1``."""
+    k, kept = _split(shape, past, layer_k, pruned_past)
+    full = k * layer_flops(shape, new_tokens, past + new_tokens)
+    rest = (shape.num_layers - k) * layer_flops(shape, new_tokens, kept + new_tokens)
+    return full + rest + lm_head_flops(shape, new_tokens)
+
+
 def generation_flops(
     shape: TransformerShape,
     prompt: int,

@@ -123,6 +123,7 @@ class GuideRun:
     attention_mask: torch.Tensor  # [B, P]
     prompt_positions: torch.Tensor | None = None  # position ids of the prefill, [..., B, P]
     visual_kwargs: dict | None = None  # the prefill's VISUAL_TEXT_KWARGS
+    cache: object | None = None  # generate's KV cache: prompt + answer but its last token (drafting)
 
 
 def run_guide(
@@ -147,15 +148,17 @@ def run_guide(
     step_logprobs = StepLogProbs()
     extra = {"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings and tokenizer else {}
     with recorder.active(), captured_prompt_embeddings(text_model) as captured, torch.no_grad():
-        sequences = model.generate(
+        out = model.generate(
             **inputs,
             do_sample=False,
             num_beams=1,
             max_new_tokens=max_new_tokens,
             min_new_tokens=1,
             logits_processor=LogitsProcessorList([step_logprobs]),
+            return_dict_in_generate=True,
             **extra,
         )
+    sequences = out.sequences
     prompt_length = attention_mask.shape[1]
     generated = sequences[:, prompt_length:]
     lengths = answer_lengths(generated, stop_token_ids, tokenizer, stop_strings)
@@ -170,6 +173,7 @@ def run_guide(
         attention_mask=attention_mask,
         prompt_positions=captured["positions"],
         visual_kwargs=captured["visual_kwargs"],
+        cache=out.past_key_values,
     )
 
 

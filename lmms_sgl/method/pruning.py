@@ -8,8 +8,14 @@ on decoder layers ``>= K``; transformers' code is neither patched nor copied:
   the kept rows of ``position_embeddings`` (cos, sin) and ``position_ids``, so kept tokens keep their
   *original* RoPE positions, and a causal mask over the kept (left re-padded) tokens;
 * in decode, layers >= K hold a shorter KV cache (P' + t entries instead of P + t), so the hook
-  gives them a mask of that length. Position embeddings need no change: generate numbers new tokens
-  after the full prompt, as the official code does.
+  gives them a mask of that length: the kept prompt tokens, then the model-level 2-D mask over the
+  generated entries. A decode forward may carry several new tokens (speculative verification,
+  ``lmms_sgl.method.drafting``) and generated entries may be masked out (rejected drafts of other
+  rows of a batch): both come with the model's mask. Position embeddings need no change: new
+  tokens are numbered after the full prompt, as the official code does.
+
+A forward is a prefill when the cache of layer K is still empty (or there is no cache), else a
+decode step.
 
 Positions are gathered along their token dimension whatever their leading dimensions, so
 multimodal RoPE (Qwen-VL: 3-D temporal/height/width positions, ``rope_deltas`` continuing the
@@ -134,6 +140,7 @@ class VisualTokenPruner:
         # Pruners stacked after this one (later stages, installed after it): the deepstack features
         # this pruner took are added in their pruned sequences once they have run.
         self.later: list[VisualTokenPruner] = []
+        self._model_mask: torch.Tensor | None = None
 
     @contextmanager
     def installed(self) -> Iterator[VisualTokenPruner]:
@@ -153,6 +160,7 @@ class VisualTokenPruner:
         self._handles.append(
             self.text_model.register_forward_pre_hook(self._take_deepstack, with_kwargs=True)
         )
+        self._handles.append(self.text_model.register_forward_pre_hook(self._take_mask, with_kwargs=True))
         return self
 
     def remove(self) -> None:
@@ -197,6 +205,12 @@ class VisualTokenPruner:
 
         return hook
 
+    def _take_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Text-model pre-hook: keep the model-level 2-D ``attention_mask`` (the per-layer masks of
+        a decode step are sized by layer 0's cache, which is the pruned one when K = 0)."""
+        mask = kwargs.get("attention_mask")
+        self._model_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
     def _take_deepstack(self, module: nn.Module, args: tuple, kwargs: dict):
         """Text-model pre-hook: the model itself adds the deepstack features of layers < K (full
         sequence); those of layers >= K are taken from it and added by :meth:`_make_deepstack_hook`
@@ -231,7 +245,9 @@ class VisualTokenPruner:
         """At layer K: start a prefill (compute the pruned kwargs) or a decode step (its mask)."""
         q_len = hidden.shape[1]
         kind = mask_kind(layer)
-        if self._state is None or q_len > 1:  # a (new) prefill
+        cache = kwargs.get("past_key_values")
+        cached = cache.get_seq_length(self.layer_k) if cache is not None else 0
+        if self._state is None or cached == 0:  # a (new) prefill
             armed = self._source() if callable(self._source) else self._source
             plan = armed.to(hidden.device)
             if hidden.shape[0] != plan.index.shape[0]:
@@ -255,20 +271,31 @@ class VisualTokenPruner:
                 pruned["attention_mask"] = format_mask(pruned_prefill_mask(plan.valid), kind, hidden.dtype)
             self._state = _ForwardState(plan, pruned, decoding=False, armed=armed)
             return
-        if q_len != 1:
-            raise RuntimeError(f"pruned decoding expects one new token per step, got {q_len}")
         plan = self._state.plan
-        cache = kwargs.get("past_key_values")
-        if cache is None:
-            raise RuntimeError("pruned decoding needs the KV cache (use_cache=True)")
-        kv_len = cache.layers[self.layer_k].get_seq_length() + 1
-        generated = kv_len - plan.pruned_length
-        allowed = torch.cat(
-            [
-                plan.valid,
-                torch.ones(plan.valid.shape[0], generated, dtype=torch.bool, device=plan.valid.device),
-            ],
-            dim=1,
-        )[:, None, None, :]
-        mask = None if kind == "bool" and bool(plan.valid.all()) else format_mask(allowed, kind, hidden.dtype)
+        generated = cached + q_len - plan.pruned_length
+        tail = generated_allowed(self._model_mask, q_len, generated, hidden.shape[0])
+        prompt = plan.valid[:, None, None, :].expand(-1, 1, q_len, -1)
+        allowed = torch.cat([prompt, tail.to(prompt.device)], dim=-1)
+        plain = kind == "bool" and q_len == 1 and bool(allowed.all())
+        mask = None if plain else format_mask(allowed, kind, hidden.dtype)
         self._state = _ForwardState(plan, {"attention_mask": mask}, decoding=True, armed=self._state.armed)
+
+
+def generated_allowed(
+    model_mask: torch.Tensor | None, q_len: int, generated: int, batch: int
+) -> torch.Tensor:
+    """Which of the last ``generated`` cache entries (answer tokens, this step's included) each of
+    the ``q_len`` new queries may see, ``[B, 1, q, generated]`` bool: causal within the step, and
+    only entries the model-level 2-D ``attention_mask`` keeps (a batch row's rejected drafts are
+    masked out there); ``None`` keeps all."""
+    rows = torch.arange(q_len)[:, None] + generated - q_len
+    allowed = (torch.arange(generated)[None, :] <= rows)[None, None].expand(batch, 1, q_len, generated)
+    if model_mask is None:
+        return allowed
+    if model_mask.dim() != 2 or model_mask.shape[-1] < generated:
+        raise RuntimeError(
+            f"pruned decoding needs the model's 2-D attention_mask, got shape {tuple(model_mask.shape)} "
+            f"for {generated} answer entries"
+        )
+    keep = model_mask[:, -generated:].bool().cpu()
+    return allowed & keep.expand(batch, -1)[:, None, None, :]

@@ -13,6 +13,8 @@ METHODS = ("sgl", "fastv", "random", "divprune", "visionzip", "pdrop", "large_on
 BEFORE_LM = ("divprune", "visionzip")
 # Methods that rank visual tokens by the large model's own attention at layer K-1 (need K >= 1).
 OWN_ATTENTION = ("fastv", "pdrop")
+DRAFT_SOURCES = ("guide",)  # who drafts for the large model's speculative decoding
+DRAFT_METHODS = ("sgl", "large_only")
 
 
 def _check_range(name: str, value: float, low: float, high: float, low_open: bool, high_open: bool) -> None:
@@ -65,6 +67,8 @@ class SGLSettings:
     skip_units: bool = True
     keep_units: int | None = None
     keep_global_view: bool = True
+    draft: str | None = None
+    draft_tokens: int = 4
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -86,6 +90,24 @@ class SGLSettings:
                     f"keep_units={self.keep_units} ranks units by the guide's importance; "
                     f"method={self.method!r} has none (allowed with method 'sgl')"
                 )
+        if self.draft is not None:
+            if self.draft not in DRAFT_SOURCES:
+                raise ValueError(f"draft={self.draft!r} is not one of {DRAFT_SOURCES} (or None)")
+            if self.method not in DRAFT_METHODS:
+                raise ValueError(
+                    f"draft={self.draft!r} applies to method in {DRAFT_METHODS}, got {self.method!r}"
+                )
+            if self.keep_units is not None:
+                raise ValueError(
+                    f"draft={self.draft!r} verifies drafts on a single keep plan; keep_units="
+                    f"{self.keep_units} prunes in stages (drop keep_units or draft)"
+                )
+        if (
+            isinstance(self.draft_tokens, bool)
+            or not isinstance(self.draft_tokens, int)
+            or self.draft_tokens < 1
+        ):
+            raise ValueError(f"draft_tokens={self.draft_tokens!r} must be a whole number >= 1")
         if self.exit_threshold is not None:
             _check_range("exit_threshold", self.exit_threshold, 0.0, 1.0, low_open=False, high_open=False)
             if self.method != "sgl":
@@ -137,6 +159,11 @@ class SGLSettings:
             and self.method in ("sgl", "random")
             and (self.keep_units is not None or self.layer_k(num_layers) == 0)
         )
+
+    @property
+    def needs_guide(self) -> bool:
+        """A guide is loaded: for SGL's guidance, or only to draft (``large_only`` + ``draft``)."""
+        return self.uses_guide or self.draft is not None
 
     def layer_k(self, num_layers: int) -> int:
         k = prune_layer_index(num_layers, self.prune_layer)

@@ -22,6 +22,13 @@ from loguru import logger
 from lmms_sgl.families.base import LoadedVLM
 from lmms_sgl.method.settings import SGLSettings
 from lmms_sgl.pipeline import accounting
+from lmms_sgl.pipeline.drafting import (
+    GuideDrafts,
+    check_shared_tokenizer,
+    draft_only_step,
+    not_applied_reason,
+    note_not_applied,
+)
 from lmms_sgl.pipeline.generation import GenerationSettings, guide_step, large_step
 from lmms_sgl.pipeline.keep_plans import KeepPlanner
 from lmms_sgl.pipeline.loglikelihood import guide_prompt_importance, score_continuation
@@ -32,8 +39,10 @@ class SGLPipeline:
     """Guide, prune, maybe exit, for batches of samples sharing generation settings."""
 
     def __init__(self, large: LoadedVLM, guide: LoadedVLM | None, settings: SGLSettings):
-        if settings.uses_guide and guide is None:
-            raise ValueError(f"method={settings.method!r} needs a guide model")
+        if settings.needs_guide and guide is None:
+            raise ValueError(f"method={settings.method!r} (draft={settings.draft!r}) needs a guide model")
+        if settings.draft is not None:
+            check_shared_tokenizer(large, guide)
         self.large, self.guide, self.settings = large, guide, settings
         self.planner = KeepPlanner(large, settings)
         self.layer_k, self.pruner = self.planner.layer_k, self.planner.pruner
@@ -67,8 +76,12 @@ class SGLPipeline:
     def _generate_batch(self, samples: list[Sample], gen: GenerationSettings) -> list[SampleRecord]:
         records = [SampleRecord(s.task, s.doc_id) for s in samples]
         importance = None
+        drafting = self.settings.draft is not None
+        if drafting and (reason := not_applied_reason(gen.do_sample, gen.num_beams)):
+            note_not_applied(records, reason)
+            drafting = False
         if self.settings.uses_guide:
-            importance, exited = self._run_guide(samples, records, gen)
+            importance, exited = self._run_guide(samples, records, gen, drafting)
             if self.settings.method == "guide_only":
                 exited = [True] * len(records)
             for record, leave in zip(records, exited, strict=True):
@@ -82,22 +95,38 @@ class SGLPipeline:
         )
         if remaining:
             scores = [importance[i] for i in remaining] if importance is not None else None
+            chosen = [samples[i] for i in remaining]
+            drafts = None
+            if drafting and importance is not None:  # exited samples need no verification
+                drafts = importance[0].drafts.rows(remaining)
+            elif drafting:  # large_only: the guide runs only to draft
+                drafts = draft_only_step(
+                    self.guide, chosen, [records[i] for i in remaining], gen.max_new_tokens, gen.until
+                )
             self._run_large(
-                [samples[i] for i in remaining],
-                [records[i] for i in remaining],
-                gen,
-                scores,
-                self.settings.prunes,
+                chosen, [records[i] for i in remaining], gen, scores, self.settings.prunes, drafts
             )
         return records
 
     def _run_guide(
-        self, samples: list[Sample], records: list[SampleRecord], gen: GenerationSettings
+        self,
+        samples: list[Sample],
+        records: list[SampleRecord],
+        gen: GenerationSettings,
+        drafting: bool = False,
     ) -> tuple[list[GuideScores], list[bool]]:
-        return guide_step(self.guide, self.settings, samples, records, gen)
+        return guide_step(self.guide, self.settings, samples, records, gen, drafting)
 
-    def _run_large(self, samples, records, gen: GenerationSettings, scores, prune: bool) -> None:
-        large_step(self.large, self.planner, samples, records, gen, scores, prune)
+    def _run_large(
+        self,
+        samples,
+        records,
+        gen: GenerationSettings,
+        scores,
+        prune: bool,
+        drafts: GuideDrafts | None = None,
+    ) -> None:
+        large_step(self.large, self.planner, samples, records, gen, scores, prune, drafts)
 
     # -- log-likelihood --------------------------------------------------------------------
     def loglikelihood(self, sample: Sample, continuation: str) -> tuple[tuple[float, bool], SampleRecord]:

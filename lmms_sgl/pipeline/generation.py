@@ -20,6 +20,7 @@ from lmms_sgl.method.importance import prompt_rows_from_last_visual
 from lmms_sgl.method.settings import SGLSettings
 from lmms_sgl.method.stages import staged_token_ratio
 from lmms_sgl.pipeline import accounting, vision_units
+from lmms_sgl.pipeline.drafting import GuideDrafts, drafted_generate, drafts_from_run, record_drafting
 from lmms_sgl.pipeline.keep_plans import KeepPlanner
 from lmms_sgl.pipeline.records import GuideScores, Sample, SampleRecord, layout_text
 
@@ -95,9 +96,11 @@ def guide_step(
     samples: list[Sample],
     records: list[SampleRecord],
     gen: GenerationSettings,
+    drafting: bool = False,
 ) -> tuple[list[GuideScores], list[bool]]:
     """The guide answers every sample; its records get the answer, exit scores and FLOPs.
-    Returns each sample's importance (with its token boxes) and whether it may exit."""
+    Returns each sample's importance (with its token boxes, and with ``drafting`` the batch's
+    :class:`GuideDrafts`) and whether it may exit."""
     start = time.perf_counter()
     inputs = guide.family.build_batch(guide, [s.prompt for s in samples])
     visual = guide.visual_mask(inputs["input_ids"])
@@ -134,7 +137,8 @@ def guide_step(
         record.extra["guide_flops"] = flops
         record.extra["guide_layout"] = layout_text(boxes[b])
         record.output_tokens = length  # replaced by the large model's if it runs
-    return [GuideScores(v, box) for v, box in zip(run.importance, boxes, strict=True)], exited
+    drafts = drafts_from_run(guide, run) if drafting else None
+    return [GuideScores(v, box, drafts) for v, box in zip(run.importance, boxes, strict=True)], exited
 
 
 def large_step(
@@ -145,20 +149,32 @@ def large_step(
     gen: GenerationSettings,
     scores: list[GuideScores] | None,
     prune: bool,
+    drafts: GuideDrafts | None = None,
 ) -> None:
-    """The large model answers every sample, pruned by the planner's keep plan when ``prune``."""
+    """The large model answers every sample, pruned by the planner's keep plan when ``prune``;
+    with ``drafts`` (greedy settings only) it verifies the guide's drafts instead of decoding
+    token by token (``lmms_sgl.pipeline.drafting``), with the same answers."""
     start = time.perf_counter()
     inputs = large.family.build_batch(large, [s.prompt for s in samples])
     visual = large.visual_mask(inputs["input_ids"])
     extra = {"stop_strings": list(gen.until), "tokenizer": large.tokenizer} if gen.until else {}
-    plan, use = None, None
+    plan, use, drafted = None, None, None
+
+    def answer():
+        nonlocal drafted
+        if drafts is None:
+            return large.model.generate(**inputs, **gen.large_kwargs(), **extra)
+        tokens = planner.settings.draft_tokens
+        drafted = drafted_generate(large, inputs, drafts, gen.max_new_tokens, tokens, gen.until)
+        return drafted.sequences
+
     with torch.no_grad():
         if prune:
             with planner.pruned(samples, records, inputs, visual, scores) as pruner:
-                sequences = large.model.generate(**inputs, **gen.large_kwargs(), **extra)
+                sequences = answer()
                 plan, use = pruner.plan, planner.unit_use
         else:
-            sequences = large.model.generate(**inputs, **gen.large_kwargs(), **extra)
+            sequences = answer()
     seconds = (time.perf_counter() - start) / len(samples)
 
     prompt_length = inputs["input_ids"].shape[1]
@@ -186,14 +202,14 @@ def large_step(
         if plan is None:
             record.kept_visual = n_visual[b]
             record.layer_k = None
-            record.flops += alone
+            large_flops = alone
         else:
             record.kept_visual = plan.kept_visual[b]
             record.layer_k = planner.layer_k
             stages = planner.stages(b)
             if len(stages) > 1:
                 record.extra["stages"] = stages
-            record.flops += accounting.pruned_large_flops(
+            large_flops = accounting.pruned_large_flops(
                 large,
                 vision[b] if use[b] is None else use[b].vision_flops,
                 real[b],
@@ -202,6 +218,13 @@ def large_step(
                 stages,
                 planner.selection_flops(b, real[b], n_visual[b]),
             )
+        if drafted is not None:  # every verification forward instead of one decode step per token
+            pruned = real[b] - n_visual[b] + record.kept_visual
+            encoded = vision[b] if use[b] is None else use[b].vision_flops
+            large_flops = record_drafting(
+                large, drafts.guide, drafted, record, b, encoded, real[b], record.layer_k, pruned
+            )
+        record.flops += large_flops
         if n_visual[b]:
             stages = [] if plan is None else planner.stages(b)  # no plan: every visual token kept
             record.token_ratio = staged_token_ratio(large.num_layers, n_visual[b], stages)

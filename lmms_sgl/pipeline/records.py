@@ -64,6 +64,7 @@ class GuideScores:
 
     values: torch.Tensor
     boxes: TokenBoxes | BoxesUnavailable
+    drafts: object | None = None  # the batch's GuideDrafts (lmms_sgl.pipeline.drafting) when drafting
 
     def __len__(self) -> int:
         return len(self.values)

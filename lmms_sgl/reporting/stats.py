@@ -17,6 +17,10 @@ merge of ranks equals a single-process run over the same samples.
   that got no answer at all.
 * ``exit_not_applied``: log-likelihood (multiple-choice) requests of a run with an exit threshold;
   they have no guide answer, so they never exit and always reach the large model.
+* ``acceptance_rate`` / ``tokens_per_large_forward`` (``draft=guide``): drafted tokens the large
+  model accepted over drafted tokens, and answer tokens over large-model forwards (prefill
+  included; 1.0 is plain decoding), over the samples it answered speculatively.
+  ``draft_not_applied``: samples whose settings (sampling, beams) kept plain decoding.
 """
 
 from __future__ import annotations
@@ -41,6 +45,12 @@ class Totals:
     guide_seconds: float = 0.0
     large_seconds: float = 0.0
     output_tokens: int = 0
+    drafted_samples: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    drafted_answer_tokens: int = 0
+    large_forwards: int = 0
+    draft_not_applied: int = 0
 
     def add(self, record: dict) -> None:
         self.samples += 1
@@ -60,6 +70,14 @@ class Totals:
         self.guide_seconds += record["guide_seconds"]
         self.large_seconds += record["large_seconds"]
         self.output_tokens += record["output_tokens"]
+        drafting = record.get("extra", {}).get("drafting")
+        if drafting:
+            self.drafted_samples += 1
+            self.drafted_tokens += drafting["drafted"]
+            self.accepted_tokens += drafting["accepted"]
+            self.drafted_answer_tokens += record["output_tokens"]
+            self.large_forwards += drafting["large_forwards"]
+        self.draft_not_applied += int(bool(record.get("extra", {}).get("draft_not_applied")))
 
     def merge(self, other: Totals) -> None:
         for name in TOTALS_FIELDS:
@@ -81,6 +99,11 @@ class Totals:
             "fallbacks": self.fallbacks,
             "failed": self.failed,
             "exit_not_applied": self.exit_not_applied,
+            "acceptance_rate": self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else None,
+            "tokens_per_large_forward": (
+                self.drafted_answer_tokens / self.large_forwards if self.large_forwards else None
+            ),
+            "draft_not_applied": self.draft_not_applied,
         }
 
 
@@ -140,6 +163,8 @@ def format_table(summary: dict) -> str:
         "fallbacks",
         "failed",
         "exit_not_applied",
+        "acceptance_rate",
+        "tokens_per_large_forward",
     ]
 
     def cell(value) -> str:

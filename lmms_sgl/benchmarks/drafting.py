@@ -1,0 +1,115 @@
+"""Decode-bound row: speculative decoding (``draft=guide``) against plain decoding.
+
+The benchmark pair's large model answers 256 scripted tokens; its guide agrees with each next token
+with probability 0, 0.5 or 0.9 (``lmms_sgl.factory.scripted_pairs``; weights are scripted, compute
+is the full models'). ``method=large_only`` with and without ``draft=guide``, interleaved: large-model
+forwards per answer token, the large step's seconds (its decode, verification forwards and the
+guide's continued drafting) and the whole sample's (plus the guide's own answer), and whether the
+answers are identical. ``python -m lmms_sgl.benchmarks.drafting`` runs this row alone and merges it
+into an existing report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from loguru import logger
+from PIL import Image
+
+from lmms_sgl.benchmarks.common import FULL, IMAGES, QUESTION, SMOKE, interleaved, load_pair
+from lmms_sgl.benchmarks.report import drafting_section
+from lmms_sgl.factory.scripted_pairs import script_pair
+from lmms_sgl.families import Prompt
+from lmms_sgl.method.settings import SGLSettings
+from lmms_sgl.pipeline import GenerationSettings, Sample, SGLPipeline
+
+AGREEMENTS = (0.0, 0.5, 0.9)
+
+
+def bench_drafting(specs: dict, new_tokens: int, rounds: int, draft_tokens: int = 4) -> list[dict]:
+    rows = []
+    sample = Sample("bench", 0, Prompt(QUESTION, [Image.new("RGB", IMAGES[256], (90, 140, 200))]))
+    gen = GenerationSettings(max_new_tokens=new_tokens + 1)  # the scripted answer: new_tokens + EOS
+    for agreement in AGREEMENTS:
+        draws = random.Random(int(agreement * 100))
+        pattern = [draws.random() < agreement for _ in range(new_tokens + 1)]
+        guide, large = load_pair(specs)
+        script_pair(
+            (guide.model, guide.processor), (large.model, large.processor), new_tokens, pattern.__getitem__
+        )
+        pipelines = {
+            "plain": SGLPipeline(large, None, SGLSettings(method="large_only")),
+            "drafted": SGLPipeline(
+                large, guide, SGLSettings(method="large_only", draft="guide", draft_tokens=draft_tokens)
+            ),
+        }
+
+        def run(pipeline: SGLPipeline):
+            start = time.perf_counter()
+            record = pipeline.generate([sample], gen)[0]
+            return time.perf_counter() - start, record
+
+        measured = interleaved({name: (lambda p=p: run(p)) for name, p in pipelines.items()}, rounds)
+        plain, drafted = (measured[name] for name in ("plain", "drafted"))
+        record = drafted[-1][1]
+        stats = record.extra["drafting"]
+        large_plain = statistics.median(r.large_seconds for _, r in plain)
+        large_drafted = statistics.median(r.large_seconds for _, r in drafted)
+        rows.append(
+            {
+                "rounds": rounds,
+                "agreement": agreement,
+                "new_tokens": record.output_tokens,
+                "draft_tokens": draft_tokens,
+                "acceptance_rate": stats["accepted"] / max(stats["drafted"], 1),
+                "large_forwards_per_token_plain": 1.0,
+                "large_forwards_per_token_drafted": stats["large_forwards"] / record.output_tokens,
+                "large_seconds_plain": large_plain,
+                "large_seconds_drafted": large_drafted,
+                "large_ratio": large_drafted / large_plain,
+                "seconds_plain": statistics.median(t for t, _ in plain),
+                "seconds_drafted": statistics.median(t for t, _ in drafted),
+                "guide_answer_seconds": statistics.median(r.guide_seconds for _, r in drafted),
+                "identical_answers": all(
+                    d.answer == p.answer and d.output_tokens == p.output_tokens
+                    for (_, d), (_, p) in zip(drafted, plain, strict=True)
+                ),
+                "flops_ratio": record.flops / record.flops_large_alone,
+            }
+        )
+        logger.info(f"drafting benchmark row: {rows[-1]}")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("reports/benchmarks.md"))
+    parser.add_argument("--smoke", action="store_true", help="tiny models, 32 tokens, one round")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    specs, tokens, rounds = (SMOKE, 32, 1) if args.smoke else (FULL, 256, args.rounds)
+    rows = bench_drafting(specs, tokens, rounds)
+    raw = args.out.with_suffix(".json")
+    results = json.loads(raw.read_text()) if raw.exists() else None
+    if results is None:
+        raise SystemExit(f"{raw} is missing: run lmms-sgl-benchmark first, then this row")
+    results["drafting"] = rows
+    command = (
+        "python -m lmms_sgl.benchmarks.drafting" + (" --smoke" if args.smoke else "") + f" --out {args.out}"
+    )
+    results["drafting_command"] = command
+    from lmms_sgl.benchmarks.report import write_report
+
+    write_report(results, args.out, f"lmms-sgl-benchmark --out {args.out}")
+    print("\n".join(drafting_section(rows, command)))
+
+
+if __name__ == "__main__":
+    main()

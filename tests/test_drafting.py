@@ -1,0 +1,282 @@
+"""Speculative decoding (``draft=guide``): answers equal plain greedy decoding token for token, the KV
+cache after a rejection equals one that never saw the rejected tokens, FLOPs equal the counter's."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+from lmms_sgl.factory.scripted_pairs import save_pair
+from lmms_sgl.families import InternVLFamily, LlavaFamily, LoadedVLM, Prompt, QwenVLFamily
+from lmms_sgl.method.drafting import DecodeState
+from lmms_sgl.method.importance import ATTENTION_NAME
+from lmms_sgl.method.pruning import VisualTokenPruner
+from lmms_sgl.method.selection import plan_from_scores, random_scores
+from lmms_sgl.method.settings import SGLSettings
+from lmms_sgl.pipeline import GenerationSettings, Sample, SGLPipeline
+from lmms_sgl.pipeline.drafting import (
+    check_shared_tokenizer,
+    draft_only_step,
+    drafted_generate,
+    greedy_prefill,
+    record_drafting,
+)
+from lmms_sgl.pipeline.records import SampleRecord
+from lmms_sgl.reporting.stats import RunStats
+
+FAMILIES = {
+    "internvl": lambda: InternVLFamily(max_tiles=1),
+    "llava": LlavaFamily,
+    "qwen2-vl": lambda: QwenVLFamily(max_pixels=112 * 112),
+}
+ROOT = Path(__file__).resolve().parent.parent
+LOAD = {"dtype": torch.float32, "device_map": "cpu"}
+
+
+def samples(count: int = 4) -> list[Sample]:
+    specs = [
+        ("What color is the circle?", [Image.new("RGB", (448, 448), (200, 20, 20))]),
+        ("Is it?", [Image.new("RGB", (224, 300), (20, 20, 200))]),
+        ("How many objects are there in the picture?", [Image.new("RGB", (300, 224), (20, 160, 20))]),
+        ("A question without any image?", []),
+    ]
+    return [Sample("t", i, Prompt(text, images)) for i, (text, images) in enumerate(specs[:count])]
+
+
+def load_pair(family: str, guide: Path, large: Path):
+    make = FAMILIES[family]
+    return make().load(str(guide), text_attention=ATTENTION_NAME, **LOAD), make().load(
+        str(large), text_attention="sdpa", **LOAD
+    )
+
+
+def run(large, guide, gen, count=4, **settings):
+    pipeline = SGLPipeline(large, guide, SGLSettings(**settings))
+    return pipeline.generate(samples(count), gen)
+
+
+def assert_same_answers(drafted, plain):
+    assert [r.answer for r in drafted] == [r.answer for r in plain]
+    assert [r.output_tokens for r in drafted] == [r.output_tokens for r in plain]
+    assert all(r.fallback is None for r in drafted), [r.fallback for r in drafted]
+    assert all("drafting" in r.extra for r in drafted)
+
+
+# -- natural agreement: the factory's random pairs (rarely agree) and the trained proving pair ---------
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_random_pairs_drafted_equals_plain_with_pruning(family, models_dir):
+    guide, large = load_pair(family, models_dir / f"{family}-guide", models_dir / f"{family}-large")
+    gen = GenerationSettings.from_gen_kwargs({"max_new_tokens": 12})
+    for prune_layer, count in ((0.5, 4), (0.0, 1)):
+        common = {"method": "sgl", "prune_layer": prune_layer, "keep_ratio": 0.2}
+        plain = run(large, guide, gen, count, **common)
+        drafted = run(large, guide, gen, count, **common, draft="guide", draft_tokens=3)
+        assert_same_answers(drafted, plain)
+
+
+def test_trained_pair_drafted_equals_plain():
+    folder = ROOT / "models"
+    guide, large = load_pair("internvl", folder / "shapes-internvl-guide", folder / "shapes-internvl-large")
+    gen = GenerationSettings.from_gen_kwargs({"max_new_tokens": 8})
+    common = {"method": "sgl", "prune_layer": 0.5, "keep_ratio": 0.35}
+    plain = run(large, guide, gen, **common)
+    drafted = run(large, guide, gen, **common, draft="guide")
+    assert_same_answers(drafted, plain)
+    assert sum(r.extra["drafting"]["accepted"] for r in drafted) > 0, "the trained pair should agree"
+
+
+# -- scripted agreement patterns ---------------------------------------------------------------------
+PATTERNS = {
+    "agrees-then-diverges": lambda i: i < 12 or i % 3 == 0,
+    "never-agrees": lambda i: False,
+    "always-agrees": lambda i: True,
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def scripted(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"scripted-{request.param}")
+    pairs = {}
+    for name, agree in PATTERNS.items():
+        guide, large, chain = save_pair(request.param, out / name, 24, agree)
+        pairs[name] = (*load_pair(request.param, guide, large), chain, (guide, large))
+    return request.param, pairs
+
+
+MATRIX = {  # pattern -> (settings, batch size) of the drafted runs, kept small for the suite's time
+    "agrees-then-diverges": (
+        ({"method": "sgl", "prune_layer": 0.5, "keep_ratio": 0.2}, 4),
+        ({"method": "sgl", "prune_layer": 0.0, "keep_ratio": 0.2}, 1),
+    ),
+    "never-agrees": (({"method": "sgl", "prune_layer": 0.5, "keep_ratio": 0.2}, 1),),
+    "always-agrees": (({"method": "large_only"}, 4),),
+}
+
+
+def test_scripted_patterns_equal_plain(scripted):
+    """The scripted large model's greedy answer is its chain whatever it keeps and whatever the
+    prompt, so one plain run is the oracle of every configuration and sample (the random and trained
+    pairs above check pruning-sensitive answers)."""
+    family, pairs = scripted
+    long = GenerationSettings.from_gen_kwargs({"max_new_tokens": 30})  # the whole 24-token answer + EOS
+    for name, (guide, large, chain, _) in pairs.items():
+        (plain,) = run(large, guide, long, 1, method="large_only")
+        assert plain.output_tokens == len(chain)  # the script holds
+        for settings, count in MATRIX[name]:
+            drafted = run(large, guide, long, count, **settings, draft="guide", draft_tokens=4)
+            assert_same_answers(drafted, [plain] * count)
+            accepted = drafted[0].extra["drafting"]["accepted"]
+            if name == "never-agrees":
+                assert accepted == 0
+            elif name == "always-agrees":  # 4 drafts + the large model's own token per forward
+                assert drafted[0].extra["drafting"]["large_forwards"] == 1 + -(-(len(chain) - 1) // 5)
+            else:
+                assert 0 < accepted < drafted[0].extra["drafting"]["drafted"]
+
+
+def test_max_new_tokens_and_stop_string_inside_a_verified_chunk(scripted):
+    family, pairs = scripted
+    guide, large, chain, _ = pairs["always-agrees"]
+    stop = large.tokenizer.decode(chain[6:8])  # completed by the 8th answer token, mid-chunk
+    for kwargs in ({"max_new_tokens": 7}, {"max_new_tokens": 30, "until": [stop]}):
+        gen = GenerationSettings.from_gen_kwargs(kwargs)
+        plain = run(large, guide, gen, 2, method="sgl", prune_layer=0.5, keep_ratio=0.2)
+        drafted = run(large, guide, gen, 2, method="sgl", prune_layer=0.5, keep_ratio=0.2, draft="guide")
+        assert_same_answers(drafted, plain)
+        assert all(r.output_tokens in (7, 8) for r in drafted)
+
+
+# -- the KV cache after a rejection ------------------------------------------------------------------
+@pytest.mark.parametrize("layer_k", [0, 2])
+def test_cache_after_rejection_equals_cache_that_never_saw_it(models_dir, layer_k):
+    large = InternVLFamily(max_tiles=1).load(
+        str(models_dir / "internvl-large"), text_attention="sdpa", **LOAD
+    )
+    inputs = large.family.build_batch(large, [samples(1)[0].prompt])
+    visual = inputs["input_ids"] == large.image_token_id
+    plan = plan_from_scores(random_scores(visual, 3), visual, inputs["attention_mask"], 0.25)
+    caches = []
+    with VisualTokenPruner(large.text_model, layer_k).installed() as pruner:
+        for chunks, keep in (([[5, 6, 7, 8], [9]], 2), ([[5, 6], [9]], 2)):
+            pruner.arm(plan)
+            first, state = greedy_prefill(large, inputs, 8)
+            state.forward(large.model, [chunks[0]], 0)
+            state.keep(0, keep)  # the first forward: 2 accepted, the second never saw 7 and 8
+            logits = state.forward(large.model, [chunks[1]], 0)
+            caches.append((state, logits[0]))
+    (drafted, after), (clean, expected) = caches
+    assert torch.equal(drafted.mask, clean.mask)
+    for a, b in zip(drafted.cache.layers, clean.cache.layers, strict=True):
+        assert a.keys.shape == b.keys.shape
+        torch.testing.assert_close(a.keys, b.keys, rtol=0, atol=1e-5)
+        torch.testing.assert_close(a.values, b.values, rtol=0, atol=1e-5)
+    torch.testing.assert_close(after, expected, rtol=0, atol=1e-4)
+
+
+def test_holes_of_one_row_do_not_touch_the_other(models_dir):
+    """Batch rows with different acceptance: a row's logits equal its solo run's."""
+    large = LlavaFamily().load(str(models_dir / "llava-large"), text_attention="sdpa", **LOAD)
+    prompts = [s.prompt for s in samples(2)]
+    batch = large.family.build_batch(large, prompts)
+    _, together = greedy_prefill(large, batch, 8)
+    together.forward(large.model, [[5, 6, 7], [9, 10, 11]], 0)
+    together.keep(0, 1)
+    together.keep(1, 3)
+    both = together.forward(large.model, [[12, 13], [14]], 0)
+    for row, fed, next_chunk in ((0, [5], [12, 13]), (1, [9, 10, 11], [14])):
+        solo_inputs = large.family.build_batch(large, [prompts[row]])
+        _, solo = greedy_prefill(large, solo_inputs, 8)
+        solo.forward(large.model, [fed], 0)
+        alone = solo.forward(large.model, [next_chunk], 0)[0]
+        torch.testing.assert_close(both[row], alone, rtol=0, atol=1e-4)
+
+
+# -- FLOPs -------------------------------------------------------------------------------------------
+def test_drafted_flops_equal_the_flop_counter(scripted):
+    """Eager attention: the flop counter does not count CPU SDPA kernels (as tests/test_method_cost)."""
+    family, pairs = scripted
+    folders = pairs["agrees-then-diverges"][3]
+    guide, large = (FAMILIES[family]().load(str(f), text_attention="eager", **LOAD) for f in folders)
+    sample = samples(4)[3]  # no image: the text models' forwards only
+    record = SampleRecord("t", 3)
+    drafts = draft_only_step(guide, [sample], [record], 30, ())
+    inputs = large.family.build_batch(large, [sample.prompt])
+    with FlopCounterMode(display=False) as counter:
+        drafted = drafted_generate(large, inputs, drafts, 30, 4, ())
+    prompt = inputs["input_ids"].shape[1]
+    large_flops = record_drafting(large, guide, drafted, record, 0, 0.0, prompt, None, None)
+    stats = drafted.stats[0]
+    assert stats.accepted < stats.drafted and drafted.guide.forwards[0], "rejections and guide drafting"
+    assert counter.get_total_flops() == large_flops + record.extra["drafting"]["guide_drafting_flops"]
+
+
+# -- arguments, tokenizers, statistics -----------------------------------------------------------------
+def test_settings_refuse_draft_where_it_does_not_apply():
+    with pytest.raises(ValueError, match="draft='guide' applies to method in"):
+        SGLSettings(method="fastv", draft="guide")
+    with pytest.raises(ValueError, match="draft_tokens=0 must be"):
+        SGLSettings(draft="guide", draft_tokens=0)
+    with pytest.raises(ValueError, match="draft='beam' is not one of"):
+        SGLSettings(draft="beam")
+    from lmms_sgl.lmms.args import parse_model_args
+
+    with pytest.raises(ValueError, match="draft='guide' needs guide="):
+        parse_model_args(pretrained="x", method="large_only", draft="guide")
+    args = parse_model_args(pretrained="x", guide="g", method="large_only", draft="guide", draft_tokens="6")
+    assert args.guide == "g" and args.settings.draft_tokens == 6
+
+
+def test_different_tokenizers_are_refused(scripted):
+    family, pairs = scripted
+    guide, large, *_ = pairs["never-agrees"]
+    check_shared_tokenizer(large, guide)
+    processor = copy.deepcopy(guide.processor)
+    processor.tokenizer.add_tokens(["<only-in-the-guide>"])
+    other = LoadedVLM(guide.family, guide.model, processor, guide.path)
+    with pytest.raises(ValueError, match=r"share token ids; 1 of .* tokens differ .*only-in-the-guide"):
+        check_shared_tokenizer(large, other)
+
+
+def test_sampling_is_not_drafted_and_counted(scripted):
+    family, pairs = scripted
+    guide, large, *_ = pairs["always-agrees"]
+    gen = GenerationSettings.from_gen_kwargs({"max_new_tokens": 6, "num_beams": 2})
+    records = run(large, guide, gen, 2, method="large_only", draft="guide")
+    assert all(r.extra["draft_not_applied"] == "num_beams=2" and "drafting" not in r.extra for r in records)
+    summary = _summary(records)
+    assert summary["draft_not_applied"] == 2 and summary["acceptance_rate"] is None
+
+
+def test_run_statistics_of_drafting(scripted):
+    family, pairs = scripted
+    guide, large, chain, _ = pairs["agrees-then-diverges"]
+    gen = GenerationSettings.from_gen_kwargs({"max_new_tokens": 30})
+    records = run(large, guide, gen, 2, method="large_only", draft="guide")
+    summary = _summary(records)
+    drafting = [r.extra["drafting"] for r in records]
+    assert summary["acceptance_rate"] == sum(d["accepted"] for d in drafting) / sum(
+        d["drafted"] for d in drafting
+    )
+    forwards = sum(d["large_forwards"] for d in drafting)
+    assert summary["tokens_per_large_forward"] == 2 * len(chain) / forwards > 1
+
+
+def _summary(records) -> dict:
+    stats = RunStats.empty()
+    for record in records:
+        stats.add(record.as_dict())
+    halves = [stats.as_payload(), RunStats.empty().as_payload()]
+    return RunStats.from_payloads(halves).summary()["overall"]
+
+
+def test_decode_state_refuses_keeping_more_than_it_has(models_dir):
+    large = LlavaFamily().load(str(models_dir / "llava-large"), text_attention="sdpa", **LOAD)
+    _, state = greedy_prefill(large, large.family.build_batch(large, [samples(1)[0].prompt]), 4)
+    assert isinstance(state, DecodeState)
+    with pytest.raises(ValueError, match="row 0 has 0 answer tokens cached, cannot keep 1"):
+        state.keep(0, 1)
