@@ -131,3 +131,13 @@ def kept_visual_sets(monkeypatch) -> list[list[int]]:
 
     monkeypatch.setattr(pipeline_module, "plan_from_scores", spy)
     return kept
+
+
+def one_thread():
+    """One torch thread while a module runs (use as a module fixture): the tiny models' operations are
+    too small to gain from a second thread, and on a loaded machine two threads waiting on each other
+    made an InternVL request ~7x slower (measured in issue 27)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
