@@ -117,6 +117,7 @@ def score_continuation(
             record.layer_k or 0, scorer.num_layers, record.kept_visual, n_visual
         )
     length = input_ids.shape[1]
+    record.input_tokens = length  # the prompt and the scored continuation
     vision = scorer.family.vision_flops(scorer, inputs, [len(sample.prompt.images)], [n_visual])[0]
     if use is None and scorer is large:
         use = vision_units.full_use(scorer.family.visual_units(scorer, inputs, [sample.prompt]), [vision])
