@@ -25,6 +25,7 @@ from lmms_sgl.checkpoints.internvl_original.convert import DEFAULT_MAX_TILES as 
 from lmms_sgl.checkpoints.internvl_original.convert import MARKER, check_original, resolve_checkpoint
 from lmms_sgl.checkpoints.internvl_original.processing import load_processor
 from lmms_sgl.families.base import HFVisionLanguageFamily, LoadedVLM
+from lmms_sgl.families.video import Video, decode_sampled
 from lmms_sgl.method.cost import TransformerShape, mlp_chain_flops, vit_flops
 from lmms_sgl.method.transfer import BoxesUnavailable, TokenBoxes, even_edges
 from lmms_sgl.method.units import VisualUnits
@@ -105,6 +106,27 @@ class InternVLFamily(HFVisionLanguageFamily):
 
     def processor_kwargs(self) -> dict:
         return {"max_patches": self.tiles}
+
+    # -- video: frames as 448 px single tiles, "Frame{i}: <img>...</img>" (transformers' processor) --
+    def check_video(self, loaded: LoadedVLM) -> None:
+        if getattr(loaded.processor, "video_processor", None) is None:
+            raise ValueError(
+                f"{loaded.path!r} has no video processor (an original InternVL checkpoint converted by "
+                "lmms-sgl, whose PIL preprocessing reads images only); videos need an InternVL -hf checkpoint"
+            )
+
+    def video_inputs(self, loaded: LoadedVLM, videos: list[Video]) -> dict:
+        """As lmms-eval's ``internvl_hf``: ``num_frames`` frames picked by the video processor's own
+        ``sample_frames``, decoded with decord (see :mod:`lmms_sgl.families.video`)."""
+        sampler = loaded.processor.video_processor.sample_frames
+        frames = [decode_sampled(video, sampler, self.num_frames)[0] for video in videos]
+        return {"videos": frames, "do_sample_frames": False}
+
+    def video_units(self, loaded: LoadedVLM, video: Video, inputs: dict, index: int) -> VisualUnits:
+        """Each frame is one unit: ``image_seq_length`` tokens, one row of ``pixel_values``."""
+        per_tile, frames = loaded.model.config.image_seq_length, self.video_frames(video)
+        flops = self.tile_flops(loaded)
+        return VisualUnits.blocks([per_tile] * frames, [False] * frames, [1] * frames, [flops] * frames, 0)
 
     def tile_flops(self, loaded: LoadedVLM) -> int:
         return config_tile_flops(loaded.model.config)

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from lmms_sgl.families.base import HFVisionLanguageFamily, LoadedVLM
+from lmms_sgl.families.video import Video
 from lmms_sgl.method.cost import TransformerShape, mlp_chain_flops, vit_flops
 from lmms_sgl.method.transfer import BoxesUnavailable, TokenBoxes, even_edges
 from lmms_sgl.method.units import UnitsUnavailable, VisualUnits
@@ -115,6 +116,76 @@ class LlavaFamily(HFVisionLanguageFamily):
             loaded.model.model.config.image_grid_pinpoints = kept
             loaded.processor.image_processor.image_grid_pinpoints = kept
         return loaded
+
+    # -- video: LLaVA-OneVision's native input (frames through the tower, 2 x 2 pooled, one newline) --
+    def check_video(self, loaded: LoadedVLM) -> None:
+        """Videos need a OneVision checkpoint whose tokenizer has the video token and whose
+        processor has a video processor (the released ``llava-onevision-*-hf`` ones do)."""
+        config = loaded.model.config
+        video_token = getattr(config, "video_token_id", None)
+        if config.model_type != "llava_onevision":
+            raise ValueError(
+                f"{loaded.path!r} is a {config.model_type!r} checkpoint; sgl_llava takes videos with "
+                "LLaVA-OneVision ('llava_onevision') checkpoints only"
+            )
+        tokenizer = loaded.tokenizer
+        has_token = video_token is not None and video_token < len(tokenizer)
+        named = getattr(loaded.processor, "video_token", None)
+        if not has_token or named is None or tokenizer.convert_tokens_to_ids(named) != video_token:
+            raise ValueError(
+                f"{loaded.path!r} cannot take videos: its tokenizer has no video token matching "
+                f"video_token_id={video_token} of its config"
+            )
+        if getattr(loaded.processor, "video_processor", None) is None:
+            raise ValueError(f"{loaded.path!r} has no video processor, so it cannot take videos")
+
+    def video_frames(self, video: Video) -> int:
+        """lmms-eval's ``llava_hf`` rule: exactly ``num_frames`` indices spread evenly over the
+        file (``np.linspace(0, total - 1, num_frames, dtype=int)``), repeating frames of a
+        shorter video; so every clip of a batch has the same frame count."""
+        return self.num_frames
+
+    def video_inputs(self, loaded: LoadedVLM, videos: list[Video]) -> dict:
+        """Frames decoded with decord at lmms-eval's ``llava_hf`` indices, as ``[T, H, W, 3]`` arrays
+        (the processor resizes them to the tower's size)."""
+        import decord
+
+        clips = []
+        for video in videos:
+            reader = decord.VideoReader(video.path, ctx=decord.cpu(0))
+            indices = np.linspace(0, video.total_frames - 1, self.video_frames(video), dtype=int)
+            clips.append(reader.get_batch(indices.tolist()).asnumpy())
+        return {"videos": clips}
+
+    def video_flops(self, loaded: LoadedVLM, inputs: dict, videos_per_sample: list[int]) -> list[int]:
+        """Each frame is one pass of the tower and projector (the 2 x 2 pooling is interpolation)."""
+        pixels = inputs.get("pixel_values_videos")
+        frames = [] if pixels is None else [pixels.shape[1]] * pixels.shape[0]
+        per_video = iter(frames)
+        per_frame = self.crop_flops(loaded)
+        return [per_frame * sum(next(per_video) for _ in range(count)) for count in videos_per_sample]
+
+    def video_units(self, loaded: LoadedVLM, video: Video, inputs: dict, index: int) -> VisualUnits:
+        """Each frame is one unit (one row of the tower's input): the tower, projector and the
+        2 x 2 bilinear pooling run frame by frame, so a frame's tokens read that frame alone. The
+        video's closing image-newline token is a learned parameter and reads none (its owner is
+        the last frame)."""
+        frames = int(inputs["pixel_values_videos"].shape[1])
+        vision = loaded.model.config.vision_config
+        pooled = math.ceil(vision.image_size // vision.patch_size / 2) ** 2
+        owner = torch.arange(frames).repeat_interleave(pooled)
+        reads = torch.nn.functional.one_hot(owner, frames).bool()
+        owner = torch.cat([owner, torch.tensor([frames - 1])])
+        reads = torch.cat([reads, torch.zeros(1, frames, dtype=torch.bool)])
+        flops = self.crop_flops(loaded)
+        return VisualUnits(
+            owner,
+            reads,
+            torch.zeros(frames, dtype=torch.bool),
+            (1,) * frames,
+            (flops,) * frames,
+            (0,) * frames,
+        )
 
     def crop_flops(self, loaded: LoadedVLM) -> int:
         return config_crop_flops(loaded.model.config)

@@ -31,6 +31,7 @@ from torch import nn
 
 from lmms_sgl.families import qwen_pixels
 from lmms_sgl.families.base import HFVisionLanguageFamily, LoadedVLM, Prompt
+from lmms_sgl.families.video import Video
 from lmms_sgl.method.cost import TransformerShape, layer_flops, mlp_chain_flops
 from lmms_sgl.method.units import UnitSkipHooks, VisualUnits
 
@@ -182,6 +183,15 @@ class QwenVLFamily(HFVisionLanguageFamily):
             shortest_edge=lower if self.min_pixels is None else self.min_pixels,
             longest_edge=upper if self.max_pixels is None else self.max_pixels,
         )
+        # lmms-eval's from_pretrained(min_pixels=..., max_pixels=...) sets the video processor's too
+        video_processor = getattr(processor, "video_processor", None)
+        if video_processor is not None:
+            size = video_processor.size
+            video_processor.size = replace(
+                size,
+                shortest_edge=size.shortest_edge if self.min_pixels is None else self.min_pixels,
+                longest_edge=size.longest_edge if self.max_pixels is None else self.max_pixels,
+            )
         return processor
 
     def messages(self, prompt: Prompt) -> list[dict]:
@@ -193,15 +203,18 @@ class QwenVLFamily(HFVisionLanguageFamily):
             return [system, *prompt.messages]
         return prompt.messages
 
-    def encode(self, loaded: LoadedVLM, texts: list[str], images: list[Image.Image]) -> dict:
+    def encode(
+        self, loaded: LoadedVLM, texts: list[str], images: list[Image.Image], videos: list[Video] = ()
+    ) -> dict:
         """Images resized (and for Qwen2-VL re-encoded) as lmms-eval's model for the large
-        checkpoint's architecture does before its processor, then the processor."""
+        checkpoint's architecture does before its processor, then the processor (videos: read by
+        ``qwen_vl_utils`` in :meth:`video_inputs`)."""
         if self.preprocessing == "processor" or not images:
-            return super().encode(loaded, texts, images)
+            return super().encode(loaded, texts, images, videos)
         arch = self.architecture(loaded.model.config.model_type)
         bounds = (self.min_pixels, self.max_pixels)
         ready = [qwen_pixels.prepare(image, arch, *bounds) for image in images]
-        return super().encode(loaded, texts, ready)
+        return super().encode(loaded, texts, ready, videos)
 
     def processor_kwargs_for(self, loaded: LoadedVLM) -> dict:
         arch = self.architecture(loaded.model.config.model_type)
@@ -213,6 +226,48 @@ class QwenVLFamily(HFVisionLanguageFamily):
         """The ``(min_pixels, max_pixels)`` the processor resizes with."""
         size = loaded.processor.image_processor.size
         return int(size.shortest_edge), int(size.longest_edge)
+
+    # -- video: native input (temporal patches of 2 frames, 3-D RoPE with temporal positions) --------
+    stacks_video_frames = False  # patches are flattened: clips of any length share a batch
+
+    def check_video(self, loaded: LoadedVLM) -> None:
+        if getattr(loaded.processor, "video_processor", None) is None:
+            raise ValueError(f"{loaded.path!r} has no video processor, so it cannot take videos")
+
+    def video_frames(self, video: Video) -> int:
+        """lmms-eval's ``qwen2_5_vl`` rule: ``min(num_frames, total)`` floored to an even count (the
+        temporal patch is 2 frames), at least 2."""
+        return max(2, min(self.num_frames, video.total_frames) // 2 * 2)
+
+    def video_inputs(self, loaded: LoadedVLM, videos: list[Video]) -> dict:
+        """Frames read by ``qwen_vl_utils`` (as lmms-eval's ``qwen2_5_vl`` / ``qwen3_vl`` read them:
+        ``nframes`` of :meth:`video_frames`, resized within the pixel bounds), with their metadata."""
+        from qwen_vl_utils import process_vision_info
+
+        low, high = self.pixel_bounds(loaded)
+        content = [
+            {
+                "type": "video",
+                "video": v.path,
+                "min_pixels": low,
+                "max_pixels": high,
+                "nframes": self.video_frames(v),
+            }
+            for v in videos
+        ]
+        _, clips, _ = process_vision_info(
+            [[{"role": "user", "content": content}]], return_video_kwargs=True, return_video_metadata=True
+        )
+        frames, metadata = zip(*clips, strict=True)
+        return {"videos": list(frames), "video_metadata": list(metadata)}
+
+    def video_flops(self, loaded: LoadedVLM, inputs: dict, videos_per_sample: list[int]) -> list[int]:
+        """Per sample, its videos' tower + merger FLOPs from ``video_grid_thw`` (attention runs per
+        temporal patch, as for an image's frame)."""
+        grids = inputs.get("video_grid_thw")
+        per_video = [] if grids is None else [self.image_flops(loaded, tuple(g)) for g in grids.tolist()]
+        videos = iter(per_video)
+        return [sum(next(videos) for _ in range(count)) for count in videos_per_sample]
 
     # -- cost ------------------------------------------------------------------------------
     def vision_flops(
@@ -244,8 +299,11 @@ class QwenVLFamily(HFVisionLanguageFamily):
         return self.vision_tower(model), self.vision_tower(model)
 
     def unit_skip_hooks(self, sizes: list[int], keep: list[bool]) -> UnitSkipHooks:
-        """The tower's input is the images' patches (``hidden_states``), ``grid_thw`` one row per image."""
-        return UnitSkipHooks(sizes, keep, input_name="hidden_states", per_unit=("grid_thw",))
+        """The tower's input is the patches (``hidden_states``); ``grid_thw`` has one row per image
+        or video, split into one row per temporal patch (an image has one), the units."""
+        return UnitSkipHooks(
+            sizes, keep, input_name="hidden_states", per_unit=("grid_thw",), per_temporal_patch=True
+        )
 
     def image_units(self, loaded: LoadedVLM, image: Image.Image, inputs: dict, index: int) -> VisualUnits:
         """One image is one unit: its patches attend to each other (one attention group), so only
@@ -254,3 +312,17 @@ class QwenVLFamily(HFVisionLanguageFamily):
         patches = grid[0] * grid[1] * grid[2]
         merge = loaded.model.config.vision_config.spatial_merge_size**2
         return VisualUnits.blocks([patches // merge], [False], [patches], [self.image_flops(loaded, grid)], 0)
+
+    def video_units(self, loaded: LoadedVLM, video: Video, inputs: dict, index: int) -> VisualUnits:
+        """Each temporal patch (2 frames) is one unit. The tower's attention segments
+        (``cu_seqlens``, and Qwen2.5-VL's windows) are cut per temporal patch, its rotary positions
+        are (h, w) only and the merger works on 2 x 2 patches of one temporal patch, so a video
+        encoded as ``t`` grids ``(1, h, w)`` gives the same features as one grid ``(t, h, w)``.
+        Rows: a temporal patch's ``h * w`` patches; tokens: one per merged 2 x 2 patches."""
+        frames, height, width = inputs["video_grid_thw"][index].tolist()
+        merge = loaded.model.config.vision_config.spatial_merge_size**2
+        patches = height * width
+        flops = self.image_flops(loaded, (1, height, width))
+        return VisualUnits.blocks(
+            [patches // merge] * frames, [False] * frames, [patches] * frames, [flops] * frames, 0
+        )

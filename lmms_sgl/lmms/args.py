@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from lmms_sgl.families.qwen_pixels import MODES as PREPROCESSING
+from lmms_sgl.families.video import DEFAULT_NUM_FRAMES
 from lmms_sgl.method.importance import PRECISIONS
 from lmms_sgl.method.settings import METHODS, SGLSettings
 
@@ -85,6 +86,7 @@ class ModelArgs:
     guide_max_tiles: int | None = None
     guide_max_crops: int | None = None
     skip_units_asked: bool = False  # skip_units=true given explicitly (checked against the schedule)
+    num_frames: int = DEFAULT_NUM_FRAMES  # frames sampled per video, guide and large alike
 
     @property
     def guide_layout(self) -> dict:
@@ -122,6 +124,7 @@ def parse_model_args(
     keep_global_view=None,
     batch_size=1,
     max_batch_size=None,
+    num_frames=DEFAULT_NUM_FRAMES,
     **unknown,
 ) -> ModelArgs:
     """Validate everything the SGL models accept; see the README's table for meanings and defaults."""
@@ -212,6 +215,7 @@ def parse_model_args(
         preprocessing=as_choice("preprocessing", preprocessing, PREPROCESSING),
         **guide_layout,
         skip_units_asked=bool(skip),
+        num_frames=as_int("num_frames", num_frames, minimum=1),
     )
 
 

@@ -24,6 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from lmms_sgl.families.base import HFVisionLanguageFamily, Prompt
+from lmms_sgl.families.video import open_video, video_of
 from lmms_sgl.lmms import resumable
 from lmms_sgl.lmms.args import ModelArgs, check_schedule, parse_model_args
 from lmms_sgl.method.importance import ATTENTION_NAME, recording_attention
@@ -69,6 +70,8 @@ class SGLModel(lmms):
         large_layers = self.family.check_checkpoint(self.args.pretrained, "pretrained")
         # The guide's own family instance: its layout may differ (guide_max_tiles / guide_max_crops).
         self.guide_family = self.family.for_guide(**self.args.guide_layout)
+        for family in {id(f): f for f in (self.family, self.guide_family)}.values():
+            family.num_frames = self.args.num_frames  # the guide sees the same frames
         if self.args.guide is not None:
             self.guide_family.check_checkpoint(self.args.guide, "guide")
         check_schedule(self.args, large_layers)
@@ -159,14 +162,28 @@ class SGLModel(lmms):
         context, _, doc_to_visual, doc_id, task, split = request.args[:6]
         doc = self.task_dict[task][split][doc_id]
         visuals = doc_to_visual(doc) if doc_to_visual is not None else []
-        images = []
+        images, videos = [], []
         for visual in visuals or []:
-            if not isinstance(visual, Image.Image):
+            if isinstance(visual, Image.Image):
+                images.append(visual.convert("RGB"))
+                continue
+            path = video_of(visual)
+            if path is None:
                 raise ValueError(
-                    f"{task}/{doc_id}: visual of type {type(visual).__name__} is not supported (images only)"
+                    f"{task}/{doc_id}: visual of type {type(visual).__name__} is not supported "
+                    "(PIL images and video paths)"
                 )
-            images.append(visual.convert("RGB"))
-        return Sample(task, doc_id, Prompt(context, images))
+            videos.append(open_video(path))  # unreadable or empty: a clear error, counted as failed
+        self._check_videos(videos)
+        return Sample(task, doc_id, Prompt(context, images, videos))
+
+    def _check_videos(self, videos: list) -> None:
+        """A request with videos for a checkpoint without video support: refused per sample,
+        before any model runs on it."""
+        if videos:
+            for model in (self.pipeline.large, self.pipeline.guide):
+                if model is not None:
+                    model.family.check_video(model)
 
     def _keep(self, record: SampleRecord) -> dict:
         data = record.as_dict()

@@ -18,6 +18,7 @@ from lmms_eval.protocol import ChatMessages
 from PIL import Image
 
 from lmms_sgl.families.base import Prompt
+from lmms_sgl.families.video import open_video, video_of
 from lmms_sgl.pipeline import Sample
 
 
@@ -32,10 +33,11 @@ def _image(url, where: str) -> Image.Image:
 
 def prompt_from_messages(messages: list[dict], where: str) -> Prompt:
     """The task's turns as a :class:`Prompt`: text entries kept in place, each image replaced by a
-    ``{"type": "image"}`` entry (its pixels go to ``images``, in order). Videos and audio are
-    refused by name (the SGL pipeline scores image tokens only)."""
+    ``{"type": "image"}`` entry (its pixels go to ``images``, in order), each video by a
+    ``{"type": "video"}`` entry (its file probed into ``videos``: unreadable or empty is a clear
+    error). Audio is refused by name."""
     parsed = ChatMessages(messages=messages)  # lmms-eval's own validation of the protocol
-    turns, images, texts = [], [], []
+    turns, images, videos, texts = [], [], [], []
     for message in parsed.messages:
         content = []
         for part in message.content:
@@ -45,12 +47,21 @@ def prompt_from_messages(messages: list[dict], where: str) -> Prompt:
             elif part.type == "image":
                 content.append({"type": "image"})
                 images.append(_image(part.url, where))
+            elif part.type == "video" and video_of(part.url) is not None:
+                if part.start_time is not None or part.end_time is not None:
+                    raise ValueError(
+                        f"{where}: video clip bounds (start_time={part.start_time}, "
+                        f"end_time={part.end_time}) are not supported (whole videos only)"
+                    )
+                content.append({"type": "video"})
+                videos.append(open_video(video_of(part.url)))
             else:
                 raise ValueError(
-                    f"{where}: a {part.type} entry in the task's messages is not supported (images only)"
+                    f"{where}: a {part.type} entry in the task's messages is not supported "
+                    "(images and video files)"
                 )
         turns.append({"role": message.role, "content": content})
-    return Prompt("\n".join(texts), images, turns)
+    return Prompt("\n".join(texts), images, videos, messages=turns)
 
 
 class ChatRequests:
@@ -65,4 +76,6 @@ class ChatRequests:
     def _sample(self, request: Instance) -> Sample:
         _, doc_to_messages, _, doc_id, task, split = request.args[:6]
         doc = self.task_dict[task][split][doc_id]
-        return Sample(task, doc_id, prompt_from_messages(doc_to_messages(doc), f"{task}/{doc_id}"))
+        prompt = prompt_from_messages(doc_to_messages(doc), f"{task}/{doc_id}")
+        self._check_videos(prompt.videos)
+        return Sample(task, doc_id, prompt)

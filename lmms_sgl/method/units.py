@@ -147,13 +147,22 @@ def _rows_of(sizes: list[int], keep: list[bool], scale: Fraction) -> torch.Tenso
     return torch.cat(picked) if picked else torch.zeros(0, dtype=torch.long)
 
 
+def split_temporal(grids: torch.Tensor) -> torch.Tensor:
+    """``[G, 3]`` ``(t, h, w)`` grids as one row ``(1, h, w)`` per temporal patch, in order."""
+    rows = grids.repeat_interleave(grids[:, 0], dim=0)
+    rows[:, 0] = 1
+    return rows
+
+
 class UnitSkipHooks:
     """Encode only some units of a vision tower's batched input and scatter the outputs back.
 
     ``sizes``: input rows per unit over the whole batch (InternVL / LLaVA: 1 row, a tile or crop;
     Qwen-VL: an image's patches); ``keep``: which units to encode. The input tensor is the
     ``input_name`` keyword or the first positional argument; keywords in ``per_unit`` hold one row
-    per unit (Qwen-VL's ``grid_thw``) and are selected alike. Each output tensor (also inside tuples
+    per unit (Qwen-VL's ``grid_thw``) and are selected alike; with ``per_temporal_patch`` their
+    ``(t, h, w)`` rows are first split into ``t`` rows ``(1, h, w)`` (a Qwen-VL video's temporal
+    patches are separate units). Each output tensor (also inside tuples
     and lists) whose rows are a whole multiple of the encoded units' rows is scattered back to the
     full layout, unit by unit, with zeros for the skipped ones (Qwen-VL's merged tokens: a quarter
     of the patch rows per unit).
@@ -165,6 +174,7 @@ class UnitSkipHooks:
         keep: list[bool],
         input_name: str = "pixel_values",
         per_unit: tuple[str, ...] = (),
+        per_temporal_patch: bool = False,
     ):
         if len(sizes) != len(keep):
             raise ValueError(f"{len(sizes)} unit sizes for {len(keep)} keep flags")
@@ -172,6 +182,7 @@ class UnitSkipHooks:
             raise ValueError("unit skipping needs at least one unit to encode")
         self.sizes, self.keep = list(sizes), list(keep)
         self.input_name, self.per_unit = input_name, per_unit
+        self.per_temporal_patch = per_temporal_patch
         self.calls = 0
 
     @property
@@ -204,7 +215,12 @@ class UnitSkipHooks:
         kwargs = dict(kwargs)
         for name in self.per_unit:
             if kwargs.get(name) is not None:
-                kwargs[name] = kwargs[name][torch.tensor(self.keep, device=kwargs[name].device)]
+                grids = split_temporal(kwargs[name]) if self.per_temporal_patch else kwargs[name]
+                if len(grids) != len(self.keep):
+                    raise RuntimeError(
+                        f"unit skipping: {name} has {len(grids)} rows for {len(self.keep)} units"
+                    )
+                kwargs[name] = grids[torch.tensor(self.keep, device=grids.device)]
         if self.input_name in kwargs:
             kwargs[self.input_name] = given[rows]
             return args, kwargs

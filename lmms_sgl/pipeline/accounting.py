@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from lmms_sgl.families.base import LoadedVLM
+from lmms_sgl.families.base import LoadedVLM, Prompt
 from lmms_sgl.method import cost
 from lmms_sgl.method.selection import keep_count
 from lmms_sgl.pipeline.records import Sample, SampleRecord
@@ -17,10 +17,16 @@ from lmms_sgl.pipeline.records import Sample, SampleRecord
 
 def layout(loaded: LoadedVLM, inputs: dict, samples: list[Sample]) -> tuple[list, list, list]:
     """Per sample: visual-token count, real (unpadded) prompt length, vision-tower FLOPs."""
-    n_visual = (inputs["input_ids"] == loaded.image_token_id).sum(1).tolist()
+    n_visual = loaded.visual_mask(inputs["input_ids"]).sum(1).tolist()
     real = inputs["attention_mask"].sum(1).tolist()
-    vision = loaded.family.vision_flops(loaded, inputs, [len(s.prompt.images) for s in samples], n_visual)
-    return n_visual, real, vision
+    return n_visual, real, vision_cost(loaded, inputs, [s.prompt for s in samples], n_visual)
+
+
+def vision_cost(loaded: LoadedVLM, inputs: dict, prompts: list[Prompt], n_visual: list[int]) -> list[int]:
+    """Vision-tower FLOPs per sample: its images' and its videos'."""
+    images = loaded.family.vision_flops(loaded, inputs, [len(p.images) for p in prompts], n_visual)
+    videos = loaded.family.video_flops(loaded, inputs, [len(p.videos) for p in prompts])
+    return [i + v for i, v in zip(images, videos, strict=True)]
 
 
 def guide_flops(
@@ -84,7 +90,7 @@ def large_prefill_flops(large: LoadedVLM, sample: Sample, continuation_tokens: i
     """FLOPs of the unpruned large model scoring the same prompt and continuation (used when
     another model scored it, so the large model's own tokenization must be counted)."""
     inputs = large.family.build_batch(large, [sample.prompt])
-    n_visual = int((inputs["input_ids"] == large.image_token_id).sum())
+    n_visual = int(large.visual_mask(inputs["input_ids"]).sum())
     length = inputs["input_ids"].shape[1] + continuation_tokens
-    vision = large.family.vision_flops(large, inputs, [len(sample.prompt.images)], [n_visual])[0]
+    vision = vision_cost(large, inputs, [sample.prompt], [n_visual])[0]
     return vision + cost.prefill_flops(large.text_shape, length, logits=length)

@@ -100,7 +100,7 @@ def guide_step(
     Returns each sample's importance (with its token boxes) and whether it may exit."""
     start = time.perf_counter()
     inputs = guide.family.build_batch(guide, [s.prompt for s in samples])
-    visual = inputs["input_ids"] == guide.image_token_id
+    visual = guide.visual_mask(inputs["input_ids"])
     run = run_guide(
         guide.model,
         guide.text_model,
@@ -150,7 +150,7 @@ def large_step(
     """The large model answers every sample, pruned by the planner's keep plan when ``prune``."""
     start = time.perf_counter()
     inputs = large.family.build_batch(large, [s.prompt for s in samples])
-    visual = inputs["input_ids"] == large.image_token_id
+    visual = large.visual_mask(inputs["input_ids"])
     extra = {"stop_strings": list(gen.until), "tokenizer": large.tokenizer} if gen.until else {}
     plan, use = None, None
     with torch.no_grad():

@@ -37,14 +37,14 @@ def with_continuation(prompt_inputs: dict, continuation_ids: torch.Tensor) -> di
 def guide_prompt_importance(guide: LoadedVLM, sample: Sample) -> tuple[GuideScores, float]:
     """Importance from the guide's prompt alone (one forward, no answer), and its FLOPs."""
     inputs = guide.family.build_batch(guide, [sample.prompt])
-    visual = inputs["input_ids"] == guide.image_token_id
+    visual = guide.visual_mask(inputs["input_ids"])
     rows = prompt_rows_from_last_visual(visual, inputs["attention_mask"])
     recorder = AttentionRecorder(rows, visual_mask=visual)
     with recorder.active(), torch.no_grad():
         guide.model(**inputs, use_cache=False, logits_to_keep=1)
     length, n_visual = inputs["input_ids"].shape[1], int(visual.sum())
     flops = (
-        guide.family.vision_flops(guide, inputs, [len(sample.prompt.images)], [n_visual])[0]
+        accounting.vision_cost(guide, inputs, [sample.prompt], [n_visual])[0]
         + cost.prefill_flops(guide.text_shape, length)
         + cost.recording_flops(guide.text_shape, length, int(rows.sum()), 0)
     )
@@ -67,13 +67,13 @@ def score_continuation(
     record = SampleRecord(sample.task, sample.doc_id)
     start = time.perf_counter()
     text = scorer.family.prompt_text(scorer, sample.prompt)
-    prompt_inputs = scorer.family.encode(scorer, [text], sample.prompt.images)
+    prompt_inputs = scorer.family.encode(scorer, [text], sample.prompt.images, sample.prompt.videos)
     continuation_ids = scorer.tokenizer(continuation, add_special_tokens=False, return_tensors="pt").input_ids
     continuation_ids = continuation_ids.to(scorer.device)
     inputs = with_continuation(prompt_inputs, continuation_ids)
     input_ids = inputs["input_ids"]
     context_length = prompt_inputs["input_ids"].shape[1]
-    visual = input_ids == scorer.image_token_id
+    visual = scorer.visual_mask(input_ids)
     n_visual = int(visual.sum())
     prune = prune and scorer is large and n_visual > 0
     plan, guide_flops, use = None, 0.0, None
@@ -118,7 +118,7 @@ def score_continuation(
         )
     length = input_ids.shape[1]
     record.input_tokens = length  # the prompt and the scored continuation
-    vision = scorer.family.vision_flops(scorer, inputs, [len(sample.prompt.images)], [n_visual])[0]
+    vision = accounting.vision_cost(scorer, inputs, [sample.prompt], [n_visual])[0]
     if use is None and scorer is large:
         use = vision_units.full_use(scorer.family.visual_units(scorer, inputs, [sample.prompt]), [vision])
     vision_units.record_use(record, use[0] if use else None)
