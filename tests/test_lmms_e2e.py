@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from tests import helpers
 from tests.helpers import evaluate, raw_response, run_lmms_eval, samples_of
 
 pytestmark = pytest.mark.slow
 SGL_ARGS = "prune_layer=0.5,keep_ratio=0.2,max_tiles=6"
+one_thread = pytest.fixture(scope="module", autouse=True)(helpers.one_thread)  # in-process runs too
 
 
 def sgl_records(out: Path, task: str) -> list[dict]:
