@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -69,7 +70,10 @@ def run_lmms_eval(
         *extra,
     ]
     out.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=out)
+    # one torch thread per process: the tiny models gain nothing from two, and two processes of two
+    # threads on two cores wait on each other (an InternVL CLI run took 2x as long under load)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=out, env=env)
     results = sorted(out.rglob("*_results.json"))
     assert results, f"no results.json written\nSTDOUT:{done.stdout[-3000:]}\nSTDERR:{done.stderr[-6000:]}"
     return json.loads(results[-1].read_text()), done
@@ -131,3 +135,13 @@ def kept_visual_sets(monkeypatch) -> list[list[int]]:
 
     monkeypatch.setattr(pipeline_module, "plan_from_scores", spy)
     return kept
+
+
+def one_thread():
+    """One torch thread while a module runs (use as a module fixture): the tiny models' operations are
+    too small to gain from a second thread, and on a loaded machine two threads waiting on each other
+    made an InternVL request ~7x slower (measured in issue 27)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -47,8 +47,9 @@ REAL = {
         "\\nAnswer the question using a single word or phrase.",
     ),  # noqa: E501
 }
-# sizes that every family resamples (Qwen's 28 / 32 px grids, InternVL's tiles, LLaVA's crops)
-SIZES = [(500, 333), (333, 500), (640, 480), (97, 211)]
+# sizes that every family resamples (Qwen's 28 / 32 px grids, InternVL's tiles, LLaVA's crops), small
+# so that the tiny models answer fast
+SIZES = [(250, 167), (167, 250), (320, 240), (97, 211)]
 COLORS = ["red", "blue", "green", "yellow"]
 
 UTILS = '''

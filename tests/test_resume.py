@@ -11,13 +11,17 @@ from pathlib import Path
 
 import pytest
 
+from tests import helpers
 from tests.helpers import evaluate, raw_response
 
 pytestmark = pytest.mark.slow
-TASK, LIMIT, KILL_AFTER = "sgl_smoke", 5, 2
+TASK, LIMIT, KILL_AFTER = "sgl_smoke", 4, 2
+one_thread = pytest.fixture(scope="module", autouse=True)(helpers.one_thread)
 
 CHILD = """
 import os, signal, sys
+import torch
+torch.set_num_threads(1)  # as the test process (tests.helpers.one_thread)
 import lmms_sgl
 from pathlib import Path
 from lmms_sgl.pipeline import SGLPipeline

@@ -72,7 +72,7 @@ def test_cli_with_unreachable_server_evaluates_offline(
 ):
     """Through the lmms-eval CLI: without the check wandb.init would wait on the closed port before
     any evaluation; with it the run finishes, logged to an offline W&B run, and says why."""
-    env = {**os.environ, "WANDB_API_KEY": "k" * 40}
+    env = {**os.environ, "WANDB_API_KEY": "k" * 40, "OMP_NUM_THREADS": "1"}  # tiny model: one thread
     env.pop("WANDB_MODE", None)
     exe = Path(sys.executable).with_name("lmms-eval")
     command = [

@@ -38,10 +38,14 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 class SGLTokenCounts(TokenCounts):
-    """lmms-eval's per-sample token counts plus our per-sample record (lands in the samples log)."""
+    """lmms-eval's per-sample token counts plus our per-sample record (lands in the samples log).
 
-    def __init__(self, output_tokens: int, sgl: dict):
-        super().__init__(output_tokens=output_tokens)
+    ``input_tokens`` / ``output_tokens`` are those of the model whose answer is returned (the guide's
+    for an exited sample): its unpadded prompt, visual tokens included, and its answer up to and
+    including the stop token, as lmms-eval's own HF models count them; pruning is in ``sgl``."""
+
+    def __init__(self, output_tokens: int, sgl: dict, input_tokens: int | None = None):
+        super().__init__(input_tokens=input_tokens, output_tokens=output_tokens)
         self.sgl = sgl
 
     def to_dict(self) -> dict:
@@ -229,7 +233,7 @@ class SGLModel(lmms):
                     records = self.pipeline.generate(samples, gen)
                     self._seconds += time.perf_counter() - begin
                     for index, record in zip(ready, records, strict=True):
-                        counts = SGLTokenCounts(record.output_tokens, self._keep(record))
+                        counts = SGLTokenCounts(record.output_tokens, self._keep(record), record.input_tokens)
                         results[index] = GenerationResult(text=record.answer, token_counts=counts)
                 progress.update(len(chunk))
         progress.close()
@@ -265,7 +269,8 @@ class SGLModel(lmms):
                 logger.error(f"{task}/{doc_id}: log-likelihood failed: {record.fallback}")
             self._seconds += time.perf_counter() - begin
             data = record.as_dict() if request.metadata.get("__padding_only__") else self._keep(record)
-            results.append(GenerationResult(text=(loss, greedy), token_counts=SGLTokenCounts(0, data)))
+            counts = SGLTokenCounts(0, data, data["input_tokens"] or None)
+            results.append(GenerationResult(text=(loss, greedy), token_counts=counts))
         return results
 
     def from_cache(self, answer, record: dict | None) -> GenerationResult:
@@ -277,7 +282,8 @@ class SGLModel(lmms):
             return GenerationResult(text=text)
         record = {**record, "extra": {**record.get("extra", {}), "from_cache": True}}
         self._records.append(record)
-        return GenerationResult(text=text, token_counts=SGLTokenCounts(record["output_tokens"], record))
+        counts = SGLTokenCounts(record["output_tokens"], record, record.get("input_tokens"))
+        return GenerationResult(text=text, token_counts=counts)
 
     def generate_until_multi_round(self, requests) -> list[str]:
         raise NotImplementedError(

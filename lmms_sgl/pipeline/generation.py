@@ -137,6 +137,7 @@ def guide_step(
         record.extra["guide_flops"] = flops
         record.extra["guide_layout"] = layout_text(boxes[b])
         record.output_tokens = length  # replaced by the large model's if it runs
+        record.input_tokens = real[b]
     drafts = drafts_from_run(guide, run) if drafting else None
     return [GuideScores(v, box, drafts) for v, box in zip(run.importance, boxes, strict=True)], exited
 
@@ -194,6 +195,7 @@ def large_step(
                 large, vision[b], real[b], max(record.output_tokens, 1)
             )
         record.output_tokens = lengths[b]
+        record.input_tokens = real[b]
         record.large_seconds = seconds
         record.total_visual = n_visual[b]
         record.num_layers = large.num_layers

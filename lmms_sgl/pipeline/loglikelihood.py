@@ -119,6 +119,7 @@ def score_continuation(
     if n_visual and record.reached_large:
         record.token_ratio = staged_token_ratio(scorer.num_layers, n_visual, stages)
     length = input_ids.shape[1]
+    record.input_tokens = length  # the prompt and the scored continuation
     vision = accounting.vision_cost(scorer, inputs, [sample.prompt], [n_visual])[0]
     if use is None and scorer is large:
         use = vision_units.full_use(scorer.family.visual_units(scorer, inputs, [sample.prompt]), [vision])

@@ -50,6 +50,9 @@ class SampleRecord:
     guide_seconds: float = 0.0
     large_seconds: float = 0.0
     output_tokens: int = 0
+    # prompt tokens (text + visual, unpadded) given to the model that answered; pruning shows in
+    # kept_visual / token_ratio, not here (lmms-eval's input_tokens, see README)
+    input_tokens: int = 0
     fallback: str | None = None
     extra: dict = field(default_factory=dict)
 
