@@ -145,3 +145,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def assert_mass_equals_output_attentions(mass, sequences, eager, inputs, kwargs, rows, visual, steps) -> None:
+    """The recorded importance ``mass`` equals the same generation re-run with transformers' eager
+    ``output_attentions``: prefill rows weighted by ``rows``, then every fed-back token's row, summed
+    over heads and layers (the independent oracle of the guide's recording)."""
+    with torch.no_grad():
+        out = eager.generate(**inputs, **kwargs, output_attentions=True, return_dict_in_generate=True)
+    assert torch.equal(sequences, out.sequences)
+    length = inputs["input_ids"].shape[1]
+    expected = torch.zeros(mass.shape)
+    for step, layers in enumerate(out.attentions[:steps]):
+        for attention in layers:
+            if step == 0:
+                expected += torch.einsum("bhqk,bq->bk", attention[..., :length], rows.float())
+            else:
+                expected += attention[:, :, 0, :length].sum(1)
+    assert mass[visual].sum() > 0
+    torch.testing.assert_close(mass, expected, rtol=1e-5, atol=1e-5)

@@ -16,7 +16,7 @@ from lmms_sgl.method.pruning import VisualTokenPruner
 from lmms_sgl.method.selection import plan_from_scores, random_scores
 from lmms_sgl.method.settings import SGLSettings
 from lmms_sgl.pipeline import GenerationSettings, Sample, SGLPipeline
-from tests.helpers import kept_visual_sets
+from tests.helpers import assert_mass_equals_output_attentions, kept_visual_sets
 
 ARCHS = {"qwen2_vl": "qwen2-vl", "qwen2_5_vl": "qwen2.5-vl", "qwen3_vl": "qwen3-vl"}
 LOAD = {"dtype": torch.float32, "device_map": "cpu"}
@@ -231,19 +231,7 @@ def test_importance_equals_output_attentions(pair):
     with recorder.active(), torch.no_grad():
         sequences = guide.model.generate(**inputs, **kwargs)
     mass = recorder.finalize([steps - 1] * 2)
-    with torch.no_grad():
-        out = eager.generate(**inputs, **kwargs, output_attentions=True, return_dict_in_generate=True)
-    assert torch.equal(sequences, out.sequences)
-    length = inputs["input_ids"].shape[1]
-    expected = torch.zeros(mass.shape)
-    for step, layers in enumerate(out.attentions[:steps]):
-        for attention in layers:
-            if step == 0:
-                expected += torch.einsum("bhqk,bq->bk", attention[..., :length], rows.float())
-            else:
-                expected += attention[:, :, 0, :length].sum(1)
-    assert mass[visual].sum() > 0
-    torch.testing.assert_close(mass, expected, rtol=1e-5, atol=1e-5)
+    assert_mass_equals_output_attentions(mass, sequences, eager, inputs, kwargs, rows, visual, steps)
 
 
 def test_vision_flops_match_flop_counter(pair):

@@ -24,6 +24,7 @@ from lmms_sgl.method.units import kept_visual_mask, units_to_encode
 from lmms_sgl.pipeline import GenerationSettings, Sample, SGLPipeline
 from lmms_sgl.pipeline.generation import guide_step
 from lmms_sgl.pipeline.records import SampleRecord
+from tests.helpers import assert_mass_equals_output_attentions
 
 LOAD = {"dtype": torch.float32, "device_map": "cpu"}
 GEN = GenerationSettings.from_gen_kwargs({"max_new_tokens": 4, "until": ["\n\n"]})
@@ -165,19 +166,7 @@ def test_importance_equals_output_attentions(pair, models_dir):
     with recorder.active(), torch.no_grad():
         sequences = guide.model.generate(**inputs, **kwargs)
     mass = recorder.finalize([steps - 1])
-    with torch.no_grad():
-        out = eager.generate(**inputs, **kwargs, output_attentions=True, return_dict_in_generate=True)
-    assert torch.equal(sequences, out.sequences)
-    length = inputs["input_ids"].shape[1]
-    expected = torch.zeros(mass.shape)
-    for step, layers in enumerate(out.attentions[:steps]):
-        for attention in layers:
-            if step == 0:
-                expected += torch.einsum("bhqk,bq->bk", attention[..., :length], rows.float())
-            else:
-                expected += attention[:, :, 0, :length].sum(1)
-    assert mass[visual].sum() > 0
-    torch.testing.assert_close(mass, expected, rtol=1e-5, atol=1e-5)
+    assert_mass_equals_output_attentions(mass, sequences, eager, inputs, kwargs, rows, visual, steps)
 
 
 def test_batch_of_clips_of_different_lengths_equals_each_alone(pair, tmp_path):

@@ -6,6 +6,7 @@ Shared by :mod:`.run` and :mod:`.resolution` so that their figures compare like 
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import time
@@ -20,6 +21,7 @@ from lmms_sgl.factory.build import build_model
 from lmms_sgl.factory.specs import ModelSpec, TextSpec, VisionSpec
 from lmms_sgl.families import InternVLFamily, LoadedVLM, Prompt
 from lmms_sgl.method.importance import ATTENTION_NAME
+from lmms_sgl.pipeline import GenerationSettings, Sample, SampleRecord, SGLPipeline
 
 # InternVL2-2B's LM is 24 x 2048 and 26B's 48 x 6144 (about 1/12 the FLOPs per token). These keep
 # that ratio (about 1/10) at a size a 2-core CPU runs in seconds; the large model has 24 layers so
@@ -145,3 +147,20 @@ def machine() -> dict:
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
     }
+
+
+def timed_generations(
+    pipelines: dict[str, SGLPipeline], sample: Sample, gen: GenerationSettings, rounds: int
+) -> tuple[dict[str, list[tuple[float, SampleRecord]]], tuple[float, float]]:
+    """Each pipeline answers ``sample`` once per round, interleaved after a warm-up round:
+    ``(seconds, record)`` per run, and the load average before and after (a loaded machine's
+    ratios say little, so the reports print it)."""
+
+    def run(pipeline: SGLPipeline) -> tuple[float, SampleRecord]:
+        start = time.perf_counter()
+        record = pipeline.generate([sample], gen)[0]
+        return time.perf_counter() - start, record
+
+    load_before = os.getloadavg()[0]
+    measured = interleaved({name: (lambda p=p: run(p)) for name, p in pipelines.items()}, rounds)
+    return measured, (load_before, os.getloadavg()[0])

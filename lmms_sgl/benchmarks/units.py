@@ -25,15 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import time
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from lmms_sgl.benchmarks.common import IMAGES, QUESTION, interleaved, load_pair, machine
+from lmms_sgl.benchmarks.common import IMAGES, QUESTION, load_pair, machine, timed_generations
 from lmms_sgl.factory.specs import ModelSpec, TextSpec, VisionSpec
 from lmms_sgl.families import InternVLFamily, LoadedVLM, Prompt
 from lmms_sgl.method.settings import PAPER_PRESETS, SGLSettings
@@ -130,15 +128,7 @@ def measure(specs: dict, new_tokens: int, rounds: int, only: tuple[str, ...] | N
         configs = {name: configs[name] for name in only}
     sample = Sample("bench", 0, Prompt(QUESTION, [Image.new("RGB", IMAGES[N_VISUAL], (90, 140, 200))]))
     gen = GenerationSettings(max_new_tokens=new_tokens)
-
-    def run(pipeline: SGLPipeline):
-        start = time.perf_counter()
-        record = pipeline.generate([sample], gen)[0]
-        return time.perf_counter() - start, record
-
-    load_before = os.getloadavg()[0]
-    measured = interleaved({name: (lambda p=p: run(p)) for name, p in configs.items()}, rounds)
-    load = (load_before, os.getloadavg()[0])
+    measured, load = timed_generations(configs, sample, gen, rounds)
     alone_seconds = statistics.median(t for t, _ in measured["large_only"])
     alone = measured["large_only"][-1][1]
     rows = []
