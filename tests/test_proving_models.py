@@ -46,6 +46,7 @@ def _multiple_choice_accuracy(family: str) -> float:
         model=model,
         model_args=f"pretrained={ROOT / large},method=large_only",
         tasks=["sgl_shapes_mc"],
+        force_simple=True,  # lmms-eval sends log-likelihood requests to simple models only
         limit=SLICE,
         bootstrap_iters=0,
         task_manager=TaskManager("WARNING", include_path=str(ROOT / "tasks"), include_defaults=False),
