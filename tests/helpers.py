@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -69,7 +70,10 @@ def run_lmms_eval(
         *extra,
     ]
     out.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=out)
+    # one torch thread per process: the tiny models gain nothing from two, and two processes of two
+    # threads on two cores wait on each other (an InternVL CLI run took 2x as long under load)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=out, env=env)
     results = sorted(out.rglob("*_results.json"))
     assert results, f"no results.json written\nSTDOUT:{done.stdout[-3000:]}\nSTDERR:{done.stderr[-6000:]}"
     return json.loads(results[-1].read_text()), done
@@ -91,9 +95,10 @@ def raw_response(row: dict) -> str:
 
 
 def evaluate(
-    model: str, model_args: str, tasks: str, tasks_dir: Path, limit: int, batch_size: int = 1
+    model: str, model_args: str, tasks: str, tasks_dir: Path, limit: int, batch_size: int = 1, **options
 ) -> dict:
-    """lmms-eval's evaluator in this process (no CLI start-up), samples logged; it raises on errors."""
+    """lmms-eval's evaluator in this process (no CLI start-up), samples logged; it raises on errors.
+    ``options`` go to ``simple_evaluate`` as they are (``force_simple``, ``use_cache``...)."""
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
@@ -108,6 +113,7 @@ def evaluate(
         # only the local tasks: indexing lmms-eval's ~2,000 task files costs seconds per call
         task_manager=TaskManager("WARNING", include_path=str(tasks_dir), include_defaults=False),
         verbosity="WARNING",
+        **options,
     )
 
 
@@ -129,3 +135,13 @@ def kept_visual_sets(monkeypatch) -> list[list[int]]:
 
     monkeypatch.setattr(pipeline_module, "plan_from_scores", spy)
     return kept
+
+
+def one_thread():
+    """One torch thread while a module runs (use as a module fixture): the tiny models' operations are
+    too small to gain from a second thread, and on a loaded machine two threads waiting on each other
+    made an InternVL request ~7x slower (measured in issue 27)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -80,9 +80,11 @@ def test_wandb_flags_are_stripped_on_other_ranks():
 def test_models_resolve_through_the_entry_point():
     from lmms_eval.models import MODEL_REGISTRY_V2, get_model
 
-    for name in ("sgl_internvl2", "sgl_llava"):
-        assert MODEL_REGISTRY_V2.resolve(name).model_type == "simple"
-        assert get_model(name).__name__ in ("SGLInternVL2", "SGLLlava")
+    for name, simple in (("sgl_internvl2", "SGLInternVL2"), ("sgl_llava", "SGLLlava")):
+        assert MODEL_REGISTRY_V2.resolve(name).model_type == "chat"  # what a plain --model gets
+        assert get_model(name).__name__ == f"{simple}Chat" and not get_model(name).is_simple
+        assert MODEL_REGISTRY_V2.resolve(name, force_simple=True).model_type == "simple"
+        assert get_model(name, force_simple=True).__name__ == simple
 
 
 @pytest.mark.parametrize("extra", [{"prune_layer": 0.2}, {"keep_ratio": 0.3}, {}])

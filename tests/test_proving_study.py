@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from lmms_sgl.proving.study import NEVER, exit_sweep
 
 
@@ -41,12 +43,18 @@ def test_paper_presets_run_every_method_that_can_rank():
     by_ratio = {}
     for p in presets:
         by_ratio.setdefault(p.target_ratio, []).append(p)
-    # K = int(12 x prune_layer): 4, 2, 0; FastV reads layer K-1's attention, so not at K = 0
+    # K = int(12 x prune_layer): 4, 2, 0; FastV and PDrop read layer K-1's attention, so not at K = 0;
+    # DivPrune and VisionZip prune before the LM at every preset
     assert {r: sorted(p.method for p in ps) for r, ps in by_ratio.items()} == {
-        0.64: ["fastv", "random", "sgl"],
-        0.35: ["fastv", "random", "sgl"],
-        0.09: ["random", "sgl"],
+        0.64: ["divprune", "fastv", "pdrop", "random", "sgl", "visionzip"],
+        0.35: ["divprune", "fastv", "pdrop", "random", "sgl", "visionzip"],
+        0.09: ["divprune", "random", "sgl", "visionzip"],
     }
+    for ps in by_ratio.values():  # K = 0 methods keep the layer-averaged ratio SGL's preset gives
+        sgl = next(p for p in ps if p.method == "sgl")
+        before = [p for p in ps if p.method in ("divprune", "visionzip")]
+        expected = token_ratio(prune_layer_index(12, sgl.prune_layer), 12, sgl.keep_ratio)
+        assert all(p.prune_layer == 0.0 and p.keep_ratio == pytest.approx(expected) for p in before)
     ks = {r: prune_layer_index(12, ps[0].prune_layer) for r, ps in by_ratio.items()}
     assert ks == {0.64: 4, 0.35: 2, 0.09: 0}
     assert token_ratio(2, 12, by_ratio[0.35][0].keep_ratio) == 1 / 3

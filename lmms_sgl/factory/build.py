@@ -13,7 +13,8 @@ with the same visual-token layout for the same image, which is what SGL needs:
   shuffle 0.5, so 256 tokens per tile; dynamic tiling up to ``max_patches`` tiles plus a thumbnail.
 * LLaVA (``LlavaForConditionalGeneration``, CLIP vision + Llama text): 224 px, patch 14, 256 tokens.
 * LLaVA-OneVision (``LlavaOnevisionForConditionalGeneration``, SigLIP + Qwen2): 112 px crops of 64
-  tokens, any-resolution grid up to 2 x 2 crops plus the base image, image-newline tokens.
+  tokens, any-resolution grid up to 2 x 2 crops plus the base image, image-newline tokens; the
+  ``llava-ov-video-*`` pair also takes videos (``<video>`` token, frames at 112 px, 2 x 2 pooled).
 * Qwen2-VL / Qwen2.5-VL / Qwen3-VL (``variant``): dynamic resolution, one token per 2 x 2 merged
   patches (28 px, 32 px for Qwen3-VL), 4 to 64 tokens per image by default; multimodal RoPE with
   a real ``mrope_section``; Qwen2.5-VL with window attention, Qwen3-VL with deepstack features.
@@ -65,6 +66,8 @@ INTERNVL_SPECIAL = {
     "extra": ["<|im_start|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"],
 }
 LLAVA_SPECIAL = {"bos": "<s>", "eos": "</s>", "pad": "<pad>", "extra": ["<image>"]}
+# OneVision with video: the released checkpoints' <video> token besides <image>
+LLAVA_VIDEO_SPECIAL = {**LLAVA_SPECIAL, "extra": ["<image>", "<video>"]}
 QWEN_NAMED_TOKENS = {
     "image_token": "<|image_pad|>",
     "video_token": "<|video_pad|>",
@@ -106,14 +109,22 @@ LLAVA_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
+# the same, with "<video>\n" per video before the images (lmms-eval's llava_hf writes "<video>\n{text}")
+LLAVA_VIDEO_CHAT_TEMPLATE = LLAVA_CHAT_TEMPLATE.replace(
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}",
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\\n' }}"
+    "{% endfor %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}",
+)
 
 
-def build_tokenizer(family: str):
-    """A byte-level BPE tokenizer trained on a fixed corpus: deterministic, offline, lossless."""
+def build_tokenizer(family: str, video: bool = False):
+    """A byte-level BPE tokenizer trained on a fixed corpus: deterministic, offline, lossless
+    (``video``: a LLaVA tokenizer that also has the ``<video>`` token)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    special = {"internvl": INTERNVL_SPECIAL, "qwen_vl": QWEN_SPECIAL}.get(family, LLAVA_SPECIAL)
+    llava = LLAVA_VIDEO_SPECIAL if video else LLAVA_SPECIAL
+    special = {"internvl": INTERNVL_SPECIAL, "qwen_vl": QWEN_SPECIAL}.get(family, llava)
     special_tokens = [t for t in (special["bos"], special["eos"], special["pad"]) if t] + special["extra"]
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -145,13 +156,17 @@ def build_tokenizer(family: str):
     elif family == "qwen_vl":
         kwargs["extra_special_tokens"] = QWEN_NAMED_TOKENS
     else:
-        kwargs["extra_special_tokens"] = {"image_token": "<image>"}
+        kwargs["extra_special_tokens"] = {
+            "image_token": "<image>",
+            **({"video_token": "<video>"} if video else {}),
+        }
     return PreTrainedTokenizerFast(**kwargs)
 
 
 def build_processor(spec: ModelSpec):
     """The family's real processor around our tokenizer."""
-    tokenizer = build_tokenizer(spec.family)
+    video = spec.variant == "onevision_video"
+    tokenizer = build_tokenizer(spec.family, video=video)
     if spec.family == "qwen_vl":
         from lmms_sgl.factory.qwen import build_qwen_processor
 
@@ -168,26 +183,29 @@ def build_processor(spec: ModelSpec):
         return InternVLProcessor(
             image_processor=image_processor,
             tokenizer=tokenizer,
-            video_processor=InternVLVideoProcessor(),
+            # frames are single 448 px tiles, as the released -hf checkpoints' video processors
+            video_processor=InternVLVideoProcessor(size={"height": 448, "width": 448}),
             image_seq_length=256,
             chat_template=INTERNVL_CHAT_TEMPLATE,
         )
-    if spec.variant == "onevision":
+    if spec.variant in ("onevision", "onevision_video"):
         from transformers import (
             LlavaOnevisionImageProcessor,
             LlavaOnevisionProcessor,
             LlavaOnevisionVideoProcessor,
         )
 
+        # frames resized to the tower's 112 px (the video variant; the image-only one keeps the default)
+        frames = {"size": {"height": 112, "width": 112}} if video else {}
         return LlavaOnevisionProcessor(
             image_processor=LlavaOnevisionImageProcessor(
                 size={"height": 112, "width": 112}, image_grid_pinpoints=ONEVISION_GRID
             ),
             tokenizer=tokenizer,
-            video_processor=LlavaOnevisionVideoProcessor(),
+            video_processor=LlavaOnevisionVideoProcessor(**frames),
             num_image_tokens=64,
             vision_feature_select_strategy="full",
-            chat_template=LLAVA_CHAT_TEMPLATE,
+            chat_template=LLAVA_VIDEO_CHAT_TEMPLATE if video else LLAVA_CHAT_TEMPLATE,
         )
     from transformers import CLIPImageProcessor, LlavaProcessor
 
@@ -231,13 +249,15 @@ def build_config(spec: ModelSpec, tokenizer):
             downsample_ratio=0.5,
             tie_word_embeddings=False,
         )
-    if spec.variant == "onevision":
+    if spec.variant in ("onevision", "onevision_video"):
         from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
 
+        video = {"video_token_index": tokenizer.convert_tokens_to_ids("<video>")}
         return LlavaOnevisionConfig(
             vision_config=SiglipVisionConfig(image_size=112, patch_size=14, **vision),
             text_config=Qwen2Config(**common_text),
             image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+            **(video if spec.variant == "onevision_video" else {}),
             image_grid_pinpoints=ONEVISION_GRID,
             vision_feature_select_strategy="full",
             vision_feature_layer=-1,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from lmms_sgl.factory.specs import ModelSpec
 
-# The released templates' image and text parts; Qwen2(.5)-VL add a default system turn, Qwen3-VL not.
+# The released templates' image, video and text parts; Qwen2(.5)-VL add a default system turn, Qwen3-VL not.
 _MESSAGES = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' }}"
@@ -19,6 +19,8 @@ _MESSAGES = (
     "{% else %}{% for content in message['content'] %}"
     "{% if content['type'] == 'image' or 'image' in content %}"
     "{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
     "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
     "{% endfor %}{% endif %}"
     "{{ '<|im_end|>\\n' }}"

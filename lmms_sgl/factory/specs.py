@@ -37,7 +37,9 @@ class ModelSpec:
     vision: VisionSpec
     seed: int
     max_patches: int = 6  # InternVL dynamic tiling: tiles besides the thumbnail
-    # llava: "default" (LLaVA-1.5) | "onevision"; qwen_vl: "qwen2_vl" | "qwen2_5_vl" | "qwen3_vl"
+    # llava: "default" (LLaVA-1.5) | "onevision" | "onevision_video" (OneVision whose tokenizer has
+    # the <video> token and whose video processor matches the 112 px tower);
+    # qwen_vl: "qwen2_vl" | "qwen2_5_vl" | "qwen3_vl"
     variant: str = "default"
 
     @property
@@ -101,6 +103,24 @@ SPECS: dict[str, ModelSpec] = {
             VisionSpec(64, 2, 4, 128),
             seed=24,
             variant="onevision",
+        ),
+        ModelSpec(
+            "llava-ov-video-guide",
+            "llava",
+            "guide",
+            TextSpec(64, 2, 4, 2, 128),
+            VisionSpec(32, 1, 2, 64),
+            seed=25,
+            variant="onevision_video",
+        ),
+        ModelSpec(
+            "llava-ov-video-large",
+            "llava",
+            "large",
+            TextSpec(128, 4, 8, 2, 256),
+            VisionSpec(64, 2, 4, 128),
+            seed=26,
+            variant="onevision_video",
         ),
         ModelSpec(
             "qwen2-vl-guide",

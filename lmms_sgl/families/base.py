@@ -8,7 +8,7 @@ transformers-native checkpoints differ only in a few facts, kept as overrides of
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -16,16 +16,29 @@ from PIL import Image
 from torch import nn
 
 from lmms_sgl.checkpoints.integrity import CheckpointError, check_weights
+from lmms_sgl.families.video import DEFAULT_NUM_FRAMES, Video, merge_encoded
 from lmms_sgl.method.cost import TransformerShape
 from lmms_sgl.method.transfer import BoxesUnavailable, TokenBoxes
+from lmms_sgl.method.units import UnitSkipHooks, UnitsUnavailable, VisualUnits
+from lmms_sgl.method.visionzip import VisionZipParts
 
 
 @dataclass
 class Prompt:
-    """One request as the family sees it: the task's text and its images, in order."""
+    """One request as the family sees it: the task's text, its images and its videos (each in
+    order; a prompt lists its videos before its images).
+
+    ``messages`` is set on the chat path: the task's own turns (``role`` and a ``content`` list of
+    ``{"type": "text", "text": ...}`` / ``{"type": "image"}`` / ``{"type": "video"}`` entries, images
+    and videos in ``images``' and ``videos``' order), which the checkpoint's chat template renders as
+    they are, the way lmms-eval's chat models do. Without it the family builds its one user turn from
+    ``text`` (the simple path).
+    """
 
     text: str
     images: list[Image.Image] = field(default_factory=list)
+    videos: list[Video] = field(default_factory=list)
+    messages: list[dict] | None = None
 
 
 @dataclass
@@ -46,6 +59,18 @@ class LoadedVLM:
     @property
     def image_token_id(self) -> int:
         return self.model.config.image_token_id
+
+    @property
+    def visual_token_ids(self) -> list[int]:
+        """Token ids that hold visual features: the image token and, for checkpoints with native
+        video input (Qwen-VL, LLaVA-OneVision), the video token."""
+        video = getattr(self.model.config, "video_token_id", None)
+        return [self.image_token_id] + ([video] if video is not None and video != self.image_token_id else [])
+
+    def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``[B, S]`` bool: the visual tokens (image and video) of a batch."""
+        ids = torch.tensor(self.visual_token_ids, device=input_ids.device)
+        return torch.isin(input_ids, ids)
 
     @property
     def num_layers(self) -> int:
@@ -74,6 +99,8 @@ class HFVisionLanguageFamily:
     name = "base"
     model_types: tuple[str, ...] = ()
     supported = ""
+
+    num_frames: int = DEFAULT_NUM_FRAMES  # frames sampled per video (set from the model args)
 
     def __init__(self, max_tiles: int | None = None):
         self.max_tiles = max_tiles
@@ -132,9 +159,11 @@ class HFVisionLanguageFamily:
         text_attention: str,
         max_memory: dict | None = None,
         argument: str = "pretrained",
+        vision_attention: str = "sdpa",
     ) -> LoadedVLM:
         """Load a checkpoint (``argument`` names it in messages) with the text model's attention
-        ``text_attention``; ``path`` stays what the user gave (lmms-eval names outputs after it)."""
+        ``text_attention`` and the vision tower's ``vision_attention`` (VisionZip records it);
+        ``path`` stays what the user gave (lmms-eval names outputs after it)."""
         from transformers import AutoModelForImageTextToText
 
         folder = self.resolve(path, argument)
@@ -143,7 +172,7 @@ class HFVisionLanguageFamily:
             dtype=dtype,
             device_map=device_map,
             max_memory=max_memory,
-            attn_implementation={"text_config": text_attention, "vision_config": "sdpa"},
+            attn_implementation={"text_config": text_attention, "vision_config": vision_attention},
         ).eval()
         processor = self.load_processor(folder)
         processor.tokenizer.padding_side = "left"  # the method's batching assumes left padding
@@ -164,27 +193,64 @@ class HFVisionLanguageFamily:
         return model.model.language_model
 
     def messages(self, prompt: Prompt) -> list[dict]:
-        """The user turn lmms-eval's chat models build: one image entry per image, then the text."""
-        content = [{"type": "image"} for _ in prompt.images] + [{"type": "text", "text": prompt.text}]
+        """The user turn lmms-eval's chat models build: one entry per video and image, then the text."""
+        content = [{"type": "video"} for _ in prompt.videos] + [{"type": "image"} for _ in prompt.images]
+        content.append({"type": "text", "text": prompt.text})
         return [{"role": "user", "content": content}]
 
+    def chat_messages(self, loaded: LoadedVLM, prompt: Prompt) -> list[dict]:
+        """The task's own turns, as lmms-eval's chat model for this family passes them to the
+        template (unchanged here; Qwen3-VL's model puts a system turn first)."""
+        return prompt.messages
+
     def prompt_text(self, loaded: LoadedVLM, prompt: Prompt) -> str:
-        return loaded.processor.apply_chat_template(
-            self.messages(prompt), tokenize=False, add_generation_prompt=True
-        )
+        messages = self.messages(prompt) if prompt.messages is None else self.chat_messages(loaded, prompt)
+        return loaded.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def processor_kwargs(self) -> dict:
         return {}
 
-    def encode(self, loaded: LoadedVLM, texts: list[str], images: list[Image.Image]) -> dict:
-        """Tokenize a batch (left padding) with its images, moved to the model's device and dtype."""
+    def processor_kwargs_for(self, loaded: LoadedVLM) -> dict:
+        """The processor's extra arguments for images of ``loaded`` (a family whose choice depends
+        on the checkpoint overrides this)."""
+        return self.processor_kwargs()
+
+    def check_video(self, loaded: LoadedVLM) -> None:
+        """Refuse videos for a checkpoint that cannot take them (a clear per-sample error)."""
+        raise ValueError(f"the {self.name} family does not take videos ({loaded.path!r})")
+
+    def video_inputs(self, loaded: LoadedVLM, videos: list[Video]) -> dict:
+        """The processor's video arguments for ``videos`` (frames decoded and sampled as this
+        family's lmms-eval model does)."""
+        raise ValueError(f"the {self.name} family does not take videos")
+
+    def video_frames(self, video: Video) -> int:
+        """Frames this family feeds of ``video``: ``num_frames`` sampled uniformly, or all of a
+        shorter video."""
+        return min(self.num_frames, video.total_frames)
+
+    # processors that stack a batch's video frames into one tensor need equal frame counts
+    stacks_video_frames = True
+
+    def encode(
+        self, loaded: LoadedVLM, texts: list[str], images: list[Image.Image], videos: list[Video] = ()
+    ) -> dict:
+        """Tokenize a batch (left padding) with its images and videos, moved to the model's device
+        and dtype."""
+        if videos:
+            self.check_video(loaded)
         inputs = loaded.processor(
             images=images or None,
             text=texts,
             return_tensors="pt",
             padding=True,
-            **(self.processor_kwargs() if images else {}),
+            **(self.processor_kwargs_for(loaded) if images else {}),
+            **(self.video_inputs(loaded, list(videos)) if videos else {}),
         )
+        return self.to_device(loaded, inputs)
+
+    @staticmethod
+    def to_device(loaded: LoadedVLM, inputs) -> dict:
         dtype = loaded.model.dtype
         return {
             key: value.to(loaded.device, dtype) if value.is_floating_point() else value.to(loaded.device)
@@ -194,12 +260,36 @@ class HFVisionLanguageFamily:
     def build_batch(self, loaded: LoadedVLM, prompts: list[Prompt]) -> dict:
         texts = [self.prompt_text(loaded, p) for p in prompts]
         images = [image for p in prompts for image in p.images]
-        return self.encode(loaded, texts, images)
+        videos = [video for p in prompts for video in p.videos]
+        if self.stacks_video_frames and len(prompts) > 1 and len({self.video_frames(v) for v in videos}) > 1:
+            # the processor cannot stack clips of different lengths: encode apart, pad alike
+            parts = [
+                self.encode(loaded, [t], p.images, p.videos) for t, p in zip(texts, prompts, strict=True)
+            ]
+            return merge_encoded(parts, loaded.tokenizer.pad_token_id)
+        return self.encode(loaded, texts, images, videos)
+
+    # -- methods that read the vision tower ------------------------------------------------
+    def check_visionzip(self, path: str, argument: str) -> None:
+        """Fail before loading when VisionZip is not defined for this checkpoint."""
+        raise ValueError(
+            f"method='visionzip' is not defined for the {self.name} family ({argument}={path!r}); "
+            "allowed with sgl_llava (LLaVA-1.5 checkpoints) and sgl_internvl2"
+        )
+
+    def visionzip_parts(self, loaded: LoadedVLM) -> VisionZipParts:
+        """The vision layer, projector and token-to-patch map VisionZip reads (see
+        :class:`lmms_sgl.method.visionzip.VisionZipParts`)."""
+        raise ValueError(f"method='visionzip' is not defined for the {self.name} family")
 
     # -- cost ------------------------------------------------------------------------------
     def vision_flops(self, loaded: LoadedVLM, inputs: dict, n_visual: list[int]) -> list[int]:
         """Vision tower + projector FLOPs per sample of a batch."""
         raise NotImplementedError
+
+    def video_flops(self, loaded: LoadedVLM, inputs: dict, videos_per_sample: list[int]) -> list[int]:
+        """Vision FLOPs of each sample's videos (zero where the family counts frames as images)."""
+        return [0] * len(videos_per_sample)
 
     # -- geometry --------------------------------------------------------------------------
     def image_boxes(self, loaded: LoadedVLM, image: Image.Image, inputs: dict, index: int) -> TokenBoxes:
@@ -212,11 +302,14 @@ class HFVisionLanguageFamily:
     ) -> list[TokenBoxes | BoxesUnavailable]:
         """Per sample, the boxes of its visual tokens (images in order), or why they cannot be
         derived; checked against the visual-token count the processor produced."""
-        counts = (inputs["input_ids"] == loaded.image_token_id).sum(1).tolist()
+        counts = loaded.visual_mask(inputs["input_ids"]).sum(1).tolist()
         out: list[TokenBoxes | BoxesUnavailable] = []
         first = 0
         for prompt, count in zip(prompts, counts, strict=True):
             first += len(prompt.images)
+            if prompt.videos:
+                out.append(BoxesUnavailable("token boxes of video frames are not derived"))
+                continue
             try:
                 parts = [
                     self.image_boxes(loaded, image, inputs, first - len(prompt.images) + index).shifted(index)
@@ -234,3 +327,62 @@ class HFVisionLanguageFamily:
             except (AttributeError, KeyError, TypeError, ValueError) as error:  # a processor we do not know
                 out.append(BoxesUnavailable(f"{type(error).__name__}: {error}"))
         return out
+
+    # -- vision units ----------------------------------------------------------------------
+    def vision_tower(self, model: nn.Module) -> nn.Module:
+        """The module that encodes the units (its input rows are the units' rows, batch order)."""
+        return model.model.vision_tower
+
+    def vision_modules(self, model: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """Where unit skipping selects rows (the tower's input) and scatters them back (the
+        projector's output, so the projector too runs on encoded units only)."""
+        return self.vision_tower(model), model.model.multi_modal_projector
+
+    def check_unit_selection(self, path: str) -> None:
+        """Refuse ``keep_units`` for a checkpoint whose requests never have more than one unit
+        (called before weights load); families with tiles, crops or several images accept it."""
+
+    def unit_skip_hooks(self, sizes: list[int], keep: list[bool]) -> UnitSkipHooks:
+        return UnitSkipHooks(sizes, keep)
+
+    def image_units(self, loaded: LoadedVLM, image: Image.Image, inputs: dict, index: int) -> VisualUnits:
+        """The vision units of one image (``index``: its place among the batch's images)."""
+        raise UnitsUnavailable(f"the {self.name} family does not derive vision units")
+
+    def visual_units(
+        self, loaded: LoadedVLM, inputs: dict, prompts: list[Prompt]
+    ) -> list[VisualUnits | UnitsUnavailable]:
+        """Per sample, the vision units of its videos and images (in order), or why they cannot be derived;
+        checked against the visual-token count the processor produced."""
+        counts = loaded.visual_mask(inputs["input_ids"]).sum(1).tolist()
+        if inputs.get("pixel_values") is not None and inputs.get("pixel_values_videos") is not None:
+            # the tower runs once for the images, once for the videos: one row layout cannot cover both
+            reason = "a batch with both images and native videos (the vision tower runs once per kind)"
+            return [UnitsUnavailable(reason) for _ in prompts]
+        out: list[VisualUnits | UnitsUnavailable] = []
+        first = first_video = 0
+        for prompt, count in zip(prompts, counts, strict=True):
+            try:
+                parts = [
+                    self.video_units(loaded, video, inputs, first_video + v)
+                    for v, video in enumerate(prompt.videos)
+                ]
+                parts += [
+                    self.image_units(loaded, image, inputs, first + i)
+                    for i, image in enumerate(prompt.images)
+                ]
+                units = VisualUnits.cat([replace(u, image=(i,) * u.count) for i, u in enumerate(parts)])
+                if len(units) != count:
+                    raise UnitsUnavailable(f"derived units for {len(units)} tokens, the prompt has {count}")
+                out.append(units)
+            except UnitsUnavailable as error:
+                out.append(error)
+            except (BoxesUnavailable, AttributeError, KeyError, TypeError, ValueError) as error:
+                out.append(UnitsUnavailable(f"{type(error).__name__}: {error}"))
+            first += len(prompt.images)
+            first_video += len(prompt.videos)
+        return out
+
+    def video_units(self, loaded: LoadedVLM, video: Video, inputs: dict, index: int) -> VisualUnits:
+        """The vision units of one video (``index``: its place among the batch's videos)."""
+        raise UnitsUnavailable(f"the {self.name} family does not derive the vision units of videos")

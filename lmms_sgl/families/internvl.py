@@ -25,8 +25,11 @@ from lmms_sgl.checkpoints.internvl_original.convert import DEFAULT_MAX_TILES as 
 from lmms_sgl.checkpoints.internvl_original.convert import MARKER, check_original, resolve_checkpoint
 from lmms_sgl.checkpoints.internvl_original.processing import load_processor
 from lmms_sgl.families.base import HFVisionLanguageFamily, LoadedVLM
+from lmms_sgl.families.video import Video, decode_sampled
 from lmms_sgl.method.cost import TransformerShape, mlp_chain_flops, vit_flops
 from lmms_sgl.method.transfer import BoxesUnavailable, TokenBoxes, even_edges
+from lmms_sgl.method.units import VisualUnits
+from lmms_sgl.method.visionzip import VisionZipParts
 
 NATIVE_MAX_TILES = 12
 
@@ -105,6 +108,50 @@ class InternVLFamily(HFVisionLanguageFamily):
     def processor_kwargs(self) -> dict:
         return {"max_patches": self.tiles}
 
+    def check_visionzip(self, path: str, argument: str) -> None:
+        """InternViT has a [CLS] token in every tile: VisionZip is defined (see :meth:`visionzip_parts`)."""
+
+    def visionzip_parts(self, loaded: LoadedVLM) -> VisionZipParts:
+        """InternViT: [CLS] at 0, dropped before the 2 x 2 pixel shuffle; LM token t of a tile gathers
+        the four patches the model's own ``pixel_shuffle`` puts into it (found by shuffling indices)."""
+        model = loaded.model.model
+        config = loaded.model.config
+        if config.vision_feature_select_strategy != "default":
+            raise ValueError("method='visionzip' expects InternVL to drop [CLS] (strategy 'default')")
+        layers = model.vision_tower.encoder.layer
+        side = _first(config.vision_config.image_size) // _first(config.vision_config.patch_size)
+        index = torch.arange(side * side, dtype=torch.float64).reshape(1, side, side, 1)
+        shuffled = model.pixel_shuffle(index, scale_factor=config.downsample_ratio)
+        groups = shuffled.reshape(-1, shuffled.shape[-1]).round().long() + 1  # + 1: after [CLS]
+        feature = config.vision_feature_layer
+        return VisionZipParts(
+            attention=layers[(feature % (len(layers) + 1)) - 1].attention,
+            projector=model.multi_modal_projector,
+            token_patches=groups,
+            cls_index=0,
+        )
+
+    # -- video: frames as 448 px single tiles, "Frame{i}: <img>...</img>" (transformers' processor) --
+    def check_video(self, loaded: LoadedVLM) -> None:
+        if getattr(loaded.processor, "video_processor", None) is None:
+            raise ValueError(
+                f"{loaded.path!r} has no video processor (an original InternVL checkpoint converted by "
+                "lmms-sgl, whose PIL preprocessing reads images only); videos need an InternVL -hf checkpoint"
+            )
+
+    def video_inputs(self, loaded: LoadedVLM, videos: list[Video]) -> dict:
+        """As lmms-eval's ``internvl_hf``: ``num_frames`` frames picked by the video processor's own
+        ``sample_frames``, decoded with decord (see :mod:`lmms_sgl.families.video`)."""
+        sampler = loaded.processor.video_processor.sample_frames
+        frames = [decode_sampled(video, sampler, self.num_frames)[0] for video in videos]
+        return {"videos": frames, "do_sample_frames": False}
+
+    def video_units(self, loaded: LoadedVLM, video: Video, inputs: dict, index: int) -> VisualUnits:
+        """Each frame is one unit: ``image_seq_length`` tokens, one row of ``pixel_values``."""
+        per_tile, frames = loaded.model.config.image_seq_length, self.video_frames(video)
+        flops = self.tile_flops(loaded)
+        return VisualUnits.blocks([per_tile] * frames, [False] * frames, [1] * frames, [flops] * frames, 0)
+
     def tile_flops(self, loaded: LoadedVLM) -> int:
         return config_tile_flops(loaded.model.config)
 
@@ -150,3 +197,13 @@ class InternVLFamily(HFVisionLanguageFamily):
             parts.append(whole)
         boxes = TokenBoxes.cat(parts)
         return TokenBoxes(boxes.boxes, boxes.image, boxes.view, boxes.newline, (f"{layout} ({len(boxes)})",))
+
+    def image_units(self, loaded: LoadedVLM, image: Image.Image, inputs: dict, index: int) -> VisualUnits:
+        """One unit per tile and one for the thumbnail (the global view): ``image_seq_length``
+        consecutive tokens each, one row of ``pixel_values`` each, in the same order."""
+        per_tile = loaded.model.config.image_seq_length
+        boxes = self.image_boxes(loaded, image, inputs, index)
+        tiles = len(boxes) // per_tile
+        thumbnail = (boxes.view.reshape(tiles, per_tile)[:, 0] == 1).tolist()
+        flops = self.tile_flops(loaded)
+        return VisualUnits.blocks([per_tile] * tiles, thumbnail, [1] * tiles, [flops] * tiles, 0)

@@ -8,6 +8,7 @@ that many crops); its importance is then mapped by the boxes of :meth:`LlavaFami
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import numpy as np
@@ -15,8 +16,11 @@ import torch
 from PIL import Image
 
 from lmms_sgl.families.base import HFVisionLanguageFamily, LoadedVLM
+from lmms_sgl.families.video import Video
 from lmms_sgl.method.cost import TransformerShape, mlp_chain_flops, vit_flops
 from lmms_sgl.method.transfer import BoxesUnavailable, TokenBoxes, even_edges
+from lmms_sgl.method.units import UnitsUnavailable, VisualUnits
+from lmms_sgl.method.visionzip import VisionZipParts
 
 ANY_RESOLUTION = ("llava_next", "llava_onevision")
 
@@ -32,6 +36,11 @@ def _size(value) -> dict:
 def _shape_only(height: int, width: int) -> np.ndarray:
     """A zero-memory ``(height, width, 1)`` array: transformers' size helpers read only its shape."""
     return np.broadcast_to(np.zeros((1, 1, 1), dtype=np.uint8), (height, width, 1))
+
+
+def _feature_layer(index: int, layers: int) -> int:
+    """The encoder layer whose output is ``hidden_states[index]`` (entry 0 is the embeddings)."""
+    return (index % (layers + 1)) - 1
 
 
 def _pinpoint_crops(pinpoint, crop: int) -> int:
@@ -114,6 +123,106 @@ class LlavaFamily(HFVisionLanguageFamily):
             loaded.processor.image_processor.image_grid_pinpoints = kept
         return loaded
 
+    def check_visionzip(self, path: str, argument: str) -> None:
+        """VisionZip here: LLaVA-1.5 (one CLIP grid, [CLS] dropped before the projector). NeXT and
+        OneVision unpad, shrink and add newline tokens between the tower and the LM, which this
+        implementation does not map back to patches."""
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path)
+        if config.model_type != "llava" or config.vision_feature_select_strategy != "default":
+            raise ValueError(
+                f"method='visionzip': {argument}={path!r} is a {config.model_type!r} checkpoint "
+                f"(vision_feature_select_strategy={config.vision_feature_select_strategy!r}); VisionZip is "
+                "implemented for LLaVA-1.5 checkpoints ('llava', strategy 'default') and InternVL"
+            )
+        if isinstance(config.vision_feature_layer, (list, tuple)):
+            raise ValueError(f"method='visionzip': {argument}={path!r} reads several vision layers")
+
+    def visionzip_parts(self, loaded: LoadedVLM) -> VisionZipParts:
+        """CLIP: [CLS] at 0, LM token t is patch t + 1 of the layer the projector reads."""
+        model = loaded.model.model
+        config = loaded.model.config
+        layers = model.vision_tower.encoder.layers
+        vision = config.vision_config
+        patches = (vision.image_size // vision.patch_size) ** 2
+        return VisionZipParts(
+            attention=layers[_feature_layer(config.vision_feature_layer, len(layers))].self_attn,
+            projector=model.multi_modal_projector,
+            token_patches=torch.arange(1, patches + 1)[:, None],
+            cls_index=0,
+        )
+
+    # -- video: LLaVA-OneVision's native input (frames through the tower, 2 x 2 pooled, one newline) --
+    def check_video(self, loaded: LoadedVLM) -> None:
+        """Videos need a OneVision checkpoint whose tokenizer has the video token and whose
+        processor has a video processor (the released ``llava-onevision-*-hf`` ones do)."""
+        config = loaded.model.config
+        video_token = getattr(config, "video_token_id", None)
+        if config.model_type != "llava_onevision":
+            raise ValueError(
+                f"{loaded.path!r} is a {config.model_type!r} checkpoint; sgl_llava takes videos with "
+                "LLaVA-OneVision ('llava_onevision') checkpoints only"
+            )
+        tokenizer = loaded.tokenizer
+        has_token = video_token is not None and video_token < len(tokenizer)
+        named = getattr(loaded.processor, "video_token", None)
+        if not has_token or named is None or tokenizer.convert_tokens_to_ids(named) != video_token:
+            raise ValueError(
+                f"{loaded.path!r} cannot take videos: its tokenizer has no video token matching "
+                f"video_token_id={video_token} of its config"
+            )
+        if getattr(loaded.processor, "video_processor", None) is None:
+            raise ValueError(f"{loaded.path!r} has no video processor, so it cannot take videos")
+
+    def video_frames(self, video: Video) -> int:
+        """lmms-eval's ``llava_hf`` rule: exactly ``num_frames`` indices spread evenly over the
+        file (``np.linspace(0, total - 1, num_frames, dtype=int)``), repeating frames of a
+        shorter video; so every clip of a batch has the same frame count."""
+        return self.num_frames
+
+    def video_inputs(self, loaded: LoadedVLM, videos: list[Video]) -> dict:
+        """Frames decoded with decord at lmms-eval's ``llava_hf`` indices, as ``[T, H, W, 3]`` arrays
+        (the processor resizes them to the tower's size)."""
+        import decord
+
+        clips = []
+        for video in videos:
+            reader = decord.VideoReader(video.path, ctx=decord.cpu(0))
+            indices = np.linspace(0, video.total_frames - 1, self.video_frames(video), dtype=int)
+            clips.append(reader.get_batch(indices.tolist()).asnumpy())
+        return {"videos": clips}
+
+    def video_flops(self, loaded: LoadedVLM, inputs: dict, videos_per_sample: list[int]) -> list[int]:
+        """Each frame is one pass of the tower and projector (the 2 x 2 pooling is interpolation)."""
+        pixels = inputs.get("pixel_values_videos")
+        frames = [] if pixels is None else [pixels.shape[1]] * pixels.shape[0]
+        per_video = iter(frames)
+        per_frame = self.crop_flops(loaded)
+        return [per_frame * sum(next(per_video) for _ in range(count)) for count in videos_per_sample]
+
+    def video_units(self, loaded: LoadedVLM, video: Video, inputs: dict, index: int) -> VisualUnits:
+        """Each frame is one unit (one row of the tower's input): the tower, projector and the
+        2 x 2 bilinear pooling run frame by frame, so a frame's tokens read that frame alone. The
+        video's closing image-newline token is a learned parameter and reads none (its owner is
+        the last frame)."""
+        frames = int(inputs["pixel_values_videos"].shape[1])
+        vision = loaded.model.config.vision_config
+        pooled = math.ceil(vision.image_size // vision.patch_size / 2) ** 2
+        owner = torch.arange(frames).repeat_interleave(pooled)
+        reads = torch.nn.functional.one_hot(owner, frames).bool()
+        owner = torch.cat([owner, torch.tensor([frames - 1])])
+        reads = torch.cat([reads, torch.zeros(1, frames, dtype=torch.bool)])
+        flops = self.crop_flops(loaded)
+        return VisualUnits(
+            owner,
+            reads,
+            torch.zeros(frames, dtype=torch.bool),
+            (1,) * frames,
+            (flops,) * frames,
+            (0,) * frames,
+        )
+
     def crop_flops(self, loaded: LoadedVLM) -> int:
         return config_crop_flops(loaded.model.config)
 
@@ -121,19 +230,9 @@ class LlavaFamily(HFVisionLanguageFamily):
         pixel_values = inputs.get("pixel_values")
         if pixel_values is None:
             return []
-        if pixel_values.dim() == 4:  # LLaVA-1.5: one crop per image
+        if pixel_values.dim() == 4 and "image_sizes" not in inputs:  # LLaVA-1.5: one crop per image
             return [1] * pixel_values.shape[0]
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-        config = loaded.model.config
-        return [
-            image_size_to_num_patches(
-                image_size=tuple(size.tolist()),
-                grid_pinpoints=config.image_grid_pinpoints,
-                patch_size=config.vision_config.image_size,
-            )
-            for size in inputs["image_sizes"]
-        ]
+        return [self._crops(loaded, inputs, index) for index in range(len(inputs["image_sizes"]))]
 
     def vision_flops(
         self, loaded: LoadedVLM, inputs: dict, images_per_sample: list[int], n_visual: list[int]
@@ -293,3 +392,62 @@ class LlavaFamily(HFVisionLanguageFamily):
         if not torch.equal(kept, rows[:, None] & cols[None, :]):
             raise BoxesUnavailable("unpad_image kept a non-rectangular set of cells")
         return kept
+
+    # -- vision units ----------------------------------------------------------------------
+    def check_unit_selection(self, path: str) -> None:
+        from transformers import AutoConfig
+
+        model_type = AutoConfig.from_pretrained(path).model_type
+        if model_type not in ANY_RESOLUTION:
+            raise ValueError(
+                f"keep_units: pretrained={path!r} is a {model_type!r} (LLaVA-1.5) checkpoint, which "
+                "encodes each image as one unit, so there is nothing to choose; "
+                f"allowed with {ANY_RESOLUTION} checkpoints"
+            )
+
+    def image_units(self, loaded: LoadedVLM, image: Image.Image, inputs: dict, index: int) -> VisualUnits:
+        """LLaVA-1.5: the image is one unit. NeXT / OneVision: the base image (the global view)
+        and each crop, one row of the tower's input each; which units each token reads is found
+        by the model's own ``pack_image_features`` on one-hot features (unpadding, OneVision's
+        bilinear shrink across crop borders and the image-newline parameter, which reads none)."""
+        config = loaded.model.config
+        flops = self.crop_flops(loaded)
+        if config.model_type not in ANY_RESOLUTION:
+            count = (inputs["input_ids"] == loaded.image_token_id).sum() // inputs["pixel_values"].shape[0]
+            return VisualUnits.blocks([int(count)], [False], [1], [flops], 0)
+        crops = self._crops(loaded, inputs, index)
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        one_hot = torch.eye(crops, dtype=torch.float64)[:, None, :].expand(crops, side * side, crops)
+        pack = loaded.model.model.pack_image_features
+        options = {"image_newline": torch.zeros(crops, dtype=torch.float64)}
+        if "vision_feature_select_strategy" in inspect.signature(pack).parameters:
+            options["vision_feature_select_strategy"] = config.vision_feature_select_strategy
+        if "vision_aspect_ratio" in inspect.signature(pack).parameters:
+            options["vision_aspect_ratio"] = getattr(config, "vision_aspect_ratio", "anyres_max_9")
+        packed, _ = pack([one_hot.clone()], inputs["image_sizes"][index : index + 1], **options)
+        weights = packed[0]
+        reads = weights != 0
+        owner = weights.argmax(1)
+        for token in range(1, len(owner)):  # a newline token belongs to the token it closes
+            if not reads[token].any():
+                owner[token] = owner[token - 1]
+        if not reads[0].any():
+            raise UnitsUnavailable("the first visual token of an image reads no unit")
+        global_view = [crops > 1] + [False] * (crops - 1)
+        return VisualUnits(
+            owner, reads, torch.tensor(global_view), (1,) * crops, (flops,) * crops, (0,) * crops
+        )
+
+    def _crops(self, loaded: LoadedVLM, inputs: dict, index: int) -> int:
+        """Rows of the tower's input of image ``index``: base + crops, or 1 for a OneVision image of
+        a multi-image prompt (as the model's ``get_image_features`` decides)."""
+        if not self._patched(inputs, index):
+            return 1
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        config = loaded.model.config
+        return image_size_to_num_patches(
+            image_size=tuple(inputs["image_sizes"][index].tolist()),
+            grid_pinpoints=config.image_grid_pinpoints,
+            patch_size=config.vision_config.image_size,
+        )

@@ -12,15 +12,28 @@ family-specific for that: the pruner gathers cos/sin and position ids along thei
 (``lmms_sgl.method.pruning``), and Qwen3-VL's deepstack features follow the kept tokens.
 
 Prompts are those of lmms-eval's ``qwen2_vl`` / ``qwen2_5_vl`` / ``qwen3_vl``: a system turn "You are a
-helpful assistant.", then the images and the task text in one user turn.
+helpful assistant.", then the images and the task text in one user turn (simple path); the task's own
+turns as they are (chat path), with that system turn put first for Qwen3-VL as lmms-eval's ``qwen3_vl``
+does (Qwen2-VL / Qwen2.5-VL templates add it themselves when the task has none).
+
+Pixels: with ``preprocessing="lmms_eval"`` (default) images reach the processor as they reach it in
+lmms-eval's model for the large checkpoint's architecture (:mod:`lmms_sgl.families.qwen_pixels`); the
+guide gets the same, so both see the same pixels. ``"processor"`` leaves resizing to the processor.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
+from loguru import logger
+from PIL import Image
+from torch import nn
+
+from lmms_sgl.families import qwen_pixels
 from lmms_sgl.families.base import HFVisionLanguageFamily, LoadedVLM, Prompt
+from lmms_sgl.families.video import Video
 from lmms_sgl.method.cost import TransformerShape, layer_flops, mlp_chain_flops
+from lmms_sgl.method.units import UnitSkipHooks, VisualUnits
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -83,8 +96,14 @@ class QwenVLFamily(HFVisionLanguageFamily):
     )
 
     def __init__(
-        self, max_tiles: int | None = None, min_pixels: int | None = None, max_pixels: int | None = None
+        self,
+        max_tiles: int | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        preprocessing: str = "lmms_eval",
     ):
+        if preprocessing not in qwen_pixels.MODES:
+            raise ValueError(f"preprocessing={preprocessing!r}; allowed: {qwen_pixels.MODES}")
         if max_tiles is not None:
             raise ValueError(
                 f"max_tiles={max_tiles}: the {self.name} family has no tiles; "
@@ -94,6 +113,8 @@ class QwenVLFamily(HFVisionLanguageFamily):
             raise ValueError(f"min_pixels={min_pixels} must be <= max_pixels={max_pixels}")
         super().__init__(None)
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.preprocessing = preprocessing
+        self.large_architecture: str | None = None  # set by check_checkpoint("pretrained")
 
     # -- checks ----------------------------------------------------------------------------
     def check_checkpoint(self, path: str, argument: str) -> int:
@@ -102,8 +123,19 @@ class QwenVLFamily(HFVisionLanguageFamily):
         from transformers import AutoConfig
 
         layers = super().check_checkpoint(path, argument)
-        vision = AutoConfig.from_pretrained(path).vision_config
+        config = AutoConfig.from_pretrained(path)
+        vision = config.vision_config
         self.check_pixel_bounds(vision.patch_size, vision.spatial_merge_size, f"{argument}={path!r}")
+        if argument == "pretrained":  # whose lmms-eval preprocessing guide and large model get
+            self.large_architecture = config.model_type
+            bounds = {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels}
+            given = {k: v for k, v in bounds.items() if v is not None}
+            if given and self.preprocessing == "lmms_eval" and self.large_architecture == "qwen3_vl":
+                logger.warning(
+                    f"{given}: with preprocessing='lmms_eval' Qwen3-VL images are sized by qwen_vl_utils' "
+                    "defaults and not resized again, as in lmms-eval's qwen3_vl, so these bounds do not "
+                    "reach images; use preprocessing=processor to bound them"
+                )
         return layers
 
     def check_pixel_bounds(self, patch: int, merge: int, checkpoint: str) -> None:
@@ -125,31 +157,117 @@ class QwenVLFamily(HFVisionLanguageFamily):
                 )
 
     # -- loading and prompting -------------------------------------------------------------
+    def architecture(self, loaded_type: str) -> str:
+        """Whose preprocessing both models get: the large checkpoint's architecture when known."""
+        return self.large_architecture or loaded_type
+
     def load_processor(self, folder: str):
         """The checkpoint's processor with the area bounds ``min_pixels`` / ``max_pixels`` set on its
         image processor's ``size`` (the effect of lmms-eval's ``from_pretrained(min_pixels=...)``,
-        without the per-call kwargs transformers deprecates)."""
-        from transformers import AutoProcessor
+        without the per-call kwargs transformers deprecates). Unset bounds are lmms-eval's model
+        defaults with ``preprocessing="lmms_eval"``, the checkpoint's own otherwise."""
+        from transformers import AutoConfig, AutoProcessor
 
         processor = AutoProcessor.from_pretrained(folder)
         image_processor = processor.image_processor
         # the processor's own patch and merge sizes are what it resizes with
         self.check_pixel_bounds(image_processor.patch_size, image_processor.merge_size, repr(folder))
         size = image_processor.size
+        lower, upper = size.shortest_edge, size.longest_edge
+        if self.preprocessing == "lmms_eval":
+            lower, upper = qwen_pixels.DEFAULT_BOUNDS[
+                self.architecture(AutoConfig.from_pretrained(folder).model_type)
+            ]
         image_processor.size = replace(
             size,
-            shortest_edge=size.shortest_edge if self.min_pixels is None else self.min_pixels,
-            longest_edge=size.longest_edge if self.max_pixels is None else self.max_pixels,
+            shortest_edge=lower if self.min_pixels is None else self.min_pixels,
+            longest_edge=upper if self.max_pixels is None else self.max_pixels,
         )
+        # lmms-eval's from_pretrained(min_pixels=..., max_pixels=...) sets the video processor's too
+        video_processor = getattr(processor, "video_processor", None)
+        if video_processor is not None:
+            size = video_processor.size
+            video_processor.size = replace(
+                size,
+                shortest_edge=size.shortest_edge if self.min_pixels is None else self.min_pixels,
+                longest_edge=size.longest_edge if self.max_pixels is None else self.max_pixels,
+            )
         return processor
 
     def messages(self, prompt: Prompt) -> list[dict]:
         return [{"role": "system", "content": SYSTEM_PROMPT}, *super().messages(prompt)]
 
+    def chat_messages(self, loaded: LoadedVLM, prompt: Prompt) -> list[dict]:
+        if loaded.model.config.model_type == "qwen3_vl":  # lmms-eval's qwen3_vl always inserts it
+            system = {"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]}
+            return [system, *prompt.messages]
+        return prompt.messages
+
+    def encode(
+        self, loaded: LoadedVLM, texts: list[str], images: list[Image.Image], videos: list[Video] = ()
+    ) -> dict:
+        """Images resized (and for Qwen2-VL re-encoded) as lmms-eval's model for the large
+        checkpoint's architecture does before its processor, then the processor (videos: read by
+        ``qwen_vl_utils`` in :meth:`video_inputs`)."""
+        if self.preprocessing == "processor" or not images:
+            return super().encode(loaded, texts, images, videos)
+        arch = self.architecture(loaded.model.config.model_type)
+        bounds = (self.min_pixels, self.max_pixels)
+        ready = [qwen_pixels.prepare(image, arch, *bounds) for image in images]
+        return super().encode(loaded, texts, ready, videos)
+
+    def processor_kwargs_for(self, loaded: LoadedVLM) -> dict:
+        arch = self.architecture(loaded.model.config.model_type)
+        if self.preprocessing == "lmms_eval" and arch == "qwen3_vl":
+            return {"do_resize": False}  # lmms-eval's qwen3_vl: qwen_vl_utils already sized the image
+        return {}
+
     def pixel_bounds(self, loaded: LoadedVLM) -> tuple[int, int]:
         """The ``(min_pixels, max_pixels)`` the processor resizes with."""
         size = loaded.processor.image_processor.size
         return int(size.shortest_edge), int(size.longest_edge)
+
+    # -- video: native input (temporal patches of 2 frames, 3-D RoPE with temporal positions) --------
+    stacks_video_frames = False  # patches are flattened: clips of any length share a batch
+
+    def check_video(self, loaded: LoadedVLM) -> None:
+        if getattr(loaded.processor, "video_processor", None) is None:
+            raise ValueError(f"{loaded.path!r} has no video processor, so it cannot take videos")
+
+    def video_frames(self, video: Video) -> int:
+        """lmms-eval's ``qwen2_5_vl`` rule: ``min(num_frames, total)`` floored to an even count (the
+        temporal patch is 2 frames), at least 2."""
+        return max(2, min(self.num_frames, video.total_frames) // 2 * 2)
+
+    def video_inputs(self, loaded: LoadedVLM, videos: list[Video]) -> dict:
+        """Frames read by ``qwen_vl_utils`` (as lmms-eval's ``qwen2_5_vl`` / ``qwen3_vl`` read them:
+        ``nframes`` of :meth:`video_frames`, resized within the pixel bounds), with their metadata."""
+        from qwen_vl_utils import process_vision_info
+
+        low, high = self.pixel_bounds(loaded)
+        content = [
+            {
+                "type": "video",
+                "video": v.path,
+                "min_pixels": low,
+                "max_pixels": high,
+                "nframes": self.video_frames(v),
+            }
+            for v in videos
+        ]
+        _, clips, _ = process_vision_info(
+            [[{"role": "user", "content": content}]], return_video_kwargs=True, return_video_metadata=True
+        )
+        frames, metadata = zip(*clips, strict=True)
+        return {"videos": list(frames), "video_metadata": list(metadata)}
+
+    def video_flops(self, loaded: LoadedVLM, inputs: dict, videos_per_sample: list[int]) -> list[int]:
+        """Per sample, its videos' tower + merger FLOPs from ``video_grid_thw`` (attention runs per
+        temporal patch, as for an image's frame)."""
+        grids = inputs.get("video_grid_thw")
+        per_video = [] if grids is None else [self.image_flops(loaded, tuple(g)) for g in grids.tolist()]
+        videos = iter(per_video)
+        return [sum(next(videos) for _ in range(count)) for count in videos_per_sample]
 
     # -- cost ------------------------------------------------------------------------------
     def vision_flops(
@@ -171,3 +289,40 @@ class QwenVLFamily(HFVisionLanguageFamily):
     @staticmethod
     def windows(vision, frames: int, height: int, width: int) -> list[int]:
         return window_sizes(vision, frames, height, width)
+
+    # -- vision units ----------------------------------------------------------------------
+    def vision_tower(self, model: nn.Module) -> nn.Module:
+        return model.model.visual
+
+    def vision_modules(self, model: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """The merger (projector) runs inside the tower."""
+        return self.vision_tower(model), self.vision_tower(model)
+
+    def unit_skip_hooks(self, sizes: list[int], keep: list[bool]) -> UnitSkipHooks:
+        """The tower's input is the patches (``hidden_states``); ``grid_thw`` has one row per image
+        or video, split into one row per temporal patch (an image has one), the units."""
+        return UnitSkipHooks(
+            sizes, keep, input_name="hidden_states", per_unit=("grid_thw",), per_temporal_patch=True
+        )
+
+    def image_units(self, loaded: LoadedVLM, image: Image.Image, inputs: dict, index: int) -> VisualUnits:
+        """One image is one unit: its patches attend to each other (one attention group), so only
+        whole images can be skipped. Rows: its patches; tokens: one per merged 2 x 2 patches."""
+        grid = tuple(inputs["image_grid_thw"][index].tolist())
+        patches = grid[0] * grid[1] * grid[2]
+        merge = loaded.model.config.vision_config.spatial_merge_size**2
+        return VisualUnits.blocks([patches // merge], [False], [patches], [self.image_flops(loaded, grid)], 0)
+
+    def video_units(self, loaded: LoadedVLM, video: Video, inputs: dict, index: int) -> VisualUnits:
+        """Each temporal patch (2 frames) is one unit. The tower's attention segments
+        (``cu_seqlens``, and Qwen2.5-VL's windows) are cut per temporal patch, its rotary positions
+        are (h, w) only and the merger works on 2 x 2 patches of one temporal patch, so a video
+        encoded as ``t`` grids ``(1, h, w)`` gives the same features as one grid ``(t, h, w)``.
+        Rows: a temporal patch's ``h * w`` patches; tokens: one per merged 2 x 2 patches."""
+        frames, height, width = inputs["video_grid_thw"][index].tolist()
+        merge = loaded.model.config.vision_config.spatial_merge_size**2
+        patches = height * width
+        flops = self.image_flops(loaded, (1, height, width))
+        return VisualUnits.blocks(
+            [patches // merge] * frames, [False] * frames, [patches] * frames, [flops] * frames, 0
+        )

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from lmms_sgl.families.qwen_pixels import MODES as PREPROCESSING
+from lmms_sgl.families.video import DEFAULT_NUM_FRAMES
 from lmms_sgl.method.importance import PRECISIONS
-from lmms_sgl.method.settings import DRAFT_SOURCES, METHODS, SGLSettings
+from lmms_sgl.method.settings import BEFORE_LM, DRAFT_SOURCES, METHODS, SGLSettings
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LARGE_ATTENTION = ("sdpa", "eager")
@@ -47,6 +49,19 @@ def as_int(name: str, value, minimum: int | None = None, allow_none: bool = Fals
     return number
 
 
+def as_bool(name: str, value, allow_none: bool = False) -> bool | None:
+    if allow_none and _none(value):
+        return None
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise ValueError(f"{name}={value!r} must be true or false")
+
+
 def as_choice(name: str, value, choices: tuple[str, ...]) -> str:
     text = str(value).strip()
     if text not in choices:
@@ -67,8 +82,11 @@ class ModelArgs:
     batch_size: int
     min_pixels: int | None = None
     max_pixels: int | None = None
+    preprocessing: str = "lmms_eval"
     guide_max_tiles: int | None = None
     guide_max_crops: int | None = None
+    skip_units_asked: bool = False  # skip_units=true given explicitly (checked against the schedule)
+    num_frames: int = DEFAULT_NUM_FRAMES  # frames sampled per video, guide and large alike
 
     @property
     def guide_layout(self) -> dict:
@@ -96,14 +114,19 @@ def parse_model_args(
     max_tiles=None,
     min_pixels=None,
     max_pixels=None,
+    preprocessing="lmms_eval",
     guide_max_tiles=None,
     guide_max_crops=None,
     seed=0,
     importance_precision="fp32",
+    skip_units=None,
+    keep_units=None,
+    keep_global_view=None,
     draft=None,
     draft_tokens=4,
     batch_size=1,
     max_batch_size=None,
+    num_frames=DEFAULT_NUM_FRAMES,
     **unknown,
 ) -> ModelArgs:
     """Validate everything the SGL models accept; see the README's table for meanings and defaults."""
@@ -127,6 +150,23 @@ def parse_model_args(
         "draft": draft,
         "draft_tokens": as_int("draft_tokens", draft_tokens, minimum=1),
     }
+    skip = as_bool("skip_units", skip_units, allow_none=True)
+    units = as_int("keep_units", keep_units, minimum=1, allow_none=True)
+    global_view = as_bool("keep_global_view", keep_global_view, allow_none=True)
+    if global_view is not None and units is None:
+        raise ValueError(
+            f"keep_global_view={global_view} applies to unit selection; give keep_units=N (N >= 1) with it"
+        )
+    settings_kwargs.update(
+        skip_units=skip is not False,
+        keep_units=units,
+        keep_global_view=global_view is not False,
+    )
+    if skip and method not in ("sgl", "random"):
+        raise ValueError(
+            f"skip_units=true: method={method!r} does not drop tokens before the large model's first layer "
+            "(allowed with method 'sgl' or 'random' at prune_layer=0, or with keep_units)"
+        )
     if not _none(token_ratio):
         ratio = as_float("token_ratio", token_ratio)
         preset_layer, preset_keep = SGLSettings.preset(ratio)  # refuses a value that is no preset
@@ -139,8 +179,11 @@ def parse_model_args(
         settings = SGLSettings.from_token_ratio(ratio, **settings_kwargs)
     else:
         defaults = SGLSettings()
+        if units is not None:  # unit selection alone: every token of the kept units, from layer 0
+            defaults = SGLSettings(prune_layer=0.0, keep_ratio=1.0)
+        default_layer = 0.0 if method in BEFORE_LM else defaults.prune_layer
         settings = SGLSettings(
-            prune_layer=defaults.prune_layer if _none(prune_layer) else as_float("prune_layer", prune_layer),
+            prune_layer=default_layer if _none(prune_layer) else as_float("prune_layer", prune_layer),
             keep_ratio=defaults.keep_ratio if _none(keep_ratio) else as_float("keep_ratio", keep_ratio),
             **settings_kwargs,
         )
@@ -177,5 +220,20 @@ def parse_model_args(
         max_tiles=as_int("max_tiles", max_tiles, minimum=1, allow_none=True),
         batch_size=as_int("batch_size", batch, minimum=1),
         **pixels,
+        preprocessing=as_choice("preprocessing", preprocessing, PREPROCESSING),
         **guide_layout,
+        skip_units_asked=bool(skip),
+        num_frames=as_int("num_frames", num_frames, minimum=1),
     )
+
+
+def check_schedule(args: ModelArgs, large_layers: int) -> None:
+    """What needs the large model's layer count (read from its config, before weights load)."""
+    args.settings.layer_k(large_layers)
+    if args.skip_units_asked and not args.settings.skips_units(large_layers):
+        layer_k = args.settings.layer_k(large_layers)
+        raise ValueError(
+            f"skip_units=true: prune_layer={args.settings.prune_layer} gives K={layer_k} of {large_layers} "
+            "layers, so dropped tokens still reach layers 0..K-1 and every unit must be encoded "
+            "(allowed: prune_layer=0, or keep_units=N)"
+        )

@@ -1,9 +1,11 @@
-"""The lmms-eval model shared by ``sgl_internvl2`` and ``sgl_llava``; each only names its family.
+"""The lmms-eval model shared by ``sgl_internvl2``, ``sgl_llava`` and ``sgl_qwen2_vl``; each names its family.
 
-It is a *simple* lmms-eval model (``is_simple = True``) because lmms-eval builds log-likelihood
-(multiple-choice) requests only for simple models. Prompts are built exactly as lmms-eval's chat
-models do (one image entry per image, then the task text, through the checkpoint's chat template),
-so with ``method=large_only`` answers equal those of ``internvl_hf`` / ``llava_hf`` (see README).
+This class is the *simple* interface (``is_simple = True``; ``doc_to_visual`` + the task text, and the
+only one lmms-eval sends log-likelihood / multiple-choice requests to); ``lmms_sgl.lmms.chat`` turns
+it into the chat interface lmms-eval prefers. Simple prompts are built as lmms-eval's chat models
+build the auto-generated messages (one image entry per image, then the task text, through the
+checkpoint's chat template), so with ``method=large_only`` both paths equal lmms-eval's own models
+on tasks without messages of their own (see README).
 """
 
 from __future__ import annotations
@@ -22,8 +24,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from lmms_sgl.families.base import HFVisionLanguageFamily, Prompt
-from lmms_sgl.lmms.args import ModelArgs, parse_model_args
+from lmms_sgl.families.video import open_video, video_of
+from lmms_sgl.lmms import resumable
+from lmms_sgl.lmms.args import ModelArgs, check_schedule, parse_model_args
 from lmms_sgl.method.importance import ATTENTION_NAME, recording_attention
+from lmms_sgl.method.settings import OWN_ATTENTION
+from lmms_sgl.method.visionzip import VISION_ATTENTION_NAME
 from lmms_sgl.pipeline import GenerationSettings, Sample, SampleRecord, SGLPipeline
 from lmms_sgl.reporting.stats import RunStats
 from lmms_sgl.reporting.tracking import print_summary, report_to_lmms_eval, report_to_wandb
@@ -32,10 +38,14 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 class SGLTokenCounts(TokenCounts):
-    """lmms-eval's per-sample token counts plus our per-sample record (lands in the samples log)."""
+    """lmms-eval's per-sample token counts plus our per-sample record (lands in the samples log).
 
-    def __init__(self, output_tokens: int, sgl: dict):
-        super().__init__(output_tokens=output_tokens)
+    ``input_tokens`` / ``output_tokens`` are those of the model whose answer is returned (the guide's
+    for an exited sample): its unpadded prompt, visual tokens included, and its answer up to and
+    including the stop token, as lmms-eval's own HF models count them; pruning is in ``sgl``."""
+
+    def __init__(self, output_tokens: int, sgl: dict, input_tokens: int | None = None):
+        super().__init__(input_tokens=input_tokens, output_tokens=output_tokens)
         self.sgl = sgl
 
     def to_dict(self) -> dict:
@@ -51,6 +61,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype | str:
 
 class SGLModel(lmms):
     is_simple = True
+    sgl_resumable = True  # lmms_sgl.lmms.resumable: --use_cache stores batch by batch, records kept
     family_class: type[HFVisionLanguageFamily] = HFVisionLanguageFamily
 
     def __init__(self, **model_args) -> None:
@@ -61,19 +72,31 @@ class SGLModel(lmms):
         large_layers = self.family.check_checkpoint(self.args.pretrained, "pretrained")
         # The guide's own family instance: its layout may differ (guide_max_tiles / guide_max_crops).
         self.guide_family = self.family.for_guide(**self.args.guide_layout)
+        for family in {id(f): f for f in (self.family, self.guide_family)}.values():
+            family.num_frames = self.args.num_frames  # the guide sees the same frames
         if self.args.guide is not None:
             self.guide_family.check_checkpoint(self.args.guide, "guide")
-        self.args.settings.layer_k(large_layers)
+        check_schedule(self.args, large_layers)
+        if self.args.settings.keep_units is not None:
+            self.family.check_unit_selection(self.args.pretrained)
+        if self.args.settings.method == "visionzip":
+            self.family.check_visionzip(self.args.pretrained, "pretrained")
         self.accelerator = Accelerator()
         self._rank = self.accelerator.process_index
         self._world_size = self.accelerator.num_processes
         self._device, placement = self._placement()
         dtype = resolve_dtype(self.args.dtype, self._device)
         settings = self.args.settings
-        large_attention = ATTENTION_NAME if settings.method == "fastv" else self.args.attn_implementation
+        own = settings.method in OWN_ATTENTION  # ranks by its own attention: the recording SDPA
+        large_attention = ATTENTION_NAME if own else self.args.attn_implementation
         logger.info(f"SGL {settings} | large={self.args.pretrained} guide={self.args.guide} on {placement}")
+        vision_attention = VISION_ATTENTION_NAME if settings.method == "visionzip" else "sdpa"
         large = self.family.load(
-            self.args.pretrained, dtype=dtype, text_attention=large_attention, **placement
+            self.args.pretrained,
+            dtype=dtype,
+            text_attention=large_attention,
+            vision_attention=vision_attention,
+            **placement,
         )
         guide = None
         if self.args.guide is not None:
@@ -89,6 +112,8 @@ class SGLModel(lmms):
         self.pipeline = SGLPipeline(large, guide, settings)
         self._records: list[dict] = []
         self._seconds = 0.0
+        self.uncovered = 0  # answers served by --use_cache without our record
+        resumable.install()
 
     def make_family(self) -> HFVisionLanguageFamily:
         """The family adapter for these model args (a model whose family takes more options, such
@@ -140,18 +165,37 @@ class SGLModel(lmms):
         return self._world_size
 
     # -- requests --------------------------------------------------------------------------
+    @staticmethod
+    def gen_kwargs(request: Instance) -> dict:
+        """The request's generation kwargs (their place differs between simple and chat requests)."""
+        return request.args[1]
+
     def _sample(self, request: Instance) -> Sample:
         context, _, doc_to_visual, doc_id, task, split = request.args[:6]
         doc = self.task_dict[task][split][doc_id]
         visuals = doc_to_visual(doc) if doc_to_visual is not None else []
-        images = []
+        images, videos = [], []
         for visual in visuals or []:
-            if not isinstance(visual, Image.Image):
+            if isinstance(visual, Image.Image):
+                images.append(visual.convert("RGB"))
+                continue
+            path = video_of(visual)
+            if path is None:
                 raise ValueError(
-                    f"{task}/{doc_id}: visual of type {type(visual).__name__} is not supported (images only)"
+                    f"{task}/{doc_id}: visual of type {type(visual).__name__} is not supported "
+                    "(PIL images and video paths)"
                 )
-            images.append(visual.convert("RGB"))
-        return Sample(task, doc_id, Prompt(context, images))
+            videos.append(open_video(path))  # unreadable or empty: a clear error, counted as failed
+        self._check_videos(videos)
+        return Sample(task, doc_id, Prompt(context, images, videos))
+
+    def _check_videos(self, videos: list) -> None:
+        """A request with videos for a checkpoint without video support: refused per sample,
+        before any model runs on it."""
+        if videos:
+            for model in (self.pipeline.large, self.pipeline.guide):
+                if model is not None:
+                    model.family.check_video(model)
 
     def _keep(self, record: SampleRecord) -> dict:
         data = record.as_dict()
@@ -165,10 +209,10 @@ class SGLModel(lmms):
             if request.metadata.get("__padding_only__"):
                 results[index] = GenerationResult(text="")  # padding clones are discarded by lmms-eval
                 continue
-            groups[json.dumps(request.args[1], sort_keys=True, default=str)].append(index)
+            groups[json.dumps(self.gen_kwargs(request), sort_keys=True, default=str)].append(index)
         progress = tqdm(total=sum(map(len, groups.values())), disable=self.rank != 0, desc="SGL responding")
         for indices in groups.values():
-            gen = GenerationSettings.from_gen_kwargs(requests[indices[0]].args[1])
+            gen = GenerationSettings.from_gen_kwargs(self.gen_kwargs(requests[indices[0]]))
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start : start + self.batch_size]
                 samples, ready = [], []
@@ -189,7 +233,7 @@ class SGLModel(lmms):
                     records = self.pipeline.generate(samples, gen)
                     self._seconds += time.perf_counter() - begin
                     for index, record in zip(ready, records, strict=True):
-                        counts = SGLTokenCounts(record.output_tokens, self._keep(record))
+                        counts = SGLTokenCounts(record.output_tokens, self._keep(record), record.input_tokens)
                         results[index] = GenerationResult(text=record.answer, token_counts=counts)
                 progress.update(len(chunk))
         progress.close()
@@ -225,8 +269,21 @@ class SGLModel(lmms):
                 logger.error(f"{task}/{doc_id}: log-likelihood failed: {record.fallback}")
             self._seconds += time.perf_counter() - begin
             data = record.as_dict() if request.metadata.get("__padding_only__") else self._keep(record)
-            results.append(GenerationResult(text=(loss, greedy), token_counts=SGLTokenCounts(0, data)))
+            counts = SGLTokenCounts(0, data, data["input_tokens"] or None)
+            results.append(GenerationResult(text=(loss, greedy), token_counts=counts))
         return results
+
+    def from_cache(self, answer, record: dict | None) -> GenerationResult:
+        """An answer served by ``--use_cache`` with the record stored when it was computed (it then
+        counts in this run's statistics, marked ``extra["from_cache"]``), or counted as uncovered."""
+        text = tuple(answer) if isinstance(answer, list) else answer  # a stored (loss, greedy) pair
+        if record is None:
+            self.uncovered += 1
+            return GenerationResult(text=text)
+        record = {**record, "extra": {**record.get("extra", {}), "from_cache": True}}
+        self._records.append(record)
+        counts = SGLTokenCounts(record["output_tokens"], record, record.get("input_tokens"))
+        return GenerationResult(text=text, token_counts=counts)
 
     def generate_until_multi_round(self, requests) -> list[str]:
         raise NotImplementedError(
@@ -258,6 +315,11 @@ class SGLModel(lmms):
 
     def clean(self) -> None:
         stats, records = self.run_statistics()
+        if self.uncovered:
+            logger.warning(
+                f"SGL statistics cover {stats.overall.samples} requests; {self.uncovered} more answers came "
+                "from --use_cache without their SGL record (cached by another model or an earlier version)"
+            )
         if self.rank == 0 and stats.overall.samples:
             summary = stats.summary()
             report_to_lmms_eval(summary, stats.overall.output_tokens, self._seconds_all)

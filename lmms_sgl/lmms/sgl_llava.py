@@ -2,7 +2,12 @@
 
 from lmms_sgl.families.llava import LlavaFamily
 from lmms_sgl.lmms.base import SGLModel
+from lmms_sgl.lmms.chat import ChatRequests
 
 
 class SGLLlava(SGLModel):
     family_class = LlavaFamily
+
+
+class SGLLlavaChat(ChatRequests, SGLLlava):
+    """The chat interface (what a plain ``--model sgl_llava`` resolves to)."""

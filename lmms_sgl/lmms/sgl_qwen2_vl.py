@@ -2,6 +2,7 @@
 
 from lmms_sgl.families.qwen_vl import QwenVLFamily
 from lmms_sgl.lmms.base import SGLModel
+from lmms_sgl.lmms.chat import ChatRequests
 
 
 class SGLQwen2VL(SGLModel):
@@ -10,4 +11,13 @@ class SGLQwen2VL(SGLModel):
     def make_family(self) -> QwenVLFamily:
         """``min_pixels`` / ``max_pixels`` go to both processors, so guide and large see the same tokens."""
         args = self.args
-        return QwenVLFamily(max_tiles=args.max_tiles, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+        return QwenVLFamily(
+            max_tiles=args.max_tiles,
+            min_pixels=args.min_pixels,
+            max_pixels=args.max_pixels,
+            preprocessing=args.preprocessing,
+        )
+
+
+class SGLQwen2VLChat(ChatRequests, SGLQwen2VL):
+    """The chat interface (what a plain ``--model sgl_qwen2_vl`` resolves to)."""

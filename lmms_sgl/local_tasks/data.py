@@ -11,6 +11,7 @@
   ``sgl_shapes_anls`` scores the ``sgl_shapes`` data with ANLS and has no data of its own.
 * ``sgl_shapes_val``: the benchmark's validation split (disjoint seeds), for calibrating the exit
   threshold (``lmms-sgl-calibrate``) away from the test split.
+* ``sgl_video``: short procedural clips written as MPEG-4 files (``lmms_sgl.local_tasks.video``).
 
 Everything is deterministic from the seed. Regenerate the shipped files with
 ``python -m lmms_sgl.local_tasks.data --tasks-dir tasks``.
@@ -119,7 +120,15 @@ def write_all(tasks_dir: Path) -> list[Path]:
         write_parquet(shapes_records(300, 448, 448), tasks_dir / "sgl_shapes" / "data" / "test.parquet"),
         write_parquet(shapes_records(150, 896, 448), tasks_dir / "sgl_shapes_wide" / "data" / "test.parquet"),
         write_shapes_val(tasks_dir),
+        *write_video(tasks_dir / "sgl_video"),
     ]
+
+
+def write_video(task_dir: Path) -> list[Path]:
+    """``sgl_video``: procedural clips as MPEG-4 files plus their documents (``local_tasks.video``)."""
+    from lmms_sgl.local_tasks.video import write_all as write_clips
+
+    return write_clips(task_dir)
 
 
 def write_shapes_val(tasks_dir: Path) -> Path:

@@ -95,6 +95,17 @@ def recording_attention(precision: str) -> str:
 register_attention()
 
 
+@contextmanager
+def observing(observer) -> Iterator:
+    """Feed the recording attentions to ``observer`` (anything with ``observe`` and
+    ``observe_weights``, as :class:`AttentionRecorder`) while the block runs."""
+    token = _ACTIVE.set(observer)
+    try:
+        yield observer
+    finally:
+        _ACTIVE.reset(token)
+
+
 def allowed_keys(
     attention_mask: torch.Tensor | None, rows: slice, q_len: int, kv_len: int, device: torch.device
 ) -> torch.Tensor | None:

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from lmms_sgl.method.selection import KeepPlan
+from lmms_sgl.method.stages import compose
 
 PlanSource = KeepPlan | Callable[[], KeepPlan]
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -136,6 +137,9 @@ class VisualTokenPruner:
         self._source: PlanSource | None = None
         self._state: _ForwardState | None = None
         self._deepstack: _Deepstack | None = None
+        # Pruners stacked after this one (later stages, installed after it): the deepstack features
+        # this pruner took are added in their pruned sequences once they have run.
+        self.later: list[VisualTokenPruner] = []
         self._model_mask: torch.Tensor | None = None
 
     @contextmanager
@@ -224,6 +228,9 @@ class VisualTokenPruner:
             if stack is None or step >= len(stack.embeds) or self._state is None or self._state.decoding:
                 return None
             plan = self._state.plan
+            for later in self.later:  # rows of this layer's output: positions in the later stage's plan
+                if later.layer_k <= index and later._state is not None:
+                    plan = compose(plan, later._state.plan)
             visual = stack.visual.to(output.device)
             row_of = (visual.flatten().cumsum(0) - 1).view(visual.shape)  # feature row of each position
             kept = visual.gather(1, plan.index) & plan.valid

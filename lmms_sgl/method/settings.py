@@ -8,7 +8,11 @@ from dataclasses import dataclass
 from lmms_sgl.method.cost import PAPER_PRESETS, prune_layer_index, token_ratio
 from lmms_sgl.method.importance import PRECISIONS
 
-METHODS = ("sgl", "fastv", "random", "large_only", "guide_only")
+METHODS = ("sgl", "fastv", "random", "divprune", "visionzip", "pdrop", "large_only", "guide_only")
+# Methods that prune before the language model (K = 0): their keep ratio is the token ratio itself.
+BEFORE_LM = ("divprune", "visionzip")
+# Methods that rank visual tokens by the large model's own attention at layer K-1 (need K >= 1).
+OWN_ATTENTION = ("fastv", "pdrop")
 DRAFT_SOURCES = ("guide",)  # who drafts for the large model's speculative decoding
 DRAFT_METHODS = ("sgl", "large_only")
 
@@ -29,10 +33,13 @@ class SGLSettings:
 
     Attributes:
         method: ``sgl`` (guide-ranked pruning + optional exit), ``fastv`` (the large model's own
-            last-token attention at layer K-1), ``random`` (seeded), ``large_only`` (no pruning, no
+            last-token attention at layer K-1), ``random`` (seeded), ``divprune`` / ``visionzip``
+            (before the language model, K = 0: :mod:`.divprune`, :mod:`.visionzip`), ``pdrop``
+            (progressive drops from layer K on, :mod:`.pdrop`), ``large_only`` (no pruning, no
             guide) or ``guide_only`` (always the guide's answer).
-        prune_layer: K = int(L * prune_layer), in [0, 1).
-        keep_ratio: fraction of visual tokens kept from layer K on, in (0, 1].
+        prune_layer: K = int(L * prune_layer), in [0, 1); 0 for the methods of :data:`BEFORE_LM`.
+        keep_ratio: fraction of visual tokens kept from layer K on, in (0, 1] (for ``pdrop`` the
+            average over layers >= K of its stages' fractions).
         exit_threshold: exit when (confidence + consistency) / 2 >= threshold, in [0, 1];
             ``None`` never exits.
         consistency_ratio: visual tokens kept in the consistency pass, in (0, 1].
@@ -41,6 +48,13 @@ class SGLSettings:
             (the official arithmetic: eager probabilities in the model dtype, summed in it per forward,
             then across forwards; reproduces the official rankings on bf16, where near-ties round
             differently).
+        skip_units: when the large model drops tokens before its first layer (K = 0, or unit
+            selection), its vision tower encodes only the units a kept token reads (exact).
+        keep_units: unit selection: keep every token of the N units (tiles, crops, images) with
+            the largest guide importance mass from layer 0 on (``sgl`` only); from layer K on
+            (``prune_layer``) only the top ``keep_ratio`` of those tokens by the same importance
+            (two stages when K > 0). ``None``: token selection.
+        keep_global_view: with ``keep_units``, the thumbnail / base image is kept besides the N.
     """
 
     method: str = "sgl"
@@ -50,6 +64,9 @@ class SGLSettings:
     consistency_ratio: float = 0.05
     seed: int = 0
     importance_precision: str = "fp32"
+    skip_units: bool = True
+    keep_units: int | None = None
+    keep_global_view: bool = True
     draft: str | None = None
     draft_tokens: int = 4
 
@@ -61,12 +78,29 @@ class SGLSettings:
         _check_range("prune_layer", self.prune_layer, 0.0, 1.0, low_open=False, high_open=True)
         _check_range("keep_ratio", self.keep_ratio, 0.0, 1.0, low_open=True, high_open=False)
         _check_range("consistency_ratio", self.consistency_ratio, 0.0, 1.0, low_open=True, high_open=False)
+        if self.keep_units is not None:
+            if (
+                isinstance(self.keep_units, bool)
+                or not isinstance(self.keep_units, int)
+                or self.keep_units < 1
+            ):
+                raise ValueError(f"keep_units={self.keep_units!r} must be a whole number >= 1")
+            if self.method != "sgl":
+                raise ValueError(
+                    f"keep_units={self.keep_units} ranks units by the guide's importance; "
+                    f"method={self.method!r} has none (allowed with method 'sgl')"
+                )
         if self.draft is not None:
             if self.draft not in DRAFT_SOURCES:
                 raise ValueError(f"draft={self.draft!r} is not one of {DRAFT_SOURCES} (or None)")
             if self.method not in DRAFT_METHODS:
                 raise ValueError(
                     f"draft={self.draft!r} applies to method in {DRAFT_METHODS}, got {self.method!r}"
+                )
+            if self.keep_units is not None:
+                raise ValueError(
+                    f"draft={self.draft!r} verifies drafts on a single keep plan; keep_units="
+                    f"{self.keep_units} prunes in stages (drop keep_units or draft)"
                 )
         if (
             isinstance(self.draft_tokens, bool)
@@ -78,6 +112,11 @@ class SGLSettings:
             _check_range("exit_threshold", self.exit_threshold, 0.0, 1.0, low_open=False, high_open=False)
             if self.method != "sgl":
                 raise ValueError(f"exit_threshold applies to method='sgl' only, got method={self.method!r}")
+        if self.method in BEFORE_LM and self.prune_layer != 0:
+            raise ValueError(
+                f"method={self.method!r} prunes before the language model (K = 0); "
+                f"prune_layer={self.prune_layer!r} is not allowed (omit it or give 0)"
+            )
 
     @staticmethod
     def preset(token_ratio_preset: float) -> tuple[float, float]:
@@ -100,15 +139,26 @@ class SGLSettings:
         """The paper's presets: 0.64 / 0.35 / 0.09 -> (prune_layer, keep_ratio) (0.4, 0.4) / (0.2, 0.2) /
         (0.05, 0.05)."""
         prune_layer, keep_ratio = cls.preset(token_ratio_preset)
+        if kwargs.get("method") in BEFORE_LM:  # K = 0: keep the preset's ratio of the tokens
+            return cls(prune_layer=0.0, keep_ratio=token_ratio_preset, **kwargs)
         return cls(prune_layer=prune_layer, keep_ratio=keep_ratio, **kwargs)
 
     @property
     def prunes(self) -> bool:
-        return self.method in ("sgl", "fastv", "random")
+        return self.method in ("sgl", "fastv", "random", "divprune", "visionzip", "pdrop")
 
     @property
     def uses_guide(self) -> bool:
         return self.method in ("sgl", "guide_only")
+
+    def skips_units(self, num_layers: int) -> bool:
+        """Whether the large model's unkept tokens never reach its first layer, so unit skipping
+        is exact (a plan known before the vision tower runs: not FastV's)."""
+        return (
+            self.skip_units
+            and self.method in ("sgl", "random")
+            and (self.keep_units is not None or self.layer_k(num_layers) == 0)
+        )
 
     @property
     def needs_guide(self) -> bool:
@@ -117,14 +167,15 @@ class SGLSettings:
 
     def layer_k(self, num_layers: int) -> int:
         k = prune_layer_index(num_layers, self.prune_layer)
-        if self.method == "fastv" and k < 1:
+        if self.method in OWN_ATTENTION and k < 1:
             raise ValueError(
-                f"method='fastv' ranks at layer K-1 and needs K >= 1; "
+                f"method={self.method!r} ranks at layer K-1 and needs K >= 1; "
                 f"prune_layer={self.prune_layer} gives K=0 for {num_layers} layers"
             )
         return k
 
     def expected_token_ratio(self, num_layers: int) -> float:
+        """The layer-averaged ratio these settings aim at (PDrop's stages average to the same)."""
         if not self.prunes:
             return 1.0
         return token_ratio(self.layer_k(num_layers), num_layers, self.keep_ratio)

@@ -7,20 +7,25 @@ the pipeline with the unpruned large model on the same requests and the same ans
 
 from __future__ import annotations
 
-from dataclasses import replace
-
-from lmms_sgl.families.base import LoadedVLM
+from lmms_sgl.families.base import LoadedVLM, Prompt
 from lmms_sgl.method import cost
 from lmms_sgl.method.selection import keep_count
+from lmms_sgl.method.stages import Stages, staged_generation_flops
 from lmms_sgl.pipeline.records import Sample, SampleRecord
 
 
 def layout(loaded: LoadedVLM, inputs: dict, samples: list[Sample]) -> tuple[list, list, list]:
     """Per sample: visual-token count, real (unpadded) prompt length, vision-tower FLOPs."""
-    n_visual = (inputs["input_ids"] == loaded.image_token_id).sum(1).tolist()
+    n_visual = loaded.visual_mask(inputs["input_ids"]).sum(1).tolist()
     real = inputs["attention_mask"].sum(1).tolist()
-    vision = loaded.family.vision_flops(loaded, inputs, [len(s.prompt.images) for s in samples], n_visual)
-    return n_visual, real, vision
+    return n_visual, real, vision_cost(loaded, inputs, [s.prompt for s in samples], n_visual)
+
+
+def vision_cost(loaded: LoadedVLM, inputs: dict, prompts: list[Prompt], n_visual: list[int]) -> list[int]:
+    """Vision-tower FLOPs per sample: its images' and its videos'."""
+    images = loaded.family.vision_flops(loaded, inputs, [len(p.images) for p in prompts], n_visual)
+    videos = loaded.family.video_flops(loaded, inputs, [len(p.videos) for p in prompts])
+    return [i + v for i, v in zip(images, videos, strict=True)]
 
 
 def guide_flops(
@@ -54,19 +59,14 @@ def pruned_large_flops(
     vision: float,
     prompt: int,
     answer: int,
-    layer_k: int,
     n_visual: int,
-    kept_visual: int,
-    fastv: bool,
+    stages: Stages,
+    selection: float = 0.0,
 ) -> float:
-    """The large model with ``kept_visual`` of ``n_visual`` tokens from layer K on; FastV adds its
-    one recorded query row in one layer."""
-    shape = large.text_shape
-    pruned = prompt - n_visual + kept_visual
-    flops = vision + cost.generation_flops(shape, prompt, answer, layer_k, pruned)
-    if fastv:
-        flops += cost.recording_flops(replace(shape, num_layers=1), prompt, 1, 0)
-    return flops
+    """The large model generating ``answer`` tokens with its layers seeing what ``stages`` kept
+    (``[(K, kept)]`` for single-layer pruning), plus the method's own ``selection`` work (FastV's
+    recorded row, DivPrune's distances...)."""
+    return vision + staged_generation_flops(large.text_shape, prompt, n_visual, answer, stages) + selection
 
 
 def reference_cost(large: LoadedVLM, samples: list[Sample], records: list[SampleRecord]) -> None:
@@ -84,7 +84,7 @@ def large_prefill_flops(large: LoadedVLM, sample: Sample, continuation_tokens: i
     """FLOPs of the unpruned large model scoring the same prompt and continuation (used when
     another model scored it, so the large model's own tokenization must be counted)."""
     inputs = large.family.build_batch(large, [sample.prompt])
-    n_visual = int((inputs["input_ids"] == large.image_token_id).sum())
+    n_visual = int(large.visual_mask(inputs["input_ids"]).sum())
     length = inputs["input_ids"].shape[1] + continuation_tokens
-    vision = large.family.vision_flops(large, inputs, [len(sample.prompt.images)], [n_visual])[0]
+    vision = vision_cost(large, inputs, [sample.prompt], [n_visual])[0]
     return vision + cost.prefill_flops(large.text_shape, length, logits=length)

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import torch
 
 from lmms_sgl.families.base import LoadedVLM
-from lmms_sgl.method import cost
 from lmms_sgl.method.early_exit import exit_score, should_exit
 from lmms_sgl.method.guide import answer_lengths, consistency_pass, run_guide
 from lmms_sgl.method.importance import prompt_rows_from_last_visual
 from lmms_sgl.method.settings import SGLSettings
-from lmms_sgl.pipeline import accounting
+from lmms_sgl.method.stages import staged_token_ratio
+from lmms_sgl.pipeline import accounting, vision_units
 from lmms_sgl.pipeline.drafting import GuideDrafts, drafted_generate, drafts_from_run, record_drafting
 from lmms_sgl.pipeline.keep_plans import KeepPlanner
 from lmms_sgl.pipeline.records import GuideScores, Sample, SampleRecord, layout_text
@@ -103,7 +103,7 @@ def guide_step(
     :class:`GuideDrafts`) and whether it may exit."""
     start = time.perf_counter()
     inputs = guide.family.build_batch(guide, [s.prompt for s in samples])
-    visual = inputs["input_ids"] == guide.image_token_id
+    visual = guide.visual_mask(inputs["input_ids"])
     run = run_guide(
         guide.model,
         guide.text_model,
@@ -137,6 +137,7 @@ def guide_step(
         record.extra["guide_flops"] = flops
         record.extra["guide_layout"] = layout_text(boxes[b])
         record.output_tokens = length  # replaced by the large model's if it runs
+        record.input_tokens = real[b]
     drafts = drafts_from_run(guide, run) if drafting else None
     return [GuideScores(v, box, drafts) for v, box in zip(run.importance, boxes, strict=True)], exited
 
@@ -156,9 +157,9 @@ def large_step(
     token by token (``lmms_sgl.pipeline.drafting``), with the same answers."""
     start = time.perf_counter()
     inputs = large.family.build_batch(large, [s.prompt for s in samples])
-    visual = inputs["input_ids"] == large.image_token_id
+    visual = large.visual_mask(inputs["input_ids"])
     extra = {"stop_strings": list(gen.until), "tokenizer": large.tokenizer} if gen.until else {}
-    plan, drafted = None, None
+    plan, use, drafted = None, None, None
 
     def answer():
         nonlocal drafted
@@ -172,7 +173,7 @@ def large_step(
         if prune:
             with planner.pruned(samples, records, inputs, visual, scores) as pruner:
                 sequences = answer()
-                plan = pruner.plan
+                plan, use = pruner.plan, planner.unit_use
         else:
             sequences = answer()
     seconds = (time.perf_counter() - start) / len(samples)
@@ -181,7 +182,11 @@ def large_step(
     generated = sequences[:, prompt_length:]
     lengths = answer_lengths(generated, large.stop_token_ids, large.tokenizer, gen.until).tolist()
     n_visual, real, vision = accounting.layout(large, inputs, samples)
+    if use is None:
+        units = large.family.visual_units(large, inputs, [s.prompt for s in samples])
+        use = vision_units.full_use(units, vision)
     for b, record in enumerate(records):
+        vision_units.record_use(record, use[b])
         text = large.tokenizer.decode(generated[b, : lengths[b]], skip_special_tokens=True)
         record.answer = truncate_at(text, gen.until)
         record.reached_large = True
@@ -190,6 +195,7 @@ def large_step(
                 large, vision[b], real[b], max(record.output_tokens, 1)
             )
         record.output_tokens = lengths[b]
+        record.input_tokens = real[b]
         record.large_seconds = seconds
         record.total_visual = n_visual[b]
         record.num_layers = large.num_layers
@@ -202,24 +208,25 @@ def large_step(
         else:
             record.kept_visual = plan.kept_visual[b]
             record.layer_k = planner.layer_k
+            stages = planner.stages(b)
+            if len(stages) > 1:
+                record.extra["stages"] = stages
             large_flops = accounting.pruned_large_flops(
                 large,
-                vision[b],
+                vision[b] if use[b] is None else use[b].vision_flops,
                 real[b],
                 lengths[b],
-                planner.layer_k,
                 n_visual[b],
-                plan.kept_visual[b],
-                fastv=planner.settings.method == "fastv",
+                stages,
+                planner.selection_flops(b, real[b], n_visual[b]),
             )
         if drafted is not None:  # every verification forward instead of one decode step per token
             pruned = real[b] - n_visual[b] + record.kept_visual
+            encoded = vision[b] if use[b] is None else use[b].vision_flops
             large_flops = record_drafting(
-                large, drafts.guide, drafted, record, b, vision[b], real[b], record.layer_k, pruned
+                large, drafts.guide, drafted, record, b, encoded, real[b], record.layer_k, pruned
             )
         record.flops += large_flops
         if n_visual[b]:
-            layer_k = record.layer_k or 0  # no plan: every visual token kept, ratio 1
-            record.token_ratio = cost.measured_token_ratio(
-                layer_k, large.num_layers, record.kept_visual, n_visual[b]
-            )
+            stages = [] if plan is None else planner.stages(b)  # no plan: every visual token kept
+            record.token_ratio = staged_token_ratio(large.num_layers, n_visual[b], stages)

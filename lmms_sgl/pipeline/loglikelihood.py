@@ -16,7 +16,8 @@ from lmms_sgl.families.base import LoadedVLM
 from lmms_sgl.method import cost
 from lmms_sgl.method.importance import AttentionRecorder, prompt_rows_from_last_visual, visual_scores
 from lmms_sgl.method.settings import SGLSettings
-from lmms_sgl.pipeline import accounting
+from lmms_sgl.method.stages import staged_generation_flops, staged_token_ratio
+from lmms_sgl.pipeline import accounting, vision_units
 from lmms_sgl.pipeline.keep_plans import KeepPlanner
 from lmms_sgl.pipeline.records import GuideScores, Sample, SampleRecord, layout_text
 
@@ -37,14 +38,14 @@ def with_continuation(prompt_inputs: dict, continuation_ids: torch.Tensor) -> di
 def guide_prompt_importance(guide: LoadedVLM, sample: Sample) -> tuple[GuideScores, float]:
     """Importance from the guide's prompt alone (one forward, no answer), and its FLOPs."""
     inputs = guide.family.build_batch(guide, [sample.prompt])
-    visual = inputs["input_ids"] == guide.image_token_id
+    visual = guide.visual_mask(inputs["input_ids"])
     rows = prompt_rows_from_last_visual(visual, inputs["attention_mask"])
     recorder = AttentionRecorder(rows, visual_mask=visual)
     with recorder.active(), torch.no_grad():
         guide.model(**inputs, use_cache=False, logits_to_keep=1)
     length, n_visual = inputs["input_ids"].shape[1], int(visual.sum())
     flops = (
-        guide.family.vision_flops(guide, inputs, [len(sample.prompt.images)], [n_visual])[0]
+        accounting.vision_cost(guide, inputs, [sample.prompt], [n_visual])[0]
         + cost.prefill_flops(guide.text_shape, length)
         + cost.recording_flops(guide.text_shape, length, int(rows.sum()), 0)
     )
@@ -67,16 +68,16 @@ def score_continuation(
     record = SampleRecord(sample.task, sample.doc_id)
     start = time.perf_counter()
     text = scorer.family.prompt_text(scorer, sample.prompt)
-    prompt_inputs = scorer.family.encode(scorer, [text], sample.prompt.images)
+    prompt_inputs = scorer.family.encode(scorer, [text], sample.prompt.images, sample.prompt.videos)
     continuation_ids = scorer.tokenizer(continuation, add_special_tokens=False, return_tensors="pt").input_ids
     continuation_ids = continuation_ids.to(scorer.device)
     inputs = with_continuation(prompt_inputs, continuation_ids)
     input_ids = inputs["input_ids"]
     context_length = prompt_inputs["input_ids"].shape[1]
-    visual = input_ids == scorer.image_token_id
+    visual = scorer.visual_mask(input_ids)
     n_visual = int(visual.sum())
     prune = prune and scorer is large and n_visual > 0
-    plan, guide_flops = None, 0.0
+    plan, guide_flops, use = None, 0.0, None
     with torch.no_grad():
         if prune:
             scores = None
@@ -90,7 +91,7 @@ def score_continuation(
             fastv_rows[:, context_length - 1] = True  # FastV's query: the last context token
             with planner.pruned([sample], [record], inputs, visual, scores, fastv_rows) as pruner:
                 logits = scorer.model(**inputs, use_cache=False).logits
-                plan = pruner.plan
+                plan, use = pruner.plan, planner.unit_use
         else:
             logits = scorer.model(**inputs, use_cache=False).logits
     positions = torch.arange(context_length - 1, input_ids.shape[1] - 1, device=logits.device)
@@ -112,17 +113,24 @@ def score_continuation(
     record.num_layers = scorer.num_layers
     record.kept_visual = plan.kept_visual[0] if plan is not None else n_visual
     record.layer_k = planner.layer_k if plan is not None else None
+    stages = planner.stages(0) if plan is not None else []
+    if len(stages) > 1:
+        record.extra["stages"] = stages
     if n_visual and record.reached_large:
-        record.token_ratio = cost.measured_token_ratio(
-            record.layer_k or 0, scorer.num_layers, record.kept_visual, n_visual
-        )
+        record.token_ratio = staged_token_ratio(scorer.num_layers, n_visual, stages)
     length = input_ids.shape[1]
-    vision = scorer.family.vision_flops(scorer, inputs, [len(sample.prompt.images)], [n_visual])[0]
-    pruned = length - n_visual + record.kept_visual
+    record.input_tokens = length  # the prompt and the scored continuation
+    vision = accounting.vision_cost(scorer, inputs, [sample.prompt], [n_visual])[0]
+    if use is None and scorer is large:
+        use = vision_units.full_use(scorer.family.visual_units(scorer, inputs, [sample.prompt]), [vision])
+    vision_units.record_use(record, use[0] if use else None)
+    encoded = vision if not use or use[0] is None else use[0].vision_flops
+    selection = planner.selection_flops(0, length, n_visual) if plan is not None else 0.0
     record.flops = (
         guide_flops
-        + vision
-        + cost.prefill_flops(scorer.text_shape, length, record.layer_k, pruned, logits=length)
+        + encoded
+        + staged_generation_flops(scorer.text_shape, length, n_visual, 0, stages, logits=length)
+        + selection
     )
     if scorer is large:  # the unpruned reference scores exactly these inputs
         record.flops_large_alone = vision + cost.prefill_flops(scorer.text_shape, length, logits=length)

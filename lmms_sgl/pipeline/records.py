@@ -43,11 +43,16 @@ class SampleRecord:
     layer_k: int | None = None
     num_layers: int | None = None
     token_ratio: float | None = None
+    vision_units: int | None = None  # the large model's vision units (tiles, crops, images)
+    vision_units_encoded: int | None = None  # of which its vision tower encoded (unit skipping)
     flops: float = 0.0
     flops_large_alone: float = 0.0
     guide_seconds: float = 0.0
     large_seconds: float = 0.0
     output_tokens: int = 0
+    # prompt tokens (text + visual, unpadded) given to the model that answered; pruning shows in
+    # kept_visual / token_ratio, not here (lmms-eval's input_tokens, see README)
+    input_tokens: int = 0
     fallback: str | None = None
     extra: dict = field(default_factory=dict)
 

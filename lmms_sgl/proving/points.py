@@ -168,5 +168,6 @@ def summarize(payload: dict) -> dict:
         "token_ratio": sum(ratios) / len(ratios) if ratios else None,
         "flops_ratio": flops / alone if alone else None,
         "exit_rate": sum(bool(r["exited"]) for r in rows) / n,
+        "scores": {str(r["doc_id"]): r["exact_match"] for r in rows},  # for paired differences
         "by_type": {t: sum(v) / len(v) for t, v in sorted(by_type.items())},
     }

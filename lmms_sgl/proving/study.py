@@ -19,7 +19,8 @@ from pathlib import Path
 
 from loguru import logger
 
-from lmms_sgl.method.cost import PAPER_PRESETS, prune_layer_index
+from lmms_sgl.method.cost import PAPER_PRESETS, prune_layer_index, token_ratio
+from lmms_sgl.method.settings import BEFORE_LM
 from lmms_sgl.proving.points import (
     FAMILIES,
     TASK,
@@ -33,6 +34,9 @@ from lmms_sgl.proving.points import (
 
 TARGET_RATIOS = (0.64, 0.5, 0.35, 0.2, 0.09)
 PRUNING_METHODS = ("sgl", "fastv", "random")
+# The 2025 training-free methods beside them: DivPrune and VisionZip prune before the language model
+# (K = 0, keep ratio = the target ratio), PDrop in stages from the schedule's K.
+BASELINES_2025 = ("divprune", "visionzip", "pdrop")
 # How a point chooses K and the keep ratio for its target ratio:
 #   "K=1"     one schedule shared by every method: K = 1, keep ratio solved for the target;
 #   "K=0"     SGL pruning before the first layer (only a guide can rank there);
@@ -41,8 +45,10 @@ PRUNING_METHODS = ("sgl", "fastv", "random")
 SCHEDULES = ("K=1", "K=0", "preset")
 # The curves of each plot panel: the shared schedule (with SGL from layer 0), then the presets.
 PANELS = {
-    "shared schedule (K = 1)": (*PRUNING_METHODS, "sgl K=0"),
-    "paper presets (K = int(L x prune_layer))": tuple(f"{m} preset" for m in PRUNING_METHODS),
+    "shared schedule (K = 1)": (*PRUNING_METHODS, "sgl K=0", *BASELINES_2025),
+    "paper presets (K = int(L x prune_layer))": tuple(
+        f"{m} preset" for m in (*PRUNING_METHODS, *BASELINES_2025)
+    ),
 }
 EXIT_SWEEP_RATIO = 0.35
 NEVER = 1.0 + 1e-9  # an exit threshold no score reaches (scores lie in [0, 1])
@@ -61,6 +67,20 @@ def preset_points(family: str, num_layers: int) -> list[Point]:
             for m in PRUNING_METHODS
             if m != "fastv" or can_rank
         ]
+        out += baseline_points(family, num_layers, ratio, prune_layer, keep, "preset")
+    return out
+
+
+def baseline_points(
+    family: str, num_layers: int, ratio: float, prune_layer: float, keep: float, schedule_name: str
+) -> list[Point]:
+    """DivPrune and VisionZip at K = 0 keeping the layer-averaged ratio that (prune_layer, keep)
+    gives, PDrop at (prune_layer, keep) where K >= 1 (it ranks at layer K-1)."""
+    layer_k = prune_layer_index(num_layers, prune_layer)
+    before = token_ratio(layer_k, num_layers, keep)
+    out = [Point(family, m, 0.0, before, target_ratio=ratio, schedule=schedule_name) for m in BEFORE_LM]
+    if layer_k >= 1:
+        out.append(Point(family, "pdrop", prune_layer, keep, target_ratio=ratio, schedule=schedule_name))
     return out
 
 
@@ -71,6 +91,7 @@ def points(family: str, num_layers: int) -> list[Point]:
     for ratio in TARGET_RATIOS:
         prune_layer, keep = schedule(ratio, num_layers)
         out += [Point(family, m, prune_layer, keep, target_ratio=ratio) for m in PRUNING_METHODS]
+        out += baseline_points(family, num_layers, ratio, prune_layer, keep, "K=1")
         from_zero = schedule(ratio, num_layers, layer_k=0)
         out.append(Point(family, "sgl", *from_zero, target_ratio=ratio, schedule="K=0"))
     return out + preset_points(family, num_layers)
@@ -136,7 +157,7 @@ def plot_accuracy_vs_ratio(summaries: dict[str, list[dict]], path: Path) -> None
     )
     for row_axes, (family, rows) in zip(axes, summaries.items(), strict=True):
         for ax, (panel, names) in zip(row_axes, PANELS.items(), strict=True):
-            for name, marker in zip(names, "osv^", strict=False):
+            for name, marker in zip(names, "osv^DPX*", strict=False):
                 curve = sorted((r for r in rows if r["series"] == name), key=lambda r: r["token_ratio"])
                 ax.errorbar(
                     [100 * r["token_ratio"] for r in curve],

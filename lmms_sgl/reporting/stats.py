@@ -5,6 +5,9 @@ merge of ranks equals a single-process run over the same samples.
 
 * ``visual_token_ratio``: layer-averaged visual tokens the large model processed over the visual
   tokens it was given, summed over samples that reached it (sum_s r_s * n_s / sum_s n_s).
+* ``vision_units_ratio``: vision units (tiles, crops, images) the large model's vision tower
+  encoded over the units of its inputs, summed over samples that reached it (below 1 only with
+  unit skipping, ``skip_units``).
 * ``exit_rate`` / ``large_call_rate``: share of samples answered by the guide / by the large model.
 * ``flops_ratio``: pipeline FLOPs (guide, consistency pass, pruned large model) over the FLOPs of
   the unpruned large model alone on the same samples.
@@ -35,6 +38,8 @@ class Totals:
     exit_not_applied: int = 0
     visual_given: float = 0.0
     visual_processed: float = 0.0
+    units_given: int = 0
+    units_encoded: int = 0
     flops: float = 0.0
     flops_large_alone: float = 0.0
     guide_seconds: float = 0.0
@@ -57,6 +62,9 @@ class Totals:
         if record["reached_large"] and record["token_ratio"] is not None and record["total_visual"]:
             self.visual_given += record["total_visual"]
             self.visual_processed += record["token_ratio"] * record["total_visual"]
+        if record["reached_large"] and record.get("vision_units"):
+            self.units_given += record["vision_units"]
+            self.units_encoded += record["vision_units_encoded"]
         self.flops += record["flops"]
         self.flops_large_alone += record["flops_large_alone"]
         self.guide_seconds += record["guide_seconds"]
@@ -80,6 +88,7 @@ class Totals:
         return {
             "samples": self.samples,
             "visual_token_ratio": self.visual_processed / self.visual_given if self.visual_given else None,
+            "vision_units_ratio": self.units_encoded / self.units_given if self.units_given else None,
             "exit_rate": self.exited / n,
             "large_call_rate": self.reached_large / n,
             "flops_ratio": self.flops / self.flops_large_alone if self.flops_large_alone else None,
@@ -145,6 +154,7 @@ def format_table(summary: dict) -> str:
     columns = [
         "samples",
         "visual_token_ratio",
+        "vision_units_ratio",
         "exit_rate",
         "large_call_rate",
         "flops_ratio",

@@ -1,0 +1,124 @@
+"""DivPrune (Alvar et al., CVPR 2025, arXiv 2503.02175): keep the most *diverse* visual tokens.
+
+The paper casts pruning as a Max-Min Diversity Problem (its Sec. 3.2, Eq. 3-4): among the visual
+tokens X (the embeddings the language model receives, i.e. the projector's output) choose M tokens
+S maximising ``min_{x, y in S, x != y} d(x, y)`` with the cosine distance ``d = 1 - cos(x, y)``
+(Eq. 5). The problem is NP-hard; the paper solves it with the greedy algorithm of its Algorithm 1:
+
+* the first token is the one farthest from its own nearest neighbour (``argmax_i min_{j != i} d``);
+* every next token is the remaining one farthest from the already chosen set
+  (``argmax_{i not in S} min_{j in S} d(i, j)``), until M tokens are chosen.
+
+Pruning happens before the first decoder layer (K = 0); the kept tokens keep their original order
+and positions, as everywhere in this package. The selection costs one Gram matrix, 2 N^2 d FLOPs per
+sample (:func:`selection_flops`); the greedy loop's comparisons are not matrix products and are not
+counted, like softmax elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from lmms_sgl.method.selection import KeepPlan, keep_count, pack_positions
+
+
+def cosine_distances(features: torch.Tensor) -> torch.Tensor:
+    """``[N, N]`` pairwise ``1 - cos`` of the rows of ``features`` (fp32)."""
+    unit = torch.nn.functional.normalize(features.float(), dim=-1)
+    return 1.0 - unit @ unit.T
+
+
+def max_min_select(features: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices (in choice order) of ``count`` rows chosen greedily for max-min cosine diversity."""
+    n = features.shape[0]
+    if not 0 <= count <= n:
+        raise ValueError(f"cannot choose {count} of {n} tokens")
+    if count == 0:
+        return torch.zeros(0, dtype=torch.long, device=features.device)
+    distance = cosine_distances(features)
+    if n == 1:
+        return torch.zeros(1, dtype=torch.long, device=features.device)
+    own = torch.eye(n, dtype=torch.bool, device=distance.device)
+    nearest = distance.masked_fill(own, float("inf")).min(dim=1).values  # distance to the nearest other
+    chosen = [int(nearest.argmax())]
+    to_set = distance[chosen[0]].clone()  # each token's distance to the chosen set
+    taken = torch.zeros(n, dtype=torch.bool, device=distance.device)
+    taken[chosen[0]] = True
+    for _ in range(count - 1):
+        pick = int(to_set.masked_fill(taken, float("-inf")).argmax())
+        chosen.append(pick)
+        taken[pick] = True
+        to_set = torch.minimum(to_set, distance[pick])
+    return torch.tensor(chosen, dtype=torch.long, device=features.device)
+
+
+def divprune_plan(
+    embeds: torch.Tensor, visual_mask: torch.Tensor, attention_mask: torch.Tensor, keep_ratio: float
+) -> KeepPlan:
+    """Per sample, the ``keep_count`` most diverse visual tokens of ``embeds`` ``[B, P, d]`` plus every
+    real text token, in original order."""
+    kept, kept_visual, total_visual = [], [], []
+    for b in range(visual_mask.shape[0]):
+        visual_positions = visual_mask[b].nonzero().flatten()
+        text_positions = (attention_mask[b].bool() & ~visual_mask[b]).nonzero().flatten()
+        n_visual = len(visual_positions)
+        count = keep_count(n_visual, keep_ratio)
+        if count == n_visual:  # nothing to drop: no selection (and no selection cost)
+            chosen = visual_positions
+        else:
+            picks = max_min_select(embeds[b, visual_positions.to(embeds.device)], count).cpu()
+            chosen = visual_positions[picks]
+        kept.append(torch.sort(torch.cat([text_positions, chosen.to(text_positions.device)])).values)
+        kept_visual.append(count)
+        total_visual.append(n_visual)
+    index, valid = pack_positions(kept, visual_mask.shape[1])
+    return KeepPlan(index, valid, visual_mask.shape[1], tuple(kept_visual), tuple(total_visual))
+
+
+class InputEmbeddingTap:
+    """The embeddings a text model receives in its prefill (``inputs_embeds``: text embeddings with
+    the projector's output at the visual positions), read by a forward pre-hook on the text model."""
+
+    def __init__(self, text_model: nn.Module):
+        self.text_model = text_model
+        self.embeds: torch.Tensor | None = None
+
+    @contextmanager
+    def active(self) -> Iterator[InputEmbeddingTap]:
+        handle = self.text_model.register_forward_pre_hook(self._hook, with_kwargs=True)
+        try:
+            yield self
+        finally:
+            handle.remove()
+
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            raise RuntimeError(
+                f"{type(module).__name__} was called without inputs_embeds; DivPrune reads the visual "
+                "embeddings the text model receives"
+            )
+        if self.embeds is None or embeds.shape[1] > 1:  # the prefill, not a decode step
+            self.embeds = embeds
+
+
+def divprune_plan_source(
+    tap: InputEmbeddingTap, visual_mask: torch.Tensor, attention_mask: torch.Tensor, keep_ratio: float
+) -> Callable[[], KeepPlan]:
+    """The plan, computed when the first decoder layer starts, from the embeddings the tap read."""
+
+    def plan() -> KeepPlan:
+        if tap.embeds is None:
+            raise RuntimeError("DivPrune: the text model's input embeddings were not read")
+        return divprune_plan(tap.embeds, visual_mask.to(tap.embeds.device), attention_mask, keep_ratio)
+
+    return plan
+
+
+def selection_flops(n_visual: int, kept: int, width: int) -> int:
+    """The Gram matrix of the visual embeddings, 2 N^2 d; nothing when every token is kept."""
+    return 0 if kept >= n_visual else 2 * n_visual * n_visual * width

@@ -1,0 +1,355 @@
+"""DivPrune, VisionZip and PDrop: each keep set equals a straightforward reference of its rule, alone
+and in a batch; the no-op setting equals the unpruned model; bad input fails before loading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmms_sgl.families import InternVLFamily, LlavaFamily
+from lmms_sgl.method import cost
+from lmms_sgl.method.divprune import InputEmbeddingTap, divprune_plan_source
+from lmms_sgl.method.importance import ATTENTION_NAME
+from lmms_sgl.method.pdrop import StagedPruner, drop_layers, stage_fraction
+from lmms_sgl.method.pruning import VisualTokenPruner, decoder_layers
+from lmms_sgl.method.selection import KeepPlan, keep_count, plan_from_scores
+from lmms_sgl.method.settings import SGLSettings
+from lmms_sgl.method.stages import compose, staged_generation_flops, staged_token_ratio
+from lmms_sgl.method.visionzip import VISION_ATTENTION_NAME, ContextualMerge, VisionZipRecorder, split_counts
+from lmms_sgl.pipeline import SGLPipeline
+from tests.helpers import batch, greedy, load
+from tests.test_pipeline import GEN, answers, samples
+
+RATIO = 0.25
+
+
+def visual_sets(plan: KeepPlan, visual: torch.Tensor) -> list[list[int]]:
+    """Per sample, the ordinals (among its visual tokens) the plan keeps: padding-independent."""
+    out = []
+    for b in range(visual.shape[0]):
+        kept = set(plan.index[b][plan.valid[b]].tolist())
+        out.append([i for i, p in enumerate(visual[b].nonzero().flatten().tolist()) if p in kept])
+    return out
+
+
+def noise_batch(processor, indices=(0, 1)):
+    """Two prompts with noise images (one tile each): distinct tokens, no exact ties."""
+    from PIL import Image
+
+    from tests.helpers import QUESTIONS, prompt
+
+    generator = torch.Generator().manual_seed(7)
+    images = [
+        Image.fromarray(torch.randint(0, 256, (448, 448, 3), generator=generator, dtype=torch.uint8).numpy())
+        for _ in range(2)
+    ]
+    texts = [prompt(processor, QUESTIONS[i]) for i in indices]
+    return processor(images=[images[i] for i in indices], text=texts, return_tensors="pt", padding=True)
+
+
+def alone_and_batched(processor, run, make=batch):
+    """``run(inputs)`` -> visual sets, on the batch of samples 0 and 1 and on each alone."""
+    together = run(make(processor, (0, 1)))
+    alone = [run(make(processor, (i,)))[0] for i in (0, 1)]
+    return together, alone
+
+
+# -- DivPrune ----------------------------------------------------------------------------------
+def greedy_max_min(features: torch.Tensor, count: int) -> list[int]:
+    """Algorithm 1 of the paper spelled out: pairwise cosine distances, then the token farthest from
+    its nearest neighbour, then repeatedly the one farthest from the chosen set."""
+    f = features.double()
+    d = 1 - torch.nn.functional.cosine_similarity(f[:, None, :], f[None, :, :], dim=-1)
+    n = d.shape[0]
+    others = d + torch.diag(torch.full((n,), float("inf"), dtype=d.dtype))
+    chosen = [int(others.min(1).values.argmax())]
+    while len(chosen) < count:
+        rest = [i for i in range(n) if i not in chosen]
+        to_chosen = d[rest][:, chosen].min(1).values
+        chosen.append(rest[int(to_chosen.argmax())])
+    return sorted(chosen)
+
+
+@pytest.mark.parametrize("family", ["llava", "internvl"])
+def test_divprune_keeps_the_greedy_max_min_set_alone_and_in_a_batch(models_dir, family):
+    model, processor = load(models_dir / f"{family}-large")
+    text_model = model.model.language_model
+
+    def run(inputs):
+        visual = inputs.input_ids == model.config.image_token_id
+        with torch.no_grad():  # the embeddings the LM receives, read independently
+            embeds = model(**inputs, output_hidden_states=True).hidden_states[0]
+        expected = []
+        for b in range(visual.shape[0]):
+            rows = embeds[b][visual[b]]
+            expected.append(greedy_max_min(rows, keep_count(len(rows), RATIO)))
+        tap = InputEmbeddingTap(text_model)
+        pruner = VisualTokenPruner(text_model, 0)
+        with tap.active(), pruner.installed():
+            pruner.arm(divprune_plan_source(tap, visual, inputs.attention_mask, RATIO))
+            greedy(model, inputs, 2)
+            plan = pruner.plan
+        assert torch.allclose(tap.embeds, embeds)
+        assert visual_sets(plan, visual) == expected
+        return visual_sets(plan, visual)
+
+    together, alone = alone_and_batched(processor, run, noise_batch)
+    assert together == alone and all(len(s) for s in together)
+
+
+def test_divprune_selection_matches_the_reference_loop_on_random_vectors():
+    torch.manual_seed(0)
+    features = torch.randn(40, 8)
+    from lmms_sgl.method.divprune import max_min_select
+
+    assert sorted(max_min_select(features, 9).tolist()) == greedy_max_min(features, 9)
+
+
+# -- PDrop -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["llava", "internvl"])
+def test_pdrop_stages_follow_the_last_token_attention_read_with_output_attentions(models_dir, family):
+    path = models_dir / f"{family}-large"
+    model, processor = load(path, {"text_config": ATTENTION_NAME, "vision_config": "sdpa"})
+    eager, _ = load(path, "eager")
+    layers = drop_layers(4, 1)
+    fraction = stage_fraction(layers, 4, 0.3)
+    assert layers == [1, 2, 3] and 0 < fraction < 1
+
+    def reference(inputs) -> KeepPlan:
+        """Stage by stage: the eager model pruned by the stages so far, its attentions read with
+        output_attentions at the layer before the next drop, top-k by the last row."""
+        visual = inputs.input_ids == model.config.image_token_id
+        plans: list[tuple[int, KeepPlan]] = []
+        composed = None
+        for layer in layers:
+            pruners = [VisualTokenPruner(eager.model.language_model, at) for at, _ in plans]
+            for pruner, (_, plan) in zip(pruners, plans, strict=True):
+                pruner.install()
+                pruner.arm(plan)
+            try:
+                with torch.no_grad():
+                    attentions = eager(**inputs, output_attentions=True).attentions
+            finally:
+                for pruner in pruners:
+                    pruner.remove()
+            row = attentions[layer - 1][:, :, -1, :].sum(1)
+            vis = visual if composed is None else visual.gather(1, composed.index) & composed.valid
+            real = inputs.attention_mask.bool() if composed is None else composed.valid
+            plan = plan_from_scores([row[b][vis[b]] for b in range(row.shape[0])], vis, real, fraction)
+            plans.append((layer, plan))
+            composed = plan if composed is None else compose(composed, plan)
+        return composed
+
+    def run(inputs):
+        visual = inputs.input_ids == model.config.image_token_id
+        staged = StagedPruner(model.model.language_model, layers, fraction)
+        with staged.installed():
+            with staged.arm(visual, inputs.attention_mask, None).active():
+                out = greedy(model, inputs, 3)
+                plan = staged.plan
+                counts = [kept for _, kept in staged.stages(0)]
+        expected = reference(inputs)
+        assert torch.equal(plan.index, expected.index) and torch.equal(plan.valid, expected.valid)
+        assert counts == sorted(counts, reverse=True) and counts[-1] < counts[0]
+        assert out.shape[1] == inputs.input_ids.shape[1] + 3
+        return visual_sets(plan, visual)
+
+    together, alone = alone_and_batched(processor, run)
+    assert together == alone
+
+
+def test_pdrop_stage_fraction_reaches_the_layer_averaged_ratio():
+    for layers, total, keep in (([8, 16, 24], 32, 0.25), ([1, 4, 8], 12, 0.127), ([1, 2, 3], 4, 0.5)):
+        fraction = stage_fraction(layers, total, keep)
+        ends = [*layers[1:], total]
+        average = sum(
+            (e - s) * fraction ** (i + 1) for i, (s, e) in enumerate(zip(layers, ends, strict=True))
+        )
+        assert average / (total - layers[0]) == pytest.approx(keep, abs=1e-9)
+    assert stage_fraction([8, 16, 24], 32, 1.0) == 1.0
+    # the paper's default (drops at 8, 16, 24 of 32, lambda = 0.5) is layer-averaged 46.9 %
+    stages = [(8, 288), (16, 144), (24, 72)]
+    assert staged_token_ratio(32, 576, stages) == pytest.approx((8 + 8 * (0.5 + 0.25 + 0.125)) / 32)
+    assert drop_layers(32, 8) == [8, 16, 24]
+
+
+def test_one_stage_costs_what_the_single_layer_formula_says():
+    from lmms_sgl.method.cost import TransformerShape
+
+    shape = TransformerShape(12, 64, 4, 2, 16, 192, True, 1000)
+    for k, kept in ((1, 30), (0, 5), (6, 200)):
+        assert staged_generation_flops(shape, 300, 256, 7, [(k, kept)]) == cost.generation_flops(
+            shape, 300, 7, k, 300 - 256 + kept
+        )
+        assert staged_token_ratio(12, 256, [(k, kept)]) == pytest.approx(
+            cost.measured_token_ratio(k, 12, kept, 256)
+        )
+
+
+# -- VisionZip ---------------------------------------------------------------------------------
+def test_visionzip_keeps_the_cls_dominant_and_uniform_targets_read_with_output_attentions(models_dir):
+    path = models_dir / "llava-large"
+    model, processor = load(path, {"text_config": "sdpa", "vision_config": VISION_ATTENTION_NAME})
+    eager, _ = load(path, "eager")
+    family = LlavaFamily()
+
+    class Loaded:  # what visionzip_parts reads of a LoadedVLM
+        def __init__(self, m):
+            self.model = m
+
+    parts = family.visionzip_parts(Loaded(model))
+    layer = len(model.model.vision_tower.encoder.layers) - 1  # vision_feature_layer = -1
+
+    def reference(inputs):
+        """CLS row of the last vision layer (eager output_attentions), heads averaged; targets every
+        (R // K_c)-th remaining token; members by cosine similarity of that layer's keys."""
+        tower = eager.model.vision_tower
+        with torch.no_grad():
+            out = tower(inputs.pixel_values, output_attentions=True, output_hidden_states=True)
+            attn = out.attentions[layer][:, :, 0, 1:].mean(1)  # [images, patches]
+            block = tower.encoder.layers[layer]
+            keys = block.self_attn.k_proj(block.layer_norm1(out.hidden_states[layer]))[:, 1:]
+            features = out.hidden_states[-1][:, 1:]
+        per_image = []
+        for image in range(attn.shape[0]):
+            n = attn.shape[1]
+            dominant_count, contextual_count = split_counts(keep_count(n, RATIO))
+            dominant = set(torch.topk(attn[image], dominant_count).indices.tolist())
+            rest = [i for i in range(n) if i not in dominant]
+            step = max(1, len(rest) // contextual_count)
+            targets = rest[::step][:contextual_count]
+            groups = {t: [t] for t in targets}
+            for i in rest:
+                if i not in targets:
+                    sims = [torch.cosine_similarity(keys[image, i], keys[image, t], dim=0) for t in targets]
+                    groups[targets[int(torch.stack(sims).argmax())]].append(i)
+            means = {t: features[image, members].mean(0) for t, members in groups.items()}
+            per_image.append((sorted(dominant | set(targets)), means))
+        return per_image
+
+    def run(inputs):
+        visual = inputs.input_ids == model.config.image_token_id
+        recorder = VisionZipRecorder(parts)
+        merge = ContextualMerge(recorder, visual, inputs.attention_mask, RATIO)
+        pruner = VisualTokenPruner(model.model.language_model, 0)
+        with (
+            recorder.active(),
+            pruner.installed(),
+            merge.writing(decoder_layers(model.model.language_model)[0]),
+        ):
+            pruner.arm(merge.source())
+            greedy(model, inputs, 2)
+            plan = pruner.plan
+        sets = visual_sets(plan, visual)
+        expected = reference(inputs)
+        assert sets == [kept for kept, _ in expected]
+        for b, (_, means) in enumerate(expected):
+            positions = visual[b].nonzero().flatten()
+            for target, mean in means.items():
+                assert torch.allclose(merge.merged[(b, int(positions[target]))], mean, atol=1e-5)
+        return sets
+
+    together, alone = alone_and_batched(processor, run)
+    assert together == alone
+
+
+# -- through the pipeline: no-op settings, batches, costs ----------------------------------------
+FAMILIES = {"internvl": InternVLFamily, "llava": LlavaFamily}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def large(request, models_dir):
+    family = FAMILIES[request.param](max_tiles=2)  # still several tiles, at a third of the tokens
+    return family.load(
+        str(models_dir / f"{request.param}-large"),
+        dtype=torch.float32,
+        device_map="cpu",
+        text_attention=ATTENTION_NAME,
+        vision_attention=VISION_ATTENTION_NAME,
+    )
+
+
+SETTINGS = {
+    "divprune": {"prune_layer": 0.0},
+    "visionzip": {"prune_layer": 0.0},
+    "pdrop": {"prune_layer": 0.3},
+}
+
+
+@pytest.fixture(scope="module")
+def unpruned(large) -> tuple[list[str], float]:
+    """The unpruned large model's answers and log-likelihood, computed once per family."""
+    alone = SGLPipeline(large, None, SGLSettings(method="large_only"))
+    (loss, _), _ = alone.loglikelihood(samples()[0], " red")
+    return answers(alone.generate(samples(), GEN)), loss
+
+
+@pytest.mark.parametrize("method", sorted(SETTINGS))
+def test_keep_ratio_one_equals_the_unpruned_model(large, unpruned, method):
+    full = SGLPipeline(large, None, SGLSettings(method=method, keep_ratio=1.0, **SETTINGS[method]))
+    records = full.generate(samples(), GEN)
+    reference_answers, reference_loss = unpruned
+    assert answers(records) == reference_answers
+    assert all(r.fallback is None and r.token_ratio == 1.0 for r in records if r.total_visual)
+    (loss, _), _ = full.loglikelihood(samples()[0], " red")
+    assert loss == pytest.approx(reference_loss, abs=1e-4)
+
+
+@pytest.mark.parametrize("method", sorted(SETTINGS))
+def test_pipeline_batch_equals_one_by_one_and_costs_less(large, method):
+    pipeline = SGLPipeline(large, None, SGLSettings(method=method, keep_ratio=0.2, **SETTINGS[method]))
+    together = pipeline.generate(samples(), GEN)
+    alone = [pipeline.generate([s], GEN)[0] for s in samples()]
+    assert answers(together) == answers(alone)
+    for a, b in zip(together, alone, strict=True):
+        assert a.kept_visual == b.kept_visual and a.flops == pytest.approx(b.flops)
+        assert a.fallback is None
+    for record in together[:3]:
+        assert record.kept_visual < record.total_visual and record.flops < record.flops_large_alone
+        target = SGLSettings(method=method, keep_ratio=0.2, **SETTINGS[method]).expected_token_ratio(4)
+        assert record.token_ratio == pytest.approx(target, abs=0.03)
+
+
+# -- bad input -----------------------------------------------------------------------------------
+def test_methods_reject_settings_they_cannot_honour():
+    with pytest.raises(
+        ValueError, match=r"method='divprune' prunes before the language model.*prune_layer=0.2"
+    ):
+        SGLSettings(method="divprune", prune_layer=0.2)
+    with pytest.raises(ValueError, match=r"method='pdrop' ranks at layer K-1 and needs K >= 1"):
+        SGLSettings(method="pdrop", prune_layer=0.0).layer_k(12)
+    from lmms_sgl.lmms.args import parse_model_args
+
+    args = parse_model_args(pretrained="big", method="visionzip", token_ratio=0.35)
+    assert (args.settings.prune_layer, args.settings.keep_ratio, args.guide) == (0.0, 0.35, None)
+    with pytest.raises(ValueError, match=r"method='visionzip' prunes before.*prune_layer=0.5"):
+        parse_model_args(pretrained="big", method="visionzip", prune_layer=0.5)
+
+
+@pytest.mark.parametrize(
+    "model,checkpoint,message",
+    [
+        ("sgl_qwen2_vl", "qwen2-vl-large", r"method='visionzip' is not defined for the qwen_vl family"),
+        (
+            "sgl_llava",
+            "llava-ov-large",
+            r"'llava_onevision' checkpoint.*VisionZip is implemented for LLaVA-1.5",
+        ),
+    ],
+)
+def test_visionzip_on_a_family_without_it_fails_before_loading(
+    models_dir, monkeypatch, model, checkpoint, message
+):
+    from lmms_sgl.families.base import HFVisionLanguageFamily
+    from lmms_sgl.lmms.registry import MODELS
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(HFVisionLanguageFamily, "load", no_loading)
+    import importlib
+
+    module, _, name = MODELS[model].rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    with pytest.raises(ValueError, match=message):
+        cls(pretrained=str(models_dir / checkpoint), method="visionzip", keep_ratio=0.3)
