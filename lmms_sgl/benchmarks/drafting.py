@@ -32,11 +32,17 @@ from lmms_sgl.pipeline import GenerationSettings, Sample, SGLPipeline
 AGREEMENTS = (0.0, 0.5, 0.9)
 
 
-def bench_drafting(specs: dict, new_tokens: int, rounds: int, draft_tokens: int = 4) -> list[dict]:
+def bench_drafting(
+    specs: dict,
+    new_tokens: int,
+    rounds: int,
+    draft_tokens: int = 4,
+    agreements: tuple[float, ...] = AGREEMENTS,
+) -> list[dict]:
     rows = []
     sample = Sample("bench", 0, Prompt(QUESTION, [Image.new("RGB", IMAGES[256], (90, 140, 200))]))
     gen = GenerationSettings(max_new_tokens=new_tokens + 1)  # the scripted answer: new_tokens + EOS
-    for agreement in AGREEMENTS:
+    for agreement in agreements:
         draws = random.Random(int(agreement * 100))
         pattern = [draws.random() < agreement for _ in range(new_tokens + 1)]
         guide, large = load_pair(specs)
@@ -92,14 +98,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("reports/benchmarks.md"))
     parser.add_argument("--smoke", action="store_true", help="tiny models, 32 tokens, one round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--agreements",
+        type=float,
+        nargs="+",
+        default=list(AGREEMENTS),
+        help="rows to measure (others already in the report are kept)",
+    )
     args = parser.parse_args(argv)
+    if any(not 0 <= a <= 1 for a in args.agreements):
+        parser.error(f"--agreements {args.agreements}: each must lie in [0, 1]")
     torch.set_num_threads(2)
     specs, tokens, rounds = (SMOKE, 32, 1) if args.smoke else (FULL, 256, args.rounds)
-    rows = bench_drafting(specs, tokens, rounds)
     raw = args.out.with_suffix(".json")
     results = json.loads(raw.read_text()) if raw.exists() else None
     if results is None:
         raise SystemExit(f"{raw} is missing: run lmms-sgl-benchmark first, then this row")
+    rows = bench_drafting(specs, tokens, rounds, agreements=tuple(args.agreements))
+    kept = {row["agreement"]: row for row in results.get("drafting", [])}  # rows measured earlier
+    kept.update({row["agreement"]: row for row in rows})
+    rows = [kept[a] for a in sorted(kept)]
     results["drafting"] = rows
     command = (
         "python -m lmms_sgl.benchmarks.drafting" + (" --smoke" if args.smoke else "") + f" --out {args.out}"
