@@ -120,7 +120,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = [kept[a] for a in sorted(kept)]
     results["drafting"] = rows
     command = (
-        "python -m lmms_sgl.benchmarks.drafting" + (" --smoke" if args.smoke else "") + f" --out {args.out}"
+        "python -m lmms_sgl.benchmarks.drafting"
+        + (" --smoke" if args.smoke else f" --rounds {args.rounds}")
+        + f" --agreements {' '.join(f'{a:g}' for a in args.agreements)} --out {args.out}"
     )
     results["drafting_command"] = command
     from lmms_sgl.benchmarks.report import write_report
