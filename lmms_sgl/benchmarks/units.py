@@ -240,7 +240,9 @@ def main(argv: list[str] | None = None) -> None:
         results = measure(specs, 8, args.rounds)
     results["vision_share"], results["shapes"] = vision_share(specs), shapes(specs)
     command = (
-        "python -m lmms_sgl.benchmarks.units" + (" --smoke" if args.smoke else "") + f" --out {args.out}"
+        "python -m lmms_sgl.benchmarks.units"
+        + (" --smoke" if args.smoke else f" --rounds {args.rounds}")
+        + f" --out {args.out}"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_name("benchmarks_units.json").write_text(json.dumps(results, indent=2) + "\n")
