@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lmms_sgl.local_tasks.data import shapes_records
+from lmms_sgl.local_tasks.data import TILES_LAYOUT, TILES_SIZE, shapes_records
 from lmms_sgl.proving import shapes
 
 
@@ -68,14 +68,19 @@ def test_enough_visual_tokens(models_dir, family, size, tokens):
 
 
 @pytest.mark.parametrize(
-    "task,size,n", [("sgl_shapes", (448, 448), 300), ("sgl_shapes_wide", (896, 448), 150)]
+    "task,size,n,layout",
+    [
+        ("sgl_shapes", (448, 448), 300, None),
+        ("sgl_shapes_wide", (896, 448), 150, None),
+        ("sgl_shapes_tiles", TILES_SIZE, 300, TILES_LAYOUT),
+    ],
 )
-def test_shipped_shapes_tasks_match_the_generator(tasks_dir, task, size, n):
+def test_shipped_shapes_tasks_match_the_generator(tasks_dir, task, size, n, layout):
     import datasets
 
     shipped = datasets.load_dataset(str(tasks_dir / task / "data"), split="test")
     assert len(shipped) == n
-    fresh = shapes_records(10, *size)
+    fresh = shapes_records(10, *size, layout=layout)
     for row, record in zip(shipped, fresh, strict=False):
         assert (row["question"], row["answer"], row["type"]) == (
             record["question"],

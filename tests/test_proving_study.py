@@ -1,10 +1,15 @@
-"""The exit sweep replay: its endpoints must equal the two runs it stands between."""
+"""The study helpers: the exit sweep replay (its endpoints must equal the two runs it stands between),
+the points the studies run, and the unit-selection study's frontier and comparisons."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
 from lmms_sgl.proving.study import NEVER, exit_sweep
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _row(target, guide, large_right, score, guide_flops, flops):
@@ -83,3 +88,82 @@ def test_comparison_states_each_schedule_with_standard_errors():
     assert said.startswith("better at 64 % (+40.0 ± 5.8)")  # hypot(3.0, 5.0)
     assert "within two standard errors at 35 %" in said
     assert "not run at 9 % (K = 0" in said
+
+
+def test_unit_study_points_are_valid_model_arguments():
+    from lmms_eval.utils import simple_parse_args_string
+
+    from lmms_sgl.lmms.args import check_schedule, parse_model_args
+    from lmms_sgl.proving.unit_selection import EXIT_FROM, REFERENCE, operating_points
+
+    ops = operating_points(12)
+    labels = [op.label for op in ops]
+    assert len(labels) == len(set(labels)) and REFERENCE in labels and set(EXIT_FROM) <= set(labels)
+    assert len({op.point.key for op in ops}) == len(ops)
+    for op in ops:  # what the study passes is accepted before any model loads
+        args = parse_model_args(**simple_parse_args_string(op.point.model_args(REPO)))
+        check_schedule(args, 12)
+        if op.kind == "units":
+            assert args.settings.keep_units == op.point.keep_units
+            assert args.settings.keep_global_view == op.point.keep_global_view
+    by_label = {op.label: op.point for op in ops}
+    assert (
+        by_label["units: 1 tile, guide at 1 tile"]
+        .model_args(REPO)
+        .endswith("keep_units=1,keep_global_view=false")
+    )
+    assert by_label["large model downsampled to 1 tile"].max_tiles == 1
+
+
+def _unit_row(label, kind, accuracy, flops, scores):
+    return {"label": label, "kind": kind, "accuracy": accuracy, "flops_ratio": flops, "scores": scores}
+
+
+def test_unit_study_frontier_and_paired_comparison():
+    from lmms_sgl.proving.unit_selection import against_downsampled, frontier
+
+    rows = [
+        _unit_row("large", "reference", 0.9, 1.0, {}),
+        _unit_row("low", "downsampled", 0.5, 0.2, {0: 0.0, 1: 1.0, 2: 0.0, 3: 1.0}),
+        _unit_row("units", "units", 0.75, 0.2, {0: 1.0, 1: 1.0, 2: 0.0, 3: 1.0}),
+        _unit_row("dominated", "tokens", 0.7, 0.5, {}),
+        _unit_row("tie", "tokens", 0.75, 0.3, {}),
+    ]
+    assert frontier(rows) == ["units", "large"]
+    (versus,) = against_downsampled(rows)
+    # differences 1, 0, 0, 0: mean 0.25, s.e. sqrt(0.25 / 4) = 0.25 -> not 2 s.e.
+    assert versus["gap"] == pytest.approx(0.25) and versus["gap_stderr"] == pytest.approx(0.25)
+    assert versus["no_more_flops"] and not versus["beats"]
+
+
+def test_unit_study_exit_replay_equals_the_calibration_sweep():
+    from lmms_sgl.proving.unit_selection import EXIT_THRESHOLDS, describe, exit_replays
+
+    rows = [
+        {
+            **_row("red", "Red.", 0.0, 0.95, 2.0, 7.0),
+            "doc_id": 0,
+            "vision_units": 3,
+            "vision_units_encoded": 2,
+        },
+        {
+            **_row("two", "three", 1.0, 0.65, 2.0, 6.0),
+            "doc_id": 1,
+            "vision_units": 3,
+            "vision_units_encoded": 2,
+        },
+        {
+            **_row("yes", "yes", 1.0, 0.75, 2.0, 9.0),
+            "doc_id": 2,
+            "vision_units": 3,
+            "vision_units_encoded": 3,
+        },
+    ]
+    reference = {d: {"correct": 1.0, "flops": 10.0} for d in range(3)}
+    replays = exit_replays("u", {"rows": rows})
+    swept = exit_sweep({"rows": rows}, list(EXIT_THRESHOLDS))
+    for (label, table), expected in zip(replays, swept, strict=True):
+        row = describe(label, "exit", table, reference)
+        assert row["accuracy"] == pytest.approx(expected["accuracy"])
+        assert row["flops_ratio"] == pytest.approx(expected["flops_ratio"])
+        assert 1 - row["exit_rate"] == pytest.approx(expected["large_call_rate"])

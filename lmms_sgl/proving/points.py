@@ -24,6 +24,8 @@ FAMILIES = {
 
 # The multi-tile case: InternVL on 896 x 448 images (two tiles plus a thumbnail, 768 visual tokens).
 WIDE_TASK, WIDE_RATIOS = "sgl_shapes_wide", (0.35, 0.09)
+# Unit selection: InternVL on 1344 x 448 images (3 tiles plus a thumbnail, 1,024 visual tokens).
+TILES_TASK = "sgl_shapes_tiles"
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,12 @@ class Point:
     target_ratio: float | None = None
     task: str = TASK
     schedule: str = "K=1"
+    # Image layouts and unit selection (InternVL): the guide's and the large model's tile limits, and
+    # how many units (tiles) the guide chooses for the large model, with or without the thumbnail.
+    guide_max_tiles: int | None = None
+    max_tiles: int | None = None
+    keep_units: int | None = None
+    keep_global_view: bool = True
 
     @property
     def key(self) -> str:
@@ -50,6 +58,12 @@ class Point:
             parts.append(f"p{self.prune_layer:.4f}")
         if self.exit_threshold is not None:
             parts.append(f"exit{self.exit_threshold!r}")
+        if self.guide_max_tiles is not None:
+            parts.append(f"guide{self.guide_max_tiles}t")
+        if self.max_tiles is not None:
+            parts.append(f"tiles{self.max_tiles}")
+        if self.keep_units is not None:
+            parts.append(f"units{self.keep_units}" + ("" if self.keep_global_view else "-noglobal"))
         return "-".join(parts)
 
     def model_args(self, root: Path) -> str:
@@ -63,6 +77,14 @@ class Point:
             args.append(
                 f"exit_threshold={self.exit_threshold!r}"
             )  # exact: the replay compares the same float
+        if self.guide_max_tiles is not None:
+            args.append(f"guide_max_tiles={self.guide_max_tiles}")
+        if self.max_tiles is not None:
+            args.append(f"max_tiles={self.max_tiles}")
+        if self.keep_units is not None:
+            args.append(f"keep_units={self.keep_units}")
+            if not self.keep_global_view:
+                args.append("keep_global_view=false")
         return ",".join(args)
 
 
@@ -146,6 +168,11 @@ _RECORD_FIELDS = (
     "token_ratio",
     "flops",
     "flops_large_alone",
+    "kept_visual",
+    "total_visual",
+    "vision_units",
+    "vision_units_encoded",
+    "fallback",
     "extra",
 )
 
@@ -171,3 +198,18 @@ def summarize(payload: dict) -> dict:
         "scores": {str(r["doc_id"]): r["exact_match"] for r in rows},  # for paired differences
         "by_type": {t: sum(v) / len(v) for t, v in sorted(by_type.items())},
     }
+
+
+def guide_exact_match(rows: list[dict]) -> list[float]:
+    """The task's own metric on the guide's answers: lmms-eval's exact match with the flags that
+    sgl_shapes.yaml sets (ignore case and punctuation), as the large model's answers were scored."""
+    from lmms_eval.api.metrics import exact_match_hf_evaluate
+
+    return [
+        float(
+            exact_match_hf_evaluate(
+                [r["guide_answer"]], [r["target"]], ignore_case=True, ignore_punctuation=True
+            )["exact_match"]
+        )
+        for r in rows
+    ]

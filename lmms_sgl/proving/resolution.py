@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 from loguru import logger
@@ -27,34 +26,14 @@ START, END = "<!-- guidance-across-resolutions:start -->", "<!-- guidance-across
 GUIDE_TILES = (None, 1)  # None: the large model's layout
 
 
-@dataclass(frozen=True)
-class ResolutionPoint(Point):
-    """A study point whose guide tiles its images into at most ``guide_max_tiles`` tiles."""
-
-    guide_max_tiles: int | None = None
-
-    @property
-    def key(self) -> str:
-        base = super().key
-        return base if self.guide_max_tiles is None else f"{base}-guide{self.guide_max_tiles}t"
-
-    def model_args(self, root: Path) -> str:
-        args = super().model_args(root)
-        return args if self.guide_max_tiles is None else f"{args},guide_max_tiles={self.guide_max_tiles}"
-
-
-def points(num_layers: int) -> list[ResolutionPoint]:
-    out = [ResolutionPoint("internvl", "large_only", task=WIDE_TASK)]
-    out += [ResolutionPoint("internvl", "guide_only", task=WIDE_TASK, guide_max_tiles=t) for t in GUIDE_TILES]
+def points(num_layers: int) -> list[Point]:
+    out = [Point("internvl", "large_only", task=WIDE_TASK)]
+    out += [Point("internvl", "guide_only", task=WIDE_TASK, guide_max_tiles=t) for t in GUIDE_TILES]
     for ratio in WIDE_RATIOS:
         prune_layer, keep = schedule(ratio, num_layers)
-        out.append(
-            ResolutionPoint("internvl", "random", prune_layer, keep, target_ratio=ratio, task=WIDE_TASK)
-        )
+        out.append(Point("internvl", "random", prune_layer, keep, target_ratio=ratio, task=WIDE_TASK))
         out += [
-            ResolutionPoint(
-                "internvl", "sgl", prune_layer, keep, target_ratio=ratio, task=WIDE_TASK, guide_max_tiles=t
-            )
+            Point("internvl", "sgl", prune_layer, keep, target_ratio=ratio, task=WIDE_TASK, guide_max_tiles=t)
             for t in GUIDE_TILES
         ]
     return out

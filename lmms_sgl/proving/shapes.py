@@ -30,6 +30,15 @@ QUESTION_TYPES = ("color", "shape", "count", "exists")
 
 
 @dataclass(frozen=True)
+class SceneLayout:
+    """How many objects a scene holds and what their sizes are fractions of (``None``: the shorter
+    image side, as in training)."""
+
+    objects: tuple[int, int] = (3, 6)
+    object_scale: int | None = None
+
+
+@dataclass(frozen=True)
 class SceneObject:
     shape: str
     color: str
@@ -45,16 +54,25 @@ class Scene:
     seed: int
 
 
-def make_scene(seed: int, width: int = 448, height: int = 448, objects: tuple[int, int] = (3, 6)) -> Scene:
-    """Non-overlapping objects placed on a coarse grid with jitter."""
+def make_scene(
+    seed: int,
+    width: int = 448,
+    height: int = 448,
+    objects: tuple[int, int] = (3, 6),
+    object_scale: int | None = None,
+) -> Scene:
+    """Non-overlapping objects placed on a coarse grid with jitter. Object sizes are fractions of
+    ``object_scale`` pixels (default: the shorter image side); a fixed scale such as 448 keeps objects
+    at tile size on a large canvas, so that only a full-resolution view resolves them."""
     rng = random.Random(seed)
+    scale = min(width, height) if object_scale is None else object_scale
     cells_x, cells_y = max(2, width // 112), max(2, height // 112)
     cells = [(x, y) for x in range(cells_x) for y in range(cells_y)]
     rng.shuffle(cells)
     placed = []
     for cell_x, cell_y in cells[: rng.randint(*objects)]:
         size = rng.choice(sorted(SIZES))
-        extent = int(min(width, height) * SIZES[size])
+        extent = int(scale * SIZES[size])
         cell_w, cell_h = width // cells_x, height // cells_y
         left = cell_x * cell_w + rng.randint(0, max(0, cell_w - extent - 1))
         top = cell_y * cell_h + rng.randint(0, max(0, cell_h - extent - 1))
@@ -157,9 +175,17 @@ def ask(scene: Scene, rng: random.Random, types: tuple[str, ...] = QUESTION_TYPE
     return kind, question, answer
 
 
-def sample(seed: int, width: int = 448, height: int = 448, types: tuple[str, ...] = QUESTION_TYPES) -> dict:
-    """One benchmark record for ``seed``: image, question, answer, type and the scene itself."""
-    scene = make_scene(seed, width, height)
+def sample(
+    seed: int,
+    width: int = 448,
+    height: int = 448,
+    types: tuple[str, ...] = QUESTION_TYPES,
+    layout: SceneLayout | None = None,
+) -> dict:
+    """One benchmark record for ``seed``: image, question, answer, type and the scene itself.
+    ``layout`` (object count range and scale) defaults to the training scenes'."""
+    layout = layout or SceneLayout()
+    scene = make_scene(seed, width, height, layout.objects, layout.object_scale)
     kind, question, answer = ask(scene, random.Random(seed * 104729 + 3), types)
     return {
         "id": f"shapes-{seed}",
@@ -174,7 +200,9 @@ def sample(seed: int, width: int = 448, height: int = 448, types: tuple[str, ...
 SPLIT_SEEDS = {"train": 0, "validation": 10_000_000, "test": 20_000_000}
 
 
-def split(name: str, n: int, width: int = 448, height: int = 448) -> list[dict]:
+def split(
+    name: str, n: int, width: int = 448, height: int = 448, layout: SceneLayout | None = None
+) -> list[dict]:
     """``n`` records of a split; the splits use disjoint seed ranges."""
     base = SPLIT_SEEDS[name]
-    return [sample(base + i, width, height) for i in range(n)]
+    return [sample(base + i, width, height, layout=layout) for i in range(n)]

@@ -27,6 +27,7 @@ from lmms_sgl.proving.points import (
     WIDE_RATIOS,
     WIDE_TASK,
     Point,
+    guide_exact_match,
     run_point,
     schedule,
     summarize,
@@ -102,21 +103,6 @@ def series(summary: dict) -> str:
     if summary["prune_layer"] is None or summary.get("schedule", "K=1") == "K=1":
         return summary["method"]
     return f"{summary['method']} {summary['schedule']}"
-
-
-def guide_exact_match(rows: list[dict]) -> list[float]:
-    """The task's own metric on the guide's answers: lmms-eval's exact match with the flags that
-    sgl_shapes.yaml sets (ignore case and punctuation), as the large model's answers were scored."""
-    from lmms_eval.api.metrics import exact_match_hf_evaluate
-
-    return [
-        float(
-            exact_match_hf_evaluate(
-                [r["guide_answer"]], [r["target"]], ignore_case=True, ignore_punctuation=True
-            )["exact_match"]
-        )
-        for r in rows
-    ]
 
 
 def exit_sweep(no_exit: dict, thresholds: list[float]) -> list[dict]:
@@ -400,12 +386,16 @@ def write_report(out_dir: Path, data: dict, command: str) -> Path:
             f"{_pct(check['replay']['accuracy'])} %, {_pct(1 - check['replay']['large_call_rate'])} %, "
             f"{_pct(check['replay']['flops_ratio'])} %."
         )
-    resolution = out_dir / "proving_ground_resolution.json"
-    if resolution.exists():  # keep the section of ``python -m lmms_sgl.proving.resolution``
-        from lmms_sgl.proving.resolution import section
+    from lmms_sgl.proving import resolution, unit_selection
 
-        saved = json.loads(resolution.read_text())
-        lines += ["", *section(saved, saved["command"])]
+    # keep the sections of ``python -m lmms_sgl.proving.resolution`` and ``.unit_selection``
+    for saved_name, module in (
+        ("proving_ground_resolution.json", resolution),
+        ("proving_ground_units.json", unit_selection),
+    ):
+        if (out_dir / saved_name).exists():
+            saved = json.loads((out_dir / saved_name).read_text())
+            lines += ["", *module.section(saved, saved["command"])]
     path = out_dir / "proving_ground.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -1,0 +1,440 @@
+"""Proving ground, pay only for what is kept: accuracy against pipeline FLOPs when the guide chooses
+where the large model looks.
+
+On ``sgl_shapes_tiles`` (1344 x 448 px: InternVL tiles it into 3 tiles plus a thumbnail, 1,024
+visual tokens; the objects keep the training scenes' tile scale, so a downsampled view shrinks them
+3x across) every operating point is one lmms-eval run of the trained InternVL pair
+(:func:`lmms_sgl.proving.points.run_point`, cached with the study's points):
+
+* references: the large model at the full layout, the large model downsampled (``max_tiles`` 1 and
+  2: the cheapest competitor at an equal budget), the guide alone at one tile and at the full layout;
+* unit selection (``keep_units`` N = 1, 2, with and without the thumbnail; N = 3 is every tile): the
+  guide ranks the tiles by its importance mass and the large model encodes and reads only the chosen
+  ones;
+* token pruning: SGL at the paper's 35 % and 9 % presets (the 9 % preset prunes from layer 0, so
+  tiles without a kept token are skipped), SGL from layer 0 at 35 %, FastV and random at 35 %
+  (K = 1);
+* early exit: replays of no-exit SGL runs (:mod:`lmms_sgl.calibration.replay`, the pipeline's own
+  rule) at several thresholds: an exiting sample answers with the guide and costs the guide only.
+
+FLOPs are the pipeline's as its records count them (guide, the large vision tower on the units it
+encoded, the language models, selection work), summed over samples and divided by the large model
+alone at the full layout on the same samples. Differences between points are paired over samples
+(``sd(d_i) / sqrt(n)``).
+
+``python -m lmms_sgl.proving.unit_selection`` writes ``reports/proving_ground_units.json``, its plot,
+and the section of ``reports/proving_ground.md`` between the markers below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from loguru import logger
+
+from lmms_sgl.method.cost import PAPER_PRESETS
+from lmms_sgl.proving.points import TILES_TASK, Point, guide_exact_match, run_point, schedule
+from lmms_sgl.reporting.sections import insert_marked_section
+
+START, END = "<!-- unit-selection:start -->", "<!-- unit-selection:end -->"
+FAMILY = "internvl"
+EXIT_THRESHOLDS = (0.6, 0.7, 0.8, 0.9)
+# The runs replayed with early exit (labels of :func:`operating_points`).
+EXIT_FROM = ("units: 1 tile + thumbnail, guide at 3 tiles + thumbnail", "SGL preset 35 %, guide at 1 tile")
+REFERENCE = "large model, 3 tiles + thumbnail"
+GUIDE_SEES = {1: "1 tile", None: "3 tiles + thumbnail"}  # guide_max_tiles -> what the guide sees
+# guide_max_tiles -> (N, keep the thumbnail) of the unit-selection runs
+UNIT_CHOICES = {
+    1: ((1, False), (1, True), (2, False), (2, True)),
+    None: ((1, False), (1, True), (2, True)),
+}
+
+
+@dataclass(frozen=True)
+class Operating:
+    """One operating point: its label, its kind (what it is compared as) and its run."""
+
+    label: str
+    kind: str  # reference | downsampled | guide | units | tokens
+    point: Point
+
+
+def operating_points(num_layers: int) -> list[Operating]:
+    """Every run of the study. Unit selection runs with both guides (one tile, the full layout);
+    token pruning with the one-tile guide, the cheaper of the two."""
+
+    def at(method: str, **kwargs) -> Point:
+        return Point(FAMILY, method, task=TILES_TASK, **kwargs)
+
+    out = [
+        Operating(REFERENCE, "reference", at("large_only")),
+        Operating("large model downsampled to 1 tile", "downsampled", at("large_only", max_tiles=1)),
+        Operating(
+            "large model downsampled to 2 tiles + thumbnail", "downsampled", at("large_only", max_tiles=2)
+        ),
+        Operating(f"guide alone, {GUIDE_SEES[1]}", "guide", at("guide_only", guide_max_tiles=1)),
+        Operating(f"guide alone, {GUIDE_SEES[None]}", "guide", at("guide_only")),
+    ]
+    for guide_tiles, choices in UNIT_CHOICES.items():
+        for units, global_view in choices:
+            label = (
+                f"units: {units} tile{'s' if units > 1 else ''}{' + thumbnail' if global_view else ''}, "
+                f"guide at {GUIDE_SEES[guide_tiles]}"
+            )
+            point = at("sgl", guide_max_tiles=guide_tiles, keep_units=units, keep_global_view=global_view)
+            out.append(Operating(label, "units", point))
+    for ratio in (0.35, 0.09):
+        prune_layer, keep = PAPER_PRESETS[ratio]
+        point = at("sgl", prune_layer=prune_layer, keep_ratio=keep, target_ratio=ratio, schedule="preset")
+        out.append(Operating(f"SGL preset {100 * ratio:.0f} %, guide at 1 tile", "tokens", _one_tile(point)))
+    prune_layer, keep = schedule(0.35, num_layers, layer_k=0)
+    point = at("sgl", prune_layer=prune_layer, keep_ratio=keep, target_ratio=0.35, schedule="K=0")
+    out.append(Operating("SGL from layer 0 at 35 %, guide at 1 tile", "tokens", _one_tile(point)))
+    prune_layer, keep = schedule(0.35, num_layers)
+    for method, name in (("fastv", "FastV"), ("random", "random")):
+        point = at(method, prune_layer=prune_layer, keep_ratio=keep, target_ratio=0.35)
+        out.append(Operating(f"{name} at 35 % (K = 1)", "tokens", point))
+    return out
+
+
+def _one_tile(point: Point) -> Point:
+    return replace(point, guide_max_tiles=1)
+
+
+def _paired(a: dict[int, float], b: dict[int, float]) -> tuple[float, float]:
+    """Mean of ``a - b`` over the same samples and its standard error."""
+    common = sorted(set(a) & set(b))
+    diffs = [a[k] - b[k] for k in common]
+    mean = sum(diffs) / len(diffs)
+    if len(diffs) < 2:
+        return mean, float("nan")
+    return mean, math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
+
+
+def _ratio(numerators: list[float], denominators: list[float]) -> tuple[float, float]:
+    """``sum(numerators) / sum(denominators)`` and its standard error (ratio estimator)."""
+    n, total = len(numerators), sum(denominators)
+    ratio = sum(numerators) / total
+    if n < 2:
+        return ratio, float("nan")
+    residuals = sum((a - ratio * b) ** 2 for a, b in zip(numerators, denominators, strict=True))
+    return ratio, math.sqrt(residuals / (n * (n - 1))) / (total / n)
+
+
+def sample_table(payload: dict) -> dict[int, dict]:
+    """Per document: whether it was right, its pipeline FLOPs and its units encoded / given."""
+    return {
+        r["doc_id"]: {
+            "correct": r["exact_match"],
+            "flops": float(r["flops"] or 0.0),
+            "units": (r.get("vision_units_encoded"), r.get("vision_units")),
+            "fallback": bool(r.get("fallback")),
+        }
+        for r in payload["rows"]
+    }
+
+
+def exit_replays(label: str, payload: dict) -> list[tuple[str, dict[int, dict]]]:
+    """The run at each of :data:`EXIT_THRESHOLDS`, replayed with the pipeline's exit rule."""
+    from lmms_sgl.calibration.replay import exits_at, from_record
+
+    rows = payload["rows"]
+    guide_right = guide_exact_match(rows)
+    samples = [
+        from_record(r["doc_id"], r, g, r["exact_match"]) for r, g in zip(rows, guide_right, strict=True)
+    ]
+    out = []
+    for threshold in EXIT_THRESHOLDS:
+        exits = exits_at(samples, threshold)
+        table = {}
+        for row, sample, leave in zip(rows, samples, exits, strict=True):
+            table[row["doc_id"]] = {
+                "correct": sample.guide_value if leave else row["exact_match"],
+                "flops": sample.guide_flops if leave else sample.flops,
+                "units": (0, row.get("vision_units"))
+                if leave
+                else (row.get("vision_units_encoded"), row.get("vision_units")),
+                "fallback": bool(row.get("fallback")),
+                "exited": leave,
+            }
+        out.append((f"{label} + exit at {threshold:g}", table))
+    return out
+
+
+def describe(label: str, kind: str, table: dict[int, dict], reference: dict[int, dict]) -> dict:
+    """Accuracy, pipeline FLOPs as a share of the full large model, units encoded, paired gap to it."""
+    docs = sorted(table)
+    correct = {d: table[d]["correct"] for d in docs}
+    n = len(docs)
+    accuracy = sum(correct.values()) / n
+    flops, flops_err = _ratio([table[d]["flops"] for d in docs], [reference[d]["flops"] for d in docs])
+    encoded = [table[d]["units"] for d in docs if table[d]["units"][1]]
+    gap, gap_err = _paired(correct, {d: reference[d]["correct"] for d in docs})
+    return {
+        "label": label,
+        "kind": kind,
+        "n": n,
+        "accuracy": accuracy,
+        "stderr": math.sqrt(accuracy * (1 - accuracy) / n),
+        "flops_ratio": flops,
+        "flops_ratio_stderr": flops_err,
+        "units_encoded": sum(e for e, _ in encoded) / len(encoded) if encoded else None,
+        "units_given": sum(g for _, g in encoded) / len(encoded) if encoded else None,
+        "exit_rate": sum(bool(table[d].get("exited")) for d in docs) / n,
+        "fallbacks": sum(table[d]["fallback"] for d in docs),
+        "gap_to_large": gap,
+        "gap_to_large_stderr": gap_err,
+        "scores": correct,
+    }
+
+
+def frontier(rows: list[dict]) -> list[str]:
+    """Labels of the points no other point dominates (no more FLOPs and no less accuracy, one of
+    them strictly), cheapest first."""
+    out = []
+    for r in sorted(rows, key=lambda r: (r["flops_ratio"], -r["accuracy"])):
+        dominated = any(
+            o is not r
+            and o["flops_ratio"] <= r["flops_ratio"]
+            and o["accuracy"] >= r["accuracy"]
+            and (o["flops_ratio"] < r["flops_ratio"] or o["accuracy"] > r["accuracy"])
+            for o in rows
+        )
+        if not dominated:
+            out.append(r["label"])
+    return out
+
+
+def against_downsampled(rows: list[dict]) -> list[dict]:
+    """Every unit-selection point against every downsampled large model, paired over samples."""
+    out = []
+    for units in (r for r in rows if r["kind"] == "units"):
+        for low in (r for r in rows if r["kind"] == "downsampled"):
+            gap, err = _paired(units["scores"], low["scores"])
+            out.append(
+                {
+                    "units": units["label"],
+                    "downsampled": low["label"],
+                    "units_flops": units["flops_ratio"],
+                    "downsampled_flops": low["flops_ratio"],
+                    "no_more_flops": units["flops_ratio"] <= low["flops_ratio"],
+                    "gap": gap,
+                    "gap_stderr": err,
+                    "beats": gap > 2 * err,
+                }
+            )
+    return out
+
+
+def run(root: Path, work_dir: Path, limit: int | None, batch_size: int) -> dict:
+    config = json.loads((root / "models/shapes-internvl-large/config.json").read_text())
+    num_layers = config["text_config"]["num_hidden_layers"]
+    runs = [
+        (op, run_point(op.point, root, work_dir, limit, batch_size)) for op in operating_points(num_layers)
+    ]
+    reference = sample_table(next(payload for op, payload in runs if op.label == REFERENCE))
+    rows = [describe(op.label, op.kind, sample_table(payload), reference) for op, payload in runs]
+    for op, payload in runs:
+        if op.label in EXIT_FROM:
+            rows += [
+                describe(label, "exit", table, reference) for label, table in exit_replays(op.label, payload)
+            ]
+    return {
+        "task": TILES_TASK,
+        "limit": limit,
+        "num_layers": num_layers,
+        "points": {op.label: op.point.key for op, _ in runs},
+        "rows": rows,
+        "frontier": frontier(rows),
+        "against_downsampled": against_downsampled(rows),
+    }
+
+
+def _pct(value: float | None, digits: int = 1) -> str:
+    return (
+        "n/a"
+        if value is None or (isinstance(value, float) and math.isnan(value))
+        else f"{100 * value:.{digits}f}"
+    )
+
+
+def _units(row: dict) -> str:
+    if row["units_given"] is None:
+        return "-"
+    return f"{row['units_encoded']:.2f} / {row['units_given']:.0f}"
+
+
+def section(data: dict, command: str) -> list[str]:
+    rows = sorted(data["rows"], key=lambda r: r["flops_ratio"])
+    large = next(r for r in rows if r["label"] == REFERENCE)
+    n = large["n"]
+    best = [c for c in data["against_downsampled"] if c["no_more_flops"]]
+    won = [c for c in best if c["beats"]]
+    lines = [
+        START,
+        f"## internvl, pay only for what is kept: unit selection on `{TILES_TASK}`",
+        "",
+        f"Reproduce: `{command}`. 1344 x 448 px scenes whose objects keep the training scenes' tile scale:",
+        "the large model sees 3 tiles + thumbnail (4 units, 1,024 visual tokens); downsampled to one tile",
+        "the objects shrink 3x across. Unit selection (`keep_units=N`) lets the guide rank",
+        "the tiles by its importance mass; the large model encodes and reads only the chosen tiles (and the",
+        "thumbnail unless `keep_global_view=false`). The guide sees one tile (`guide_max_tiles=1`) or",
+        "the large model's layout. FLOPs: the whole pipeline (guide, the large vision tower on the units it",
+        "encoded, language models, selection), summed over samples, as a share of the large model alone at",
+        "the full layout on the same samples. Exit rows replay no-exit runs with the pipeline's rule.",
+        f"n = {n}{'' if data['limit'] is None else f' (first {n} test samples: --limit)'}; '±' is one",
+        "standard error (binomial for accuracy; paired over samples for differences). The models were",
+        "trained on single 448 px tiles only.",
+        "",
+        "| operating point | kind | accuracy % | ± | pipeline FLOPs % of large | ± | units encoded / given | "
+        "exit % | difference to the large model (points ± s.e.) | fallbacks |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['label']} | {r['kind']} | {_pct(r['accuracy'])} | {_pct(r['stderr'])} | "
+            f"{_pct(r['flops_ratio'])} | {_pct(r['flops_ratio_stderr'], 2)} | {_units(r)} | "
+            f"{_pct(r['exit_rate'], 0)} | {100 * r['gap_to_large']:+.1f} ± "
+            f"{_pct(r['gap_to_large_stderr'])} | {r['fallbacks']} |"
+        )
+    lines += [
+        "",
+        "Unit selection against the downsampled large model (paired over samples):",
+        "",
+        "| unit selection | FLOPs % | downsampled | FLOPs % | difference (points ± s.e.) | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in data["against_downsampled"]:
+        verdict = (
+            "better by > 2 s.e."
+            if c["beats"]
+            else "worse by > 2 s.e."
+            if c["gap"] < -2 * c["gap_stderr"]
+            else "within 2 s.e."
+        )
+        lines.append(
+            f"| {c['units']} | {_pct(c['units_flops'])} | {c['downsampled']} | "
+            f"{_pct(c['downsampled_flops'])} | {100 * c['gap']:+.1f} ± {_pct(c['gap_stderr'])} | {verdict} |"
+        )
+    lines += [
+        "",
+        "**What dominates.** No other point is both cheaper and more accurate than these (cheapest first): "
+        + "; ".join(data["frontier"])
+        + ".",
+        "",
+        "**The goal** (a unit-selection point beating the downsampled large model at equal or lower pipeline "
+        "FLOPs by at least 2 standard errors): "
+        + (
+            "met: "
+            + "; ".join(
+                f"{c['units']} ({_pct(c['units_flops'])} % FLOPs) vs {c['downsampled']} "
+                f"({_pct(c['downsampled_flops'])} %): {100 * c['gap']:+.1f} ± {_pct(c['gap_stderr'])} points"
+                for c in won
+            )
+            if won
+            else "not met. "
+            + (
+                "At no more FLOPs: "
+                + "; ".join(
+                    f"{c['units']} vs {c['downsampled']}: {100 * c['gap']:+.1f} ± {_pct(c['gap_stderr'])}"
+                    for c in best
+                )
+                if best
+                else "no unit-selection point is as cheap as a downsampled one"
+            )
+        )
+        + ".",
+        "",
+        "![accuracy against pipeline FLOPs](proving_ground_units.png)",
+        END,
+    ]
+    return lines
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = data["rows"]
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    styles = {
+        "reference": ("k", "*"),
+        "downsampled": ("tab:red", "v"),
+        "guide": ("tab:grey", "D"),
+        "units": ("tab:blue", "o"),
+        "tokens": ("tab:green", "s"),
+        "exit": ("tab:purple", "."),
+    }
+    for kind, (color, marker) in styles.items():
+        chosen = [r for r in rows if r["kind"] == kind]
+        if chosen:
+            ax.errorbar(
+                [100 * r["flops_ratio"] for r in chosen],
+                [100 * r["accuracy"] for r in chosen],
+                yerr=[100 * r["stderr"] for r in chosen],
+                color=color,
+                marker=marker,
+                linestyle="",
+                capsize=2,
+                label=kind,
+            )
+    for r in rows:
+        if r["kind"] != "exit":
+            ax.annotate(
+                r["label"],
+                (100 * r["flops_ratio"], 100 * r["accuracy"]),
+                fontsize=6,
+                xytext=(4, 3),
+                textcoords="offset points",
+            )
+    by_label = {r["label"]: r for r in rows}
+    edge = [by_label[label] for label in data["frontier"]]
+    ax.step(
+        [100 * r["flops_ratio"] for r in edge],
+        [100 * r["accuracy"] for r in edge],
+        where="post",
+        color="black",
+        alpha=0.4,
+        label="frontier",
+    )
+    ax.set(
+        title=f"internvl on {TILES_TASK}: accuracy against pipeline FLOPs",
+        xlabel="pipeline FLOPs (% of the large model alone at 3 tiles + thumbnail)",
+        ylabel="exact match (%)",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(out_dir: Path, data: dict, command: str) -> Path:
+    """JSON, plot, and the marked section of ``proving_ground.md`` (replaced in place, or appended)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "proving_ground_units.json").write_text(json.dumps({**data, "command": command}, indent=1))
+    plot(data, out_dir / "proving_ground_units.png")
+    return insert_marked_section(out_dir / "proving_ground.md", section(data, command), START, END)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", type=Path, default=Path("."), help="repository root (models/, tasks/)")
+    parser.add_argument("--out", type=Path, default=Path("reports"), help="where the report and plot go")
+    parser.add_argument("--work-dir", type=Path, default=Path(".cache/study"), help="cached finished points")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N test samples")
+    parser.add_argument("--batch-size", type=int, default=4)
+    args = parser.parse_args(argv)
+    command = "python -m lmms_sgl.proving.unit_selection" + (f" --limit {args.limit}" if args.limit else "")
+    data = run(args.root.resolve(), args.work_dir, args.limit, args.batch_size)
+    logger.info(f"wrote {write(args.out, data, command)}")
+
+
+if __name__ == "__main__":
+    main()
