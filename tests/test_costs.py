@@ -233,3 +233,17 @@ def test_bad_checkpoints_and_layouts_exit_2(argv, message, capsys):
         main(argv)
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_built_wheel_ships_the_bundled_configs_where_the_command_looks():
+    """Non-editable installs have no source tree: pyproject copies configs/checkpoints into the
+    package, at the folder ``sources`` looks in first."""
+    import tomllib
+
+    from lmms_sgl.costs import sources
+
+    repo = Path(__file__).resolve().parent.parent
+    build = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["hatch"]["build"]["targets"]
+    included = build["wheel"]["force-include"]
+    assert included["configs/checkpoints"] == sources._PACKAGED.relative_to(repo).as_posix()
+    assert (repo / "configs/checkpoints/InternVL2-26B/config.json").is_file()

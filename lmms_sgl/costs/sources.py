@@ -10,7 +10,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-BUNDLED = Path(__file__).resolve().parents[2] / "configs" / "checkpoints"
+# The real pairs' config.json files: inside the package in a built wheel (pyproject force-includes
+# configs/checkpoints there), in the source tree for the editable install the README uses.
+_PACKAGED = Path(__file__).resolve().parent / "bundled_configs"
+BUNDLED = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parents[2] / "configs" / "checkpoints"
 FAMILIES = {
     "internvl": "internvl",
     "internvl_chat": "internvl",
