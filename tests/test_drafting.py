@@ -79,15 +79,40 @@ def test_random_pairs_drafted_equals_plain_with_pruning(family, models_dir):
         assert_same_answers(drafted, plain)
 
 
-def test_trained_pair_drafted_equals_plain():
+@pytest.fixture(scope="module")
+def trained_pair():
     folder = ROOT / "models"
-    guide, large = load_pair("internvl", folder / "shapes-internvl-guide", folder / "shapes-internvl-large")
+    return load_pair("internvl", folder / "shapes-internvl-guide", folder / "shapes-internvl-large")
+
+
+def test_trained_pair_drafted_equals_plain(trained_pair):
+    guide, large = trained_pair
     gen = GenerationSettings.from_gen_kwargs({"max_new_tokens": 8})
     common = {"method": "sgl", "prune_layer": 0.5, "keep_ratio": 0.35}
     plain = run(large, guide, gen, **common)
     drafted = run(large, guide, gen, **common, draft="guide")
     assert_same_answers(drafted, plain)
     assert sum(r.extra["drafting"]["accepted"] for r in drafted) > 0, "the trained pair should agree"
+
+
+def test_drafting_with_early_exit_equals_plain_with_early_exit(trained_pair):
+    """The same samples exit with the same guide answers; the others are drafted and answer as the
+    plain pruned large model does."""
+    guide, large = trained_pair
+    gen = GenerationSettings.from_gen_kwargs({"max_new_tokens": 8})
+    common = {"method": "sgl", "prune_layer": 0.5, "keep_ratio": 0.35}
+    scores = sorted(r.exit_score for r in run(large, guide, gen, **common))
+    threshold = (scores[1] + scores[2]) / 2  # two of the four samples exit
+    plain = run(large, guide, gen, **common, exit_threshold=threshold)
+    drafted = run(large, guide, gen, **common, exit_threshold=threshold, draft="guide")
+    exits = [r.exit_score >= threshold for r in plain]
+    assert [r.exited for r in plain] == [r.exited for r in drafted] == exits
+    assert sum(r.exited for r in drafted) == 2
+    assert [(r.answer, r.output_tokens) for r in drafted] == [(r.answer, r.output_tokens) for r in plain]
+    assert all(r.fallback is None for r in drafted)
+    reached = [r for r in drafted if not r.exited]
+    assert all(r.reached_large and "drafting" in r.extra for r in reached)
+    assert all(not r.reached_large for r in drafted if r.exited)
 
 
 # -- scripted agreement patterns ---------------------------------------------------------------------
