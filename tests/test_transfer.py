@@ -212,6 +212,7 @@ def test_guide_layout_arguments_are_validated(models_dir):
 
 def test_the_resolution_study_asks_lmms_eval_for_the_guide_layout(tmp_path):
     from lmms_sgl.proving import resolution
+    from lmms_sgl.proving.points import ratio_stderr
 
     points = resolution.points(12)
     low = [p for p in points if p.guide_max_tiles == 1]
@@ -227,7 +228,7 @@ def test_the_resolution_study_asks_lmms_eval_for_the_guide_layout(tmp_path):
     for body in ("first", "second"):
         resolution.insert_section(report, [resolution.START, body, resolution.END])
     assert report.read_text() == f"# head\n\n{resolution.START}\nsecond\n{resolution.END}\n"
-    assert resolution._ratio_stderr([1.0, 0.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]) == pytest.approx(0.25)
+    assert ratio_stderr([1.0, 0.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]) == pytest.approx(0.25)
 
 
 def test_a_rerun_of_the_study_report_keeps_the_resolution_section(tmp_path):

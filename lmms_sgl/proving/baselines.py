@@ -13,25 +13,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 from loguru import logger
 
 from lmms_sgl.method.cost import PAPER_PRESETS
-from lmms_sgl.proving.points import FAMILIES, Point, run_point, schedule, summarize
+from lmms_sgl.proving.points import FAMILIES, Point, paired_gap, run_point, schedule, summarize
 from lmms_sgl.proving.study import BASELINES_2025, _num_layers, baseline_points
 
 
 def paired_difference(a: dict, b: dict) -> tuple[float, float, int]:
     """Mean of ``a - b`` over the samples both scored, its standard error, and how many there were."""
-    common = sorted(set(a["scores"]) & set(b["scores"]))
-    if len(common) < 2:
-        raise ValueError(f"paired difference needs at least two common samples, got {len(common)}")
-    diffs = [a["scores"][k] - b["scores"][k] for k in common]
-    mean = sum(diffs) / len(diffs)
-    variance = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
-    return mean, math.sqrt(variance / len(diffs)), len(diffs)
+    gap = paired_gap(a["scores"], b["scores"])
+    if gap[2] < 2:
+        raise ValueError(f"paired difference needs at least two common samples, got {gap[2]}")
+    return gap
 
 
 def subset_points(family: str, num_layers: int, ratios: list[float], schedules: list[str]) -> list[Point]:

@@ -213,3 +213,31 @@ def guide_exact_match(rows: list[dict]) -> list[float]:
         )
         for r in rows
     ]
+
+
+def ratio_stderr(numerators: list[float], denominators: list[float]) -> float:
+    """Standard error of ``sum(numerators) / sum(denominators)`` (ratio estimator, delta method)."""
+    n = len(numerators)
+    if n < 2 or not sum(denominators):
+        return float("nan")
+    ratio = sum(numerators) / sum(denominators)
+    mean = sum(denominators) / n
+    residuals = sum((a - ratio * b) ** 2 for a, b in zip(numerators, denominators, strict=True))
+    return math.sqrt(residuals / (n * (n - 1))) / mean
+
+
+def mean_stderr(values: list[float]) -> tuple[float, float]:
+    """Mean of ``values`` and its standard error."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def paired_gap(a: dict, b: dict) -> tuple[float, float, int]:
+    """Mean of ``a[k] - b[k]`` over the keys (samples) both hold, its standard error
+    (``sd(d) / sqrt(n)``) and ``n``."""
+    common = sorted(set(a) & set(b))
+    mean, err = mean_stderr([a[k] - b[k] for k in common])
+    return mean, err, len(common)

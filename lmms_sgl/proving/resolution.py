@@ -19,7 +19,16 @@ from pathlib import Path
 
 from loguru import logger
 
-from lmms_sgl.proving.points import WIDE_RATIOS, WIDE_TASK, Point, run_point, schedule, summarize
+from lmms_sgl.proving.points import (
+    WIDE_RATIOS,
+    WIDE_TASK,
+    Point,
+    mean_stderr,
+    ratio_stderr,
+    run_point,
+    schedule,
+    summarize,
+)
 from lmms_sgl.reporting.sections import insert_marked_section
 
 START, END = "<!-- guidance-across-resolutions:start -->", "<!-- guidance-across-resolutions:end -->"
@@ -39,25 +48,6 @@ def points(num_layers: int) -> list[Point]:
     return out
 
 
-def _ratio_stderr(numerators: list[float], denominators: list[float]) -> float:
-    """Standard error of ``sum(numerators) / sum(denominators)`` (ratio estimator, delta method)."""
-    n = len(numerators)
-    if n < 2 or not sum(denominators):
-        return float("nan")
-    ratio = sum(numerators) / sum(denominators)
-    mean = sum(denominators) / n
-    residuals = sum((a - ratio * b) ** 2 for a, b in zip(numerators, denominators, strict=True))
-    return math.sqrt(residuals / (n * (n - 1))) / mean
-
-
-def _mean_stderr(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, float("nan")
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
-
-
 def describe(payload: dict, large: dict | None, num_layers: int) -> dict:
     """One point's numbers: accuracy, retained, guide FLOPs, flops_ratio, fallbacks, layouts."""
     rows = payload["rows"]
@@ -70,8 +60,8 @@ def describe(payload: dict, large: dict | None, num_layers: int) -> dict:
     out = {
         **summary,
         "num_layers": num_layers,
-        "flops_ratio_stderr": _ratio_stderr(flops, alone),
-        "guide_flops": _mean_stderr(guide_flops) if guide_flops else None,
+        "flops_ratio_stderr": ratio_stderr(flops, alone),
+        "guide_flops": mean_stderr(guide_flops) if guide_flops else None,
         "guide_flops_ratio": sum(guide_flops) / sum(alone) if guide_flops and sum(alone) else None,
         "mapped": sum(e.get("transfer") == "geometric" for e in extras),
         "fallbacks": sum(1 for r in rows if (r.get("extra") or {}).get("failed") or r.get("fallback")),
@@ -82,7 +72,7 @@ def describe(payload: dict, large: dict | None, num_layers: int) -> dict:
         correct = [r["exact_match"] for r in rows]
         reference = [r["exact_match"] for r in large["rows"]]
         out["retained"] = summary["accuracy"] / large["accuracy"]
-        out["retained_stderr"] = _ratio_stderr(correct, reference)
+        out["retained_stderr"] = ratio_stderr(correct, reference)
     return out
 
 
@@ -104,7 +94,7 @@ def run(root: Path, work_dir: Path, limit: int | None, batch_size: int) -> dict:
                 a["exact_match"] - b["exact_match"]
                 for a, b in zip(payload["rows"], same["rows"], strict=True)
             ]
-            row["gap"], row["gap_stderr"] = _mean_stderr(diffs)
+            row["gap"], row["gap_stderr"] = mean_stderr(diffs)
         rows.append(row)
     return {"task": WIDE_TASK, "limit": limit, "rows": rows}
 

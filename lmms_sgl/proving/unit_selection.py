@@ -37,7 +37,15 @@ from pathlib import Path
 from loguru import logger
 
 from lmms_sgl.method.cost import PAPER_PRESETS
-from lmms_sgl.proving.points import TILES_TASK, Point, guide_exact_match, run_point, schedule
+from lmms_sgl.proving.points import (
+    TILES_TASK,
+    Point,
+    guide_exact_match,
+    paired_gap,
+    ratio_stderr,
+    run_point,
+    schedule,
+)
 from lmms_sgl.reporting.sections import insert_marked_section
 
 START, END = "<!-- unit-selection:start -->", "<!-- unit-selection:end -->"
@@ -105,26 +113,6 @@ def _one_tile(point: Point) -> Point:
     return replace(point, guide_max_tiles=1)
 
 
-def _paired(a: dict[int, float], b: dict[int, float]) -> tuple[float, float]:
-    """Mean of ``a - b`` over the same samples and its standard error."""
-    common = sorted(set(a) & set(b))
-    diffs = [a[k] - b[k] for k in common]
-    mean = sum(diffs) / len(diffs)
-    if len(diffs) < 2:
-        return mean, float("nan")
-    return mean, math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
-
-
-def _ratio(numerators: list[float], denominators: list[float]) -> tuple[float, float]:
-    """``sum(numerators) / sum(denominators)`` and its standard error (ratio estimator)."""
-    n, total = len(numerators), sum(denominators)
-    ratio = sum(numerators) / total
-    if n < 2:
-        return ratio, float("nan")
-    residuals = sum((a - ratio * b) ** 2 for a, b in zip(numerators, denominators, strict=True))
-    return ratio, math.sqrt(residuals / (n * (n - 1))) / (total / n)
-
-
 def sample_table(payload: dict) -> dict[int, dict]:
     """Per document: whether it was right, its pipeline FLOPs and its units encoded / given."""
     return {
@@ -171,17 +159,17 @@ def describe(label: str, kind: str, table: dict[int, dict], reference: dict[int,
     correct = {d: table[d]["correct"] for d in docs}
     n = len(docs)
     accuracy = sum(correct.values()) / n
-    flops, flops_err = _ratio([table[d]["flops"] for d in docs], [reference[d]["flops"] for d in docs])
+    spent, alone = [table[d]["flops"] for d in docs], [reference[d]["flops"] for d in docs]
     encoded = [table[d]["units"] for d in docs if table[d]["units"][1]]
-    gap, gap_err = _paired(correct, {d: reference[d]["correct"] for d in docs})
+    gap, gap_err, _ = paired_gap(correct, {d: reference[d]["correct"] for d in docs})
     return {
         "label": label,
         "kind": kind,
         "n": n,
         "accuracy": accuracy,
         "stderr": math.sqrt(accuracy * (1 - accuracy) / n),
-        "flops_ratio": flops,
-        "flops_ratio_stderr": flops_err,
+        "flops_ratio": sum(spent) / sum(alone),
+        "flops_ratio_stderr": ratio_stderr(spent, alone),
         "units_encoded": sum(e for e, _ in encoded) / len(encoded) if encoded else None,
         "units_given": sum(g for _, g in encoded) / len(encoded) if encoded else None,
         "exit_rate": sum(bool(table[d].get("exited")) for d in docs) / n,
@@ -214,7 +202,7 @@ def against_downsampled(rows: list[dict]) -> list[dict]:
     out = []
     for units in (r for r in rows if r["kind"] == "units"):
         for low in (r for r in rows if r["kind"] == "downsampled"):
-            gap, err = _paired(units["scores"], low["scores"])
+            gap, err, _ = paired_gap(units["scores"], low["scores"])
             out.append(
                 {
                     "units": units["label"],
