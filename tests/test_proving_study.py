@@ -167,3 +167,37 @@ def test_unit_study_exit_replay_equals_the_calibration_sweep():
         assert row["accuracy"] == pytest.approx(expected["accuracy"])
         assert row["flops_ratio"] == pytest.approx(expected["flops_ratio"])
         assert 1 - row["exit_rate"] == pytest.approx(expected["large_call_rate"])
+
+
+def test_unit_study_section_is_written_and_survives_a_study_rerun(tmp_path):
+    import json
+
+    from lmms_sgl.proving import study, unit_selection
+    from lmms_sgl.proving.unit_selection import against_downsampled, describe, frontier
+
+    def table(correct, flops, encoded):
+        return {
+            d: {"correct": c, "flops": flops, "units": (encoded, 4), "fallback": False}
+            for d, c in enumerate(correct)
+        }
+
+    reference = table([1, 1, 1, 0], 10.0, 4)
+    rows = [
+        describe(unit_selection.REFERENCE, "reference", reference, reference),
+        describe("large model downsampled to 1 tile", "downsampled", table([0, 0, 1, 0], 1.0, 1), reference),
+        describe(
+            "units: 1 tile + thumbnail, guide at 1 tile", "units", table([1, 1, 1, 0], 2.0, 2), reference
+        ),
+    ]
+    data = {"task": "t", "limit": 4, "rows": rows, "frontier": frontier(rows)}
+    data["against_downsampled"] = against_downsampled(rows)
+    unit_selection.write(tmp_path, data, "python -m lmms_sgl.proving.unit_selection --limit 4")
+    study.write_report(tmp_path, {"summaries": {}, "sweeps": {}, "checks": {}, "wide": []}, "cmd")
+    text = (tmp_path / "proving_ground.md").read_text()
+    assert text.count(unit_selection.START) == 1 and text.rstrip().endswith(unit_selection.END)
+    assert "| units: 1 tile + thumbnail, guide at 1 tile | units | 75.0 |" in text
+    assert "| 20.0 | 0.00 | 2.00 / 4 |" in text  # pipeline FLOPs 2 / 10, units encoded / given
+    # +50 points over the downsampled model (d = 1, 1, 0, 0: s.e. 0.289) at twice its FLOPs: the goal
+    # needs equal or lower FLOPs, so it is not met
+    assert "| +50.0 ± 28.9 | within 2 s.e. |" in text and "**The goal**" in text and "not met" in text
+    assert json.loads((tmp_path / "proving_ground_units.json").read_text())["command"].endswith("--limit 4")
