@@ -74,18 +74,21 @@ def test_paper_presets_run_every_method_that_can_rank():
 def test_comparison_states_each_schedule_with_standard_errors():
     from lmms_sgl.proving.study import comparison
 
-    def run(accuracy, n=100):
-        return {"accuracy": accuracy, "stderr": (accuracy * (1 - accuracy) / n) ** 0.5}
+    def run(right, n=100):
+        """The first ``right`` of ``n`` questions answered correctly."""
+        scores = {str(i): float(i < right) for i in range(n)}
+        return {"accuracy": right / n, "scores": scores}
 
     by = {
-        ("sgl preset", 0.64): run(0.9),
-        ("fastv preset", 0.64): run(0.5),
-        ("sgl preset", 0.35): run(0.8),
-        ("fastv preset", 0.35): run(0.79),
-        ("sgl preset", 0.09): run(0.6),
+        ("sgl preset", 0.64): run(90),
+        ("fastv preset", 0.64): run(50),
+        ("sgl preset", 0.35): run(80),
+        ("fastv preset", 0.35): run(79),
+        ("sgl preset", 0.09): run(60),
     }
     said = comparison(by, "preset", "fastv")
-    assert said.startswith("better at 64 % (+40.0 ± 5.8)")  # hypot(3.0, 5.0)
+    # paired: d = 1 on 40 questions, 0 on 60 -> mean 0.4, s.e. sqrt(100 x 0.4 x 0.6 / 99 / 100) = 4.9
+    assert said.startswith("better at 64 % (+40.0 ± 4.9)")
     assert "within two standard errors at 35 %" in said
     assert "not run at 9 % (K = 0" in said
 

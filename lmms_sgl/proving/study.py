@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 from loguru import logger
@@ -28,6 +27,7 @@ from lmms_sgl.proving.points import (
     WIDE_TASK,
     Point,
     guide_exact_match,
+    paired_gap,
     run_point,
     schedule,
     summarize,
@@ -170,6 +170,47 @@ def plot_accuracy_vs_ratio(summaries: dict[str, list[dict]], path: Path) -> None
     plt.close(fig)
 
 
+def plot_accuracy_vs_flops(summaries: dict[str, list[dict]], path: Path) -> None:
+    """Every method's points against pipeline FLOPs (% of the large model alone), one panel per
+    family and schedule; the guide alone as a point, the large model alone as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        len(summaries), len(PANELS), figsize=(5.5 * len(PANELS), 4.2 * len(summaries)), squeeze=False
+    )
+    for row_axes, (family, rows) in zip(axes, summaries.items(), strict=True):
+        for ax, (panel, names) in zip(row_axes, PANELS.items(), strict=True):
+            for name, marker in zip(names, "osv^DPX*", strict=False):
+                curve = sorted((r for r in rows if r["series"] == name), key=lambda r: r["flops_ratio"])
+                ax.errorbar(
+                    [100 * r["flops_ratio"] for r in curve],
+                    [100 * r["accuracy"] for r in curve],
+                    yerr=[100 * r["stderr"] for r in curve],
+                    marker=marker,
+                    linestyle=":" if "K=0" in name else "-",
+                    capsize=3,
+                    label=name,
+                )
+            guide = next(r for r in rows if r["method"] == "guide_only")
+            ax.plot([100 * guide["flops_ratio"]], [100 * guide["accuracy"]], "k*", label="guide_only")
+            large = next(r for r in rows if r["method"] == "large_only")
+            ax.axhline(100 * large["accuracy"], color="grey", linestyle="-", label="large_only")
+            ax.set(
+                title=f"{family}: {panel}",
+                xlabel="pipeline FLOPs (% of the large model alone)",
+                ylabel=f"exact match on {TASK} (%)",
+                ylim=(0, 100),
+            )
+            ax.grid(alpha=0.3)
+            ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_exit_sweep(sweeps: dict[str, list[dict]], path: Path) -> None:
     import matplotlib
 
@@ -211,8 +252,9 @@ def _pct(value: float | None, digits: int = 1) -> str:
 
 
 def _gap(a: dict, b: dict) -> tuple[float, float]:
-    """Accuracy difference a - b and its standard error (independent binomial approximation)."""
-    return a["accuracy"] - b["accuracy"], math.hypot(a["stderr"], b["stderr"])
+    """Accuracy difference a - b over the same samples and its paired standard error."""
+    gap, err, _ = paired_gap(a["scores"], b["scores"])
+    return gap, err
 
 
 def _verdict(gap: float, err: float) -> str:
@@ -220,8 +262,8 @@ def _verdict(gap: float, err: float) -> str:
 
 
 def comparison(by: dict, schedule_name: str, other: str) -> str:
-    """SGL against ``other`` on one schedule at every ratio both ran, as accuracy points ± standard
-    error, bucketed by whether the gap exceeds two standard errors."""
+    """SGL against ``other`` on one schedule at every ratio both ran, as accuracy points ± paired
+    standard error, bucketed by whether the gap exceeds two standard errors."""
     suffix = "" if schedule_name == "K=1" else f" {schedule_name}"
     buckets: dict[str, list[str]] = {"better": [], "within two standard errors": [], "worse": []}
     missing = []
@@ -261,7 +303,7 @@ def findings(summaries: dict[str, list[dict]], sweeps: dict[str, list[dict]]) ->
             f"{_pct(from_zero['keep_ratio'])} %), SGL keeps {_pct(retained(from_zero, large))} %."
         )
         for schedule_name, label in (("K=1", "shared K = 1 schedule"), ("preset", "paper presets")):
-            for other in ("fastv", "random"):
+            for other in ("fastv", "random", *BASELINES_2025):
                 lines.append(
                     f"  - {label}, SGL vs {other} (accuracy points ± standard error): "
                     f"{comparison(by, schedule_name, other)}."
@@ -325,8 +367,11 @@ def write_report(out_dir: Path, data: dict, command: str) -> Path:
         "they differ only in which tokens they keep. `sgl K=0` prunes before the first layer, which only a",
         "guide makes possible (at 9 % it keeps 9 % of the tokens instead of 0.7 %). `preset` points use the",
         "paper's own settings for 64 / 35 / 9 % as a user would pass them (their measured ratio differs",
-        "from the label where int(L x prune_layer) rounds K down).",
-        '"±" is the binomial standard error of the accuracy.',
+        "from the label where int(L x prune_layer) rounds K down). The 2025 baselines run beside them:",
+        "`divprune` and `visionzip` prune before the language model (K = 0) keeping the schedule's",
+        "layer-averaged ratio, `pdrop` drops three times from the schedule's K (so never at K = 0).",
+        '"±" in the tables is the binomial standard error of the accuracy; differences between methods',
+        "are paired over the same questions (``sd(d_i) / sqrt(n)``).",
         "",
     ]
     for family, rows in summaries.items():
@@ -360,6 +405,8 @@ def write_report(out_dir: Path, data: dict, command: str) -> Path:
     lines += findings(summaries, sweeps)
     lines += [
         "![accuracy versus visual-token ratio](proving_ground_ratio.png)",
+        "",
+        "![accuracy versus pipeline FLOPs](proving_ground_flops.png)",
         "",
         f"## Early exit (SEE) on top of SGP at {_pct(EXIT_SWEEP_RATIO, 0)} %",
         "",
@@ -458,6 +505,7 @@ def run_study(
             wide.append({**summary, "series": series(summary)})
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_accuracy_vs_ratio(summaries, out_dir / "proving_ground_ratio.png")
+    plot_accuracy_vs_flops(summaries, out_dir / "proving_ground_flops.png")
     plot_exit_sweep(sweeps, out_dir / "proving_ground_exit.png")
     data = {"summaries": summaries, "sweeps": sweeps, "checks": checks, "wide": wide}
     (out_dir / "proving_ground.json").write_text(json.dumps(data, indent=1))
