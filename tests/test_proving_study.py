@@ -111,7 +111,7 @@ def test_unit_study_points_are_valid_model_arguments():
             assert args.settings.keep_global_view == op.point.keep_global_view
     by_label = {op.label: op.point for op in ops}
     assert (
-        by_label["units: 1 tile, guide at 1 tile"]
+        by_label["units: best 1 of 4 (thumbnail competes), guide at 1 tile"]
         .model_args(REPO)
         .endswith("keep_units=1,keep_global_view=false")
     )
@@ -129,11 +129,12 @@ def test_unit_study_frontier_and_paired_comparison():
         _unit_row("large", "reference", 0.9, 1.0, {}),
         _unit_row("low", "downsampled", 0.5, 0.2, {0: 0.0, 1: 1.0, 2: 0.0, 3: 1.0}),
         _unit_row("units", "units", 0.75, 0.2, {0: 1.0, 1: 1.0, 2: 0.0, 3: 1.0}),
-        _unit_row("dominated", "tokens", 0.7, 0.5, {}),
-        _unit_row("tie", "tokens", 0.75, 0.3, {}),
+        _unit_row("dominated", "tokens", 0.7, 0.5, {0: 1.0, 1: 1.0, 2: 1.0, 3: 0.0}),
+        _unit_row("tie", "tokens", 0.75, 0.3, {0: 1.0, 1: 0.0, 2: 1.0, 3: 1.0}),
     ]
     assert frontier(rows) == ["units", "large"]
-    (versus,) = against_downsampled(rows)
+    versus, dominated, tie = against_downsampled(rows)
+    assert [c["kind"] for c in (versus, dominated, tie)] == ["units", "tokens", "tokens"]
     # differences 1, 0, 0, 0: mean 0.25, s.e. sqrt(0.25 / 4) = 0.25 -> not 2 s.e.
     assert versus["gap"] == pytest.approx(0.25) and versus["gap_stderr"] == pytest.approx(0.25)
     assert versus["no_more_flops"] and not versus["beats"]
@@ -199,8 +200,10 @@ def test_unit_study_section_is_written_and_survives_a_study_rerun(tmp_path):
     text = (tmp_path / "proving_ground.md").read_text()
     assert text.count(unit_selection.START) == 1 and text.rstrip().endswith(unit_selection.END)
     assert "| units: 1 tile + thumbnail, guide at 1 tile | units | 75.0 |" in text
-    assert "| 20.0 | 0.00 | 2.00 / 4 |" in text  # pipeline FLOPs 2 / 10, units encoded / given
+    assert "| 20.0 | 0.00 | 2.00 / 4 | - |" in text  # pipeline FLOPs 2 / 10, units encoded / given
     # +50 points over the downsampled model (d = 1, 1, 0, 0: s.e. 0.289) at twice its FLOPs: the goal
     # needs equal or lower FLOPs, so it is not met
-    assert "| +50.0 ± 28.9 | within 2 s.e. |" in text and "**The goal**" in text and "not met" in text
+    assert "| +50.0 ± 28.9 | within 2 s.e. |" in text
+    assert "**The goal** (a unit-selection point beating" in text and "not met. At no more FLOPs" not in text
+    assert "No unit-selection point is as cheap as a downsampled one" in text
     assert json.loads((tmp_path / "proving_ground_units.json").read_text())["command"].endswith("--limit 4")

@@ -291,6 +291,8 @@ def test_unit_selection_equals_reference(keep_units, keep_global, loaded_models)
     kept_units = [keep_units + int(keep_global)] * 2
     assert spy.rows == [sum(kept_units)]
     assert [r.extra["units_kept"] for r in records] == kept_units
+    thumbnails = [bool(ref[-per_tile:].all()) for ref in references]  # the thumbnail's tokens come last
+    assert [r.extra["global_views_kept"] for r in records] == [int(t) for t in thumbnails]
 
 
 def test_top_within_prunes_inside_the_chosen_units():

@@ -219,6 +219,7 @@ class KeepPlanner:
             return None, top_within(scores, everything, self.settings.keep_ratio)
         chosen = choose_units(units, scores, self.settings.keep_units, self.settings.keep_global_view)
         record.extra["units_kept"] = int(chosen.sum())
+        record.extra["global_views_kept"] = int((chosen & units.global_view).sum())
         if bool(chosen.all()):  # one unit, or N covers them all: a counted no-op
             record.extra["unit_selection_noop"] = True
         in_units = unit_keep_mask(units, chosen)

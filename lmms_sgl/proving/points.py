@@ -229,6 +229,8 @@ def ratio_stderr(numerators: list[float], denominators: list[float]) -> float:
 def mean_stderr(values: list[float]) -> tuple[float, float]:
     """Mean of ``values`` and its standard error."""
     n = len(values)
+    if not n:
+        raise ValueError("no values: a mean needs at least one (no samples in common?)")
     mean = sum(values) / n
     if n < 2:
         return mean, float("nan")
