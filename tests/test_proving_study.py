@@ -199,7 +199,7 @@ def test_unit_study_section_is_written_and_survives_a_study_rerun(tmp_path):
     study.write_report(tmp_path, {"summaries": {}, "sweeps": {}, "checks": {}, "wide": []}, "cmd")
     text = (tmp_path / "proving_ground.md").read_text()
     assert text.count(unit_selection.START) == 1 and text.rstrip().endswith(unit_selection.END)
-    assert "| units: 1 tile + thumbnail, guide at 1 tile | units | 75.0 |" in text
+    assert "| 2 | units: 1 tile + thumbnail, guide at 1 tile | units | 75.0 |" in text
     assert "| 20.0 | 0.00 | 2.00 / 4 | - |" in text  # pipeline FLOPs 2 / 10, units encoded / given
     # +50 points over the downsampled model (d = 1, 1, 0, 0: s.e. 0.289) at twice its FLOPs: the goal
     # needs equal or lower FLOPs, so it is not met

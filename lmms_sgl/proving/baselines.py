@@ -107,8 +107,8 @@ def what_ran(args) -> str:
     limit = "all test samples" if args.limit is None else f"the first {args.limit} test samples"
     return (
         f"families {', '.join(args.families)}, target ratios {', '.join(f'{r:g}' for r in args.ratios)}, "
-        f"schedules {', '.join(args.schedules)}, {limit} (a subset of `make study`, which holds every ratio "
-        "of both schedules but takes about 7 minutes per point on this shared 2-core machine)"
+        f"schedules {', '.join(args.schedules)}, {limit} (the same cached points as `make study`, which "
+        "holds every ratio of both schedules)"
     )
 
 

@@ -288,13 +288,16 @@ def goal(comparisons: list[dict]) -> str:
         cheap = [c for c in units if c["no_more_flops"]]
         costly = [c for c in units if c["beats"] and not c["no_more_flops"]]
         said = "not met. " + (
-            "At no more FLOPs: " + "; ".join(_versus(c) for c in cheap)
+            "The best at no more FLOPs: " + _versus(max(cheap, key=lambda c: c["gap"]))
             if cheap
             else "No unit-selection point is as cheap as a downsampled one"
         )
         if costly:
-            said += ". Better by more than 2 s.e. only at more FLOPs: " + "; ".join(
-                _versus(c) for c in costly
+            nearest = min(costly, key=lambda c: c["point_flops"] - c["downsampled_flops"])
+            said += (
+                ". Better by more than 2 s.e. only at more FLOPs; the nearest in cost: "
+                f"{_versus(nearest)}, "
+                f"{100 * (nearest['point_flops'] - nearest['downsampled_flops']):.1f} points of FLOPs more"
             )
     tokens = [c for c in comparisons if c["kind"] == "tokens" and c["no_more_flops"] and c["beats"]]
     if tokens:
@@ -323,13 +326,14 @@ def section(data: dict, command: str) -> list[str]:
         "standard error (binomial for accuracy; paired over samples for differences). The models were",
         "trained on single 448 px tiles only.",
         "",
-        "| operating point | kind | accuracy % | ± | pipeline FLOPs % of large | ± | units encoded / given | "
-        "thumbnail kept % | exit % | difference to the large model (points ± s.e.) | fallbacks |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| # | operating point | kind | accuracy % | ± | pipeline FLOPs % of large | ± | "
+        "units encoded / given | thumbnail kept % | exit % | "
+        "difference to the large model (points ± s.e.) | fallbacks |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    for number, r in enumerate(rows, 1):  # numbered as in the plot
         lines.append(
-            f"| {r['label']} | {r['kind']} | {_pct(r['accuracy'])} | {_pct(r['stderr'])} | "
+            f"| {number} | {r['label']} | {r['kind']} | {_pct(r['accuracy'])} | {_pct(r['stderr'])} | "
             f"{_pct(r['flops_ratio'])} | {_pct(r['flops_ratio_stderr'], 2)} | {_units(r)} | "
             f"{'-' if r.get('thumbnail_rate') is None else _pct(r['thumbnail_rate'], 0)} | "
             f"{_pct(r['exit_rate'], 0)} | {100 * r['gap_to_large']:+.1f} ± "
@@ -356,6 +360,8 @@ def section(data: dict, command: str) -> list[str]:
         "",
         "**The goal** (a unit-selection point beating the downsampled large model at equal or lower pipeline "
         "FLOPs by at least 2 standard errors): " + goal(data["against_downsampled"]),
+        "",
+        "Points are numbered as in the first table:",
         "",
         "![accuracy against pipeline FLOPs](proving_ground_units.png)",
         END,
@@ -392,15 +398,14 @@ def plot(data: dict, path: Path) -> None:
                 capsize=2,
                 label=kind,
             )
-    for r in rows:
-        if r["kind"] != "exit":
-            ax.annotate(
-                r["label"],
-                (100 * r["flops_ratio"], 100 * r["accuracy"]),
-                fontsize=6,
-                xytext=(4, 3),
-                textcoords="offset points",
-            )
+    for number, r in enumerate(sorted(rows, key=lambda r: r["flops_ratio"]), 1):  # the table's "#"
+        ax.annotate(
+            str(number),
+            (100 * r["flops_ratio"], 100 * r["accuracy"]),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
     by_label = {r["label"]: r for r in rows}
     edge = [by_label[label] for label in data["frontier"]]
     ax.step(
