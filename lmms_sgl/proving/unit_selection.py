@@ -8,10 +8,10 @@ visual tokens; the objects keep the training scenes' tile scale, so a downsample
 
 * references: the large model at the full layout, the large model downsampled (``max_tiles`` 1 and
   2: the cheapest competitor at an equal budget), the guide alone at one tile and at the full layout;
-* unit selection (``keep_units`` N = 1, 2, with and without the thumbnail; N = 3 is every tile): the
-  guide ranks the tiles by its importance mass and the large model encodes and reads only the chosen
-  ones;
-* token pruning: SGL at the paper's 35 % and 9 % presets (the 9 % preset prunes from layer 0, so
+* unit selection (``keep_units`` N = 1, 2 with the thumbnail, N = 1, 2, 3 with the thumbnail
+  competing; 3 tiles + thumbnail would be everything): the guide ranks the units by its importance
+  mass and the large model encodes and reads only the chosen ones;
+* token pruning: SGL at the paper's 64 / 35 / 9 % presets (the 9 % preset prunes from layer 0, so
   tiles without a kept token are skipped), SGL from layer 0 at 35 %, FastV and random at 35 %
   (K = 1);
 * early exit: replays of no-exit SGL runs (:mod:`lmms_sgl.calibration.replay`, the pipeline's own
@@ -58,7 +58,7 @@ GUIDE_SEES = {1: "1 tile", None: "3 tiles + thumbnail"}  # guide_max_tiles -> wh
 # guide_max_tiles -> (N, keep the thumbnail) of the unit-selection runs
 UNIT_CHOICES = {
     1: ((1, False), (1, True), (2, False), (2, True)),
-    None: ((1, False), (1, True), (2, True)),
+    None: ((1, False), (1, True), (2, True), (3, False)),
 }
 
 
@@ -97,7 +97,7 @@ def operating_points(num_layers: int) -> list[Operating]:
             label = f"units: {chosen}, guide at {GUIDE_SEES[guide_tiles]}"
             point = at("sgl", guide_max_tiles=guide_tiles, keep_units=units, keep_global_view=global_view)
             out.append(Operating(label, "units", point))
-    for ratio in (0.35, 0.09):
+    for ratio in PAPER_PRESETS:
         prune_layer, keep = PAPER_PRESETS[ratio]
         point = at("sgl", prune_layer=prune_layer, keep_ratio=keep, target_ratio=ratio, schedule="preset")
         out.append(Operating(f"SGL preset {100 * ratio:.0f} %, guide at 1 tile", "tokens", _one_tile(point)))
