@@ -353,3 +353,37 @@ def test_visionzip_on_a_family_without_it_fails_before_loading(
     cls = getattr(importlib.import_module(module), name)
     with pytest.raises(ValueError, match=message):
         cls(pretrained=str(models_dir / checkpoint), method="visionzip", keep_ratio=0.3)
+
+
+def test_pdrop_counted_flops_match_the_flop_counter(models_dir):
+    """Every matrix product of a PDrop generation but CPU SDPA's is visible to
+    ``torch.utils.flop_counter``: the staged formula plus the recorded rows, with the SDPA attention
+    products (written out here) taken away, must equal what it counts in the text model and LM head."""
+    from dataclasses import replace
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lmms_sgl.method.stages import layer_tokens
+    from tests.test_method_cost import text_flops
+
+    model, processor = load(
+        models_dir / "llava-large", {"text_config": ATTENTION_NAME, "vision_config": "sdpa"}
+    )
+    inputs = batch(processor, (0,))
+    visual = inputs.input_ids == model.config.image_token_id
+    layers, steps = drop_layers(4, 1), 4
+    staged = StagedPruner(model.model.language_model, layers, stage_fraction(layers, 4, 0.3))
+    with staged.installed(), staged.arm(visual, inputs.attention_mask, None).active():
+        with FlopCounterMode(display=False) as counter:
+            greedy(model, inputs, steps)
+        stages = staged.stages(0)
+    shape = cost.TransformerShape.from_text_config(model.config.text_config)
+    prompt, n_visual = inputs.input_ids.shape[1], int(visual.sum())
+    seen = layer_tokens(shape.num_layers, prompt, n_visual, stages)
+    assert len(set(seen)) == 4, "three drops: four different sequence lengths"
+    per_key = 4 * shape.heads * shape.head_dim  # QK^T and PV for one query over one key
+    sdpa = sum(per_key * n * n for n in seen) + sum(per_key * (n + t) for t in range(1, steps) for n in seen)
+    one_row = cost.recording_flops(replace(shape, num_layers=1), 1, 1, 0)
+    selection = one_row * sum(seen[layer - 1] for layer in layers)
+    expected = staged_generation_flops(shape, prompt, n_visual, steps, stages) - sdpa + selection
+    assert text_flops(counter) == expected
