@@ -132,47 +132,25 @@ def exit_sweep(no_exit: dict, thresholds: list[float]) -> list[dict]:
 
 
 def plot_accuracy_vs_ratio(summaries: dict[str, list[dict]], path: Path) -> None:
-    """One row per family, one panel per schedule (:data:`PANELS`), references as horizontal lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(
-        len(summaries), len(PANELS), figsize=(5.5 * len(PANELS), 4.2 * len(summaries)), squeeze=False
-    )
-    for row_axes, (family, rows) in zip(axes, summaries.items(), strict=True):
-        for ax, (panel, names) in zip(row_axes, PANELS.items(), strict=True):
-            for name, marker in zip(names, "osv^DPX*", strict=False):
-                curve = sorted((r for r in rows if r["series"] == name), key=lambda r: r["token_ratio"])
-                ax.errorbar(
-                    [100 * r["token_ratio"] for r in curve],
-                    [100 * r["accuracy"] for r in curve],
-                    yerr=[100 * r["stderr"] for r in curve],
-                    marker=marker,
-                    linestyle=":" if "K=0" in name else "-",
-                    capsize=3,
-                    label=name,
-                )
-            for method, style in (("large_only", "-"), ("guide_only", "--")):
-                ref = next(r for r in rows if r["method"] == method)
-                ax.axhline(100 * ref["accuracy"], color="grey", linestyle=style, label=method)
-            ax.set(
-                title=f"{family}: {panel}",
-                xlabel="layer-averaged visual-token ratio (%)",
-                ylabel=f"exact match on {TASK} (%)",
-                ylim=(0, 100),
-            )
-            ax.grid(alpha=0.3)
-            ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    """Accuracy against the layer-averaged visual-token ratio; references as horizontal lines."""
+    _plot_accuracy(summaries, path, "token_ratio", "layer-averaged visual-token ratio (%)")
 
 
 def plot_accuracy_vs_flops(summaries: dict[str, list[dict]], path: Path) -> None:
-    """Every method's points against pipeline FLOPs (% of the large model alone), one panel per
-    family and schedule; the guide alone as a point, the large model alone as a line."""
+    """Accuracy against pipeline FLOPs; the guide alone is a point here (it has a cost)."""
+    _plot_accuracy(summaries, path, "flops_ratio", "pipeline FLOPs (% of the large model alone)")
+
+
+def _style(series_name: str) -> tuple[str, str]:
+    """Colour and marker of a curve: one per method, the same in every panel and plot."""
+    methods = list(next(iter(PANELS.values())))  # the first panel holds every method once
+    index = methods.index(series_name.removesuffix(" preset"))
+    return f"C{index}", "osv^DPX*"[index % 8]
+
+
+def _plot_accuracy(summaries: dict[str, list[dict]], path: Path, x: str, xlabel: str) -> None:
+    """One row per family, one panel per schedule (:data:`PANELS`), every series against ``x``; the
+    large model alone as a line, the guide alone as a line or, on the FLOPs axis, a point."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,27 +160,29 @@ def plot_accuracy_vs_flops(summaries: dict[str, list[dict]], path: Path) -> None
         len(summaries), len(PANELS), figsize=(5.5 * len(PANELS), 4.2 * len(summaries)), squeeze=False
     )
     for row_axes, (family, rows) in zip(axes, summaries.items(), strict=True):
+        large = next(r for r in rows if r["method"] == "large_only")
+        guide = next(r for r in rows if r["method"] == "guide_only")
         for ax, (panel, names) in zip(row_axes, PANELS.items(), strict=True):
-            for name, marker in zip(names, "osv^DPX*", strict=False):
-                curve = sorted((r for r in rows if r["series"] == name), key=lambda r: r["flops_ratio"])
+            for name in names:
+                curve = sorted((r for r in rows if r["series"] == name), key=lambda r: r[x])
+                color, marker = _style(name)
                 ax.errorbar(
-                    [100 * r["flops_ratio"] for r in curve],
+                    [100 * r[x] for r in curve],
                     [100 * r["accuracy"] for r in curve],
                     yerr=[100 * r["stderr"] for r in curve],
+                    color=color,
                     marker=marker,
                     linestyle=":" if "K=0" in name else "-",
                     capsize=3,
                     label=name,
                 )
-            guide = next(r for r in rows if r["method"] == "guide_only")
-            ax.plot([100 * guide["flops_ratio"]], [100 * guide["accuracy"]], "k*", label="guide_only")
-            large = next(r for r in rows if r["method"] == "large_only")
             ax.axhline(100 * large["accuracy"], color="grey", linestyle="-", label="large_only")
+            if x == "flops_ratio":
+                ax.plot([100 * guide[x]], [100 * guide["accuracy"]], "k*", label="guide_only")
+            else:
+                ax.axhline(100 * guide["accuracy"], color="grey", linestyle="--", label="guide_only")
             ax.set(
-                title=f"{family}: {panel}",
-                xlabel="pipeline FLOPs (% of the large model alone)",
-                ylabel=f"exact match on {TASK} (%)",
-                ylim=(0, 100),
+                title=f"{family}: {panel}", xlabel=xlabel, ylabel=f"exact match on {TASK} (%)", ylim=(0, 100)
             )
             ax.grid(alpha=0.3)
             ax.legend(loc="lower right", fontsize=7)
