@@ -243,3 +243,17 @@ def paired_gap(a: dict, b: dict) -> tuple[float, float, int]:
     common = sorted(set(a) & set(b))
     mean, err = mean_stderr([a[k] - b[k] for k in common])
     return mean, err, len(common)
+
+
+def write_section(
+    out_dir: Path, stem: str, data: dict, command: str, plot, lines: list[str], start: str, end: str
+) -> Path:
+    """A study section's outputs: ``{stem}.json`` (with its command, so that a rerun of the main
+    report can rebuild the section), ``{stem}.png`` drawn by ``plot(data, path)``, and ``lines``
+    between the markers of ``proving_ground.md`` (replaced in place, or appended)."""
+    from lmms_sgl.reporting.sections import insert_marked_section
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.json").write_text(json.dumps({**data, "command": command}, indent=1))
+    plot(data, out_dir / f"{stem}.png")
+    return insert_marked_section(out_dir / "proving_ground.md", lines, start, end)

@@ -28,6 +28,7 @@ from lmms_sgl.proving.points import (
     run_point,
     schedule,
     summarize,
+    write_section,
 )
 from lmms_sgl.reporting.sections import insert_marked_section
 
@@ -245,12 +246,8 @@ def plot(data: dict, path: Path) -> None:
 
 def write(out_dir: Path, data: dict, command: str) -> Path:
     """JSON, plot, and the marked section of ``proving_ground.md`` (replaced in place, or appended)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "proving_ground_resolution.json").write_text(
-        json.dumps({**data, "command": command}, indent=1)
-    )
-    plot(data, out_dir / "proving_ground_resolution.png")
-    return insert_section(out_dir / "proving_ground.md", section(data, command))
+    lines = section(data, command)
+    return write_section(out_dir, "proving_ground_resolution", data, command, plot, lines, START, END)
 
 
 def insert_section(path: Path, lines: list[str]) -> Path:

@@ -45,8 +45,8 @@ from lmms_sgl.proving.points import (
     ratio_stderr,
     run_point,
     schedule,
+    write_section,
 )
-from lmms_sgl.reporting.sections import insert_marked_section
 
 START, END = "<!-- unit-selection:start -->", "<!-- unit-selection:end -->"
 FAMILY = "internvl"
@@ -430,10 +430,8 @@ def plot(data: dict, path: Path) -> None:
 
 def write(out_dir: Path, data: dict, command: str) -> Path:
     """JSON, plot, and the marked section of ``proving_ground.md`` (replaced in place, or appended)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "proving_ground_units.json").write_text(json.dumps({**data, "command": command}, indent=1))
-    plot(data, out_dir / "proving_ground_units.png")
-    return insert_marked_section(out_dir / "proving_ground.md", section(data, command), START, END)
+    lines = section(data, command)
+    return write_section(out_dir, "proving_ground_units", data, command, plot, lines, START, END)
 
 
 def main(argv: list[str] | None = None) -> None:
