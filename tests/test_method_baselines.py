@@ -3,6 +3,8 @@ and in a batch; the no-op setting equals the unpruned model; bad input fails bef
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -187,6 +189,24 @@ def test_one_stage_costs_what_the_single_layer_formula_says():
 
 
 # -- VisionZip ---------------------------------------------------------------------------------
+def reference_choice(received, keys, features) -> tuple[list[int], dict[int, torch.Tensor]]:
+    """One image's VisionZip outcome at RATIO spelled out: the top-K_d tokens by attention received,
+    every (R // K_c)-th remaining token as a target, each other remaining token added to the target
+    whose key is most cosine-similar; the kept tokens and each target's mean feature."""
+    n = received.shape[0]
+    dominant_count, contextual_count = split_counts(keep_count(n, RATIO))
+    dominant = set(torch.topk(received, dominant_count).indices.tolist())
+    rest = [i for i in range(n) if i not in dominant]
+    step = max(1, len(rest) // contextual_count)
+    targets = rest[::step][:contextual_count]
+    groups = {t: [t] for t in targets}
+    for i in rest:
+        if i not in targets:
+            sims = [torch.cosine_similarity(keys[i], keys[t], dim=0) for t in targets]
+            groups[targets[int(torch.stack(sims).argmax())]].append(i)
+    return sorted(dominant | set(targets)), {t: features[members].mean(0) for t, members in groups.items()}
+
+
 def test_visionzip_keeps_the_cls_dominant_and_uniform_targets_read_with_output_attentions(models_dir):
     path = models_dir / "llava-large"
     model, processor = load(path, {"text_config": "sdpa", "vision_config": VISION_ATTENTION_NAME})
@@ -210,22 +230,7 @@ def test_visionzip_keeps_the_cls_dominant_and_uniform_targets_read_with_output_a
             block = tower.encoder.layers[layer]
             keys = block.self_attn.k_proj(block.layer_norm1(out.hidden_states[layer]))[:, 1:]
             features = out.hidden_states[-1][:, 1:]
-        per_image = []
-        for image in range(attn.shape[0]):
-            n = attn.shape[1]
-            dominant_count, contextual_count = split_counts(keep_count(n, RATIO))
-            dominant = set(torch.topk(attn[image], dominant_count).indices.tolist())
-            rest = [i for i in range(n) if i not in dominant]
-            step = max(1, len(rest) // contextual_count)
-            targets = rest[::step][:contextual_count]
-            groups = {t: [t] for t in targets}
-            for i in rest:
-                if i not in targets:
-                    sims = [torch.cosine_similarity(keys[image, i], keys[image, t], dim=0) for t in targets]
-                    groups[targets[int(torch.stack(sims).argmax())]].append(i)
-            means = {t: features[image, members].mean(0) for t, members in groups.items()}
-            per_image.append((sorted(dominant | set(targets)), means))
-        return per_image
+        return [reference_choice(attn[i], keys[i], features[i]) for i in range(attn.shape[0])]
 
     def run(inputs):
         visual = inputs.input_ids == model.config.image_token_id
@@ -329,7 +334,7 @@ def test_methods_reject_settings_they_cannot_honour():
 @pytest.mark.parametrize(
     "model,checkpoint,message",
     [
-        ("sgl_qwen2_vl", "qwen2-vl-large", r"method='visionzip' is not defined for the qwen_vl family"),
+        ("sgl_qwen2_vl", "qwen3-vl-large", r"'qwen3_vl' checkpoint, whose deepstack features"),
         (
             "sgl_llava",
             "llava-ov-large",
@@ -387,3 +392,168 @@ def test_pdrop_counted_flops_match_the_flop_counter(models_dir):
     selection = one_row * sum(seen[layer - 1] for layer in layers)
     expected = staged_generation_flops(shape, prompt, n_visual, steps, stages) - sdpa + selection
     assert text_flops(counter) == expected
+
+
+# -- VisionZip on Qwen2-VL: no [CLS], images of different sizes, the merger as projector ------------
+QWEN_PIXELS = {"min_pixels": 4 * 28 * 28, "max_pixels": 64 * 28 * 28}
+
+
+@pytest.fixture(scope="module", params=["qwen2-vl-large", "qwen2.5-vl-large"])
+def qwen2_vl(request, models_dir):
+    """Qwen2-VL, and Qwen2.5-VL whose tower holds each image's tokens in attention-window order."""
+    from lmms_sgl.families import QwenVLFamily
+
+    family = QwenVLFamily(**QWEN_PIXELS)
+    return family.load(
+        str(models_dir / request.param),
+        dtype=torch.float32,
+        device_map="cpu",
+        text_attention="sdpa",
+        vision_attention=VISION_ATTENTION_NAME,
+    )
+
+
+def qwen_prompts():
+    from PIL import Image
+
+    from lmms_sgl.families import Prompt
+
+    generator = torch.Generator().manual_seed(11)
+
+    def noise(width, height):
+        pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8)
+        return Image.fromarray(pixels.numpy())
+
+    # 8 x 6 and 4 x 10 merged tokens: 48 and 40 LM tokens, two contextual tokens each at RATIO
+    return [Prompt("What is it?", [noise(224, 168)]), Prompt("And this one?", [noise(112, 280)])]
+
+
+def test_visionzip_on_qwen_vl_reads_the_attention_every_query_pays(qwen2_vl):
+    """No [CLS]: each merged token's score is the attention its 2 x 2 patches receive in the last
+    block, averaged over heads and every query of its image. The reference recomputes that block's
+    queries and keys from its input (a pre-hook, transformers' own rotary function), not through the
+    recording attention, and finds which LM token each of the tower's tokens is by matching the
+    merger's outputs with the tower's (Qwen2.5-VL holds them in window order); two images of
+    different sizes, alone and batched."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+
+    loaded = qwen2_vl
+    parts = loaded.family.visionzip_parts(loaded)
+    attention, merger, group = parts.attention, parts.projector, parts.group
+    text_model = loaded.text_model
+
+    def reference(seen) -> list[tuple[list[int], dict[int, torch.Tensor]]]:
+        hidden, cos, sin, cu = seen["hidden"], *seen["rotary"], seen["cu"]
+        n, heads = hidden.shape[0], attention.num_heads
+        q, k, _ = attention.qkv(hidden).reshape(n, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+        lm_index = torch.cdist(seen["merger_output"], seen["tower_output"]).argmin(1)  # tower -> LM order
+        assert sorted(lm_index.tolist()) == list(range(n // group))
+        out = []
+        for start, end in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+            qi, ki = q[start:end].transpose(0, 1), k[start:end].transpose(0, 1)  # [H, n, hd]
+            probs = torch.softmax((qi @ ki.transpose(-1, -2)) * attention.scaling, dim=-1)
+            received = probs.mean(dim=(0, 1)).view(-1, group).sum(1)  # per merged token
+            keys = ki.transpose(0, 1).reshape(end - start, -1).view(-1, group, ki.shape[0] * ki.shape[2])
+            keys = keys.mean(1)
+            features = seen["merger_input"][start:end].reshape(-1, group * hidden.shape[1])
+            local = lm_index[start // group : end // group] - start // group
+            order = torch.argsort(local)  # the rows in LM order
+            received, keys, features = received[order], keys[order], features[order]
+            out.append(reference_choice(received, keys, features))
+        return out
+
+    def run(prompts):
+        inputs = loaded.family.build_batch(loaded, prompts)
+        visual = inputs["input_ids"] == loaded.image_token_id
+        seen = {}
+
+        def take_block_input(module, args, kwargs):
+            seen["hidden"] = (args[0] if args else kwargs["hidden_states"]).detach()
+            seen["rotary"] = kwargs["position_embeddings"]
+            seen["cu"] = kwargs["cu_seqlens"]
+
+        def take_merger_input(module, args):  # the tower's call, not the merge's later projection
+            if "merger_input" not in seen:
+                seen["merger_input"] = args[0].detach()
+
+        def take_merger_output(module, args, output):
+            if "merger_output" not in seen:
+                seen["merger_output"] = output.detach()
+
+        def take_tower_output(module, args, output):
+            seen["tower_output"] = output.pooler_output.detach()
+
+        recorder = VisionZipRecorder(parts)
+        orders = parts.token_order(inputs) if parts.token_order else None  # as the planner passes them
+        merge = ContextualMerge(recorder, visual, inputs["attention_mask"], RATIO, orders)
+        pruner = VisualTokenPruner(text_model, 0)
+        hooks = [
+            attention.register_forward_pre_hook(take_block_input, with_kwargs=True),
+            merger.register_forward_pre_hook(take_merger_input),
+            merger.register_forward_hook(take_merger_output),
+            loaded.family.vision_tower(loaded.model).register_forward_hook(take_tower_output),
+        ]
+        try:
+            with recorder.active(), pruner.installed(), merge.writing(decoder_layers(text_model)[0]):
+                pruner.arm(merge.source())
+                with torch.no_grad():
+                    loaded.model.generate(**inputs, max_new_tokens=2, do_sample=False)
+                plan = pruner.plan
+        finally:
+            for hook in hooks:
+                hook.remove()
+        expected = reference(seen)
+        sets = visual_sets(plan, visual)
+        per_sample, image = [], 0
+        for b in range(visual.shape[0]):  # one image per prompt
+            kept, means = expected[image]
+            assert sets[b] == kept
+            positions = visual[b].nonzero().flatten()
+            for target, mean in means.items():
+                torch.testing.assert_close(merge.merged[(b, int(positions[target]))], mean, rtol=0, atol=1e-5)
+            per_sample.append(sets[b])
+            image += 1
+        assert merge.patches == [[len(positions) * group] for positions in (v.nonzero() for v in visual)]
+        return per_sample
+
+    prompts = qwen_prompts()
+    together = run(prompts)
+    assert together == [run([p])[0] for p in prompts]
+    assert len(together[0]) != len(together[1])  # images of different sizes keep different counts
+
+
+def test_visionzip_on_qwen_vl_through_the_pipeline(qwen2_vl):
+    """keep_ratio=1 answers as the unpruned model; a batch equals each sample alone, costs less
+    than the large model alone, and reaches the asked ratio."""
+    from lmms_sgl.pipeline import Sample
+
+    samples_ = [Sample("t", i, p) for i, p in enumerate(qwen_prompts())]
+    unpruned = SGLPipeline(qwen2_vl, None, SGLSettings(method="large_only")).generate(samples_, GEN)
+    full = SGLPipeline(qwen2_vl, None, SGLSettings(method="visionzip", prune_layer=0.0, keep_ratio=1.0))
+    assert answers(full.generate(samples_, GEN)) == answers(unpruned)
+    pipeline = SGLPipeline(qwen2_vl, None, SGLSettings(method="visionzip", prune_layer=0.0, keep_ratio=0.3))
+    together = pipeline.generate(samples_, GEN)
+    alone = [pipeline.generate([s], GEN)[0] for s in samples_]
+    assert answers(together) == answers(alone)
+    for a, b in zip(together, alone, strict=True):
+        assert a.fallback is None and a.kept_visual == b.kept_visual and a.flops == pytest.approx(b.flops)
+        assert a.kept_visual == keep_count(a.total_visual, 0.3) and a.flops < a.flops_large_alone
+
+
+def test_visionzip_on_qwen_vl_answers_a_video_unpruned_and_counts_it(qwen2_vl, monkeypatch):
+    """The tower encodes a request's videos after its images, out of the prompt's order: such a
+    request is answered by the unpruned large model, the reason in its record; an image request in
+    the same batch is still pruned."""
+    from lmms_sgl.families import Prompt
+    from lmms_sgl.families.video import open_video
+    from lmms_sgl.pipeline import Sample
+
+    clip = Path(__file__).resolve().parent.parent / "tasks/sgl_video/data/videos/video-000.mp4"
+    monkeypatch.setattr(qwen2_vl.family, "num_frames", 4)
+    video = Sample("t", 0, Prompt("What moves?", [], [open_video(str(clip))]))
+    image = Sample("t", 1, qwen_prompts()[0])
+    pipeline = SGLPipeline(qwen2_vl, None, SGLSettings(method="visionzip", prune_layer=0.0, keep_ratio=0.3))
+    moving, still = pipeline.generate([video, image], GEN)
+    assert "method='visionzip' takes images only" in moving.fallback and moving.answer
+    assert still.fallback is None and still.kept_visual < still.total_visual

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import torch
 from loguru import logger
 from PIL import Image
 from torch import nn
@@ -34,6 +35,7 @@ from lmms_sgl.families.base import HFVisionLanguageFamily, LoadedVLM, Prompt
 from lmms_sgl.families.video import Video
 from lmms_sgl.method.cost import TransformerShape, layer_flops, mlp_chain_flops
 from lmms_sgl.method.units import UnitSkipHooks, VisualUnits
+from lmms_sgl.method.visionzip import VisionZipParts
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -84,6 +86,18 @@ def config_image_flops(config, grid: tuple[int, int, int]) -> int:
     merger = mlp_chain_flops(patches // merge, [width_v * merge, width_v * merge, out])
     mergers = 1 + len(getattr(vision, "deepstack_visual_indexes", None) or [])
     return embedding + blocks + mergers * merger
+
+
+def window_orders(vision, grid_thw) -> list[torch.Tensor]:
+    """Per image, the LM index of each merged token in the order Qwen2.5-VL's tower holds them
+    (grouped into attention windows: transformers' own ``get_vision_window_index``)."""
+    from transformers.vision_utils import get_vision_window_index
+
+    merge = vision.spatial_merge_size
+    index, _ = get_vision_window_index(grid_thw, merge, vision.window_size, vision.patch_size)
+    counts = [int(t * h * w) // (merge * merge) for t, h, w in grid_thw.tolist()]
+    offsets = [sum(counts[:i]) for i in range(len(counts))]
+    return [part - offset for part, offset in zip(torch.split(index, counts), offsets, strict=True)]
 
 
 class QwenVLFamily(HFVisionLanguageFamily):
@@ -289,6 +303,51 @@ class QwenVLFamily(HFVisionLanguageFamily):
     @staticmethod
     def windows(vision, frames: int, height: int, width: int) -> list[int]:
         return window_sizes(vision, frames, height, width)
+
+    # -- VisionZip -------------------------------------------------------------------------
+    def check_visionzip(self, path: str, argument: str) -> None:
+        """Qwen2-VL and Qwen2.5-VL: the tower has no [CLS], so dominant tokens are the ones the last
+        block's queries attend to most (the paper's rule for such towers); each LM token is the
+        merger's 2 x 2 group of consecutive patches. Qwen2.5-VL's last block must attend over whole
+        images (it does in the released checkpoints). Qwen3-VL feeds intermediate (deepstack)
+        features to the LM, which the merge would have to follow: not implemented."""
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path)
+        implemented = "VisionZip is implemented for Qwen2-VL, Qwen2.5-VL, LLaVA-1.5 and InternVL"
+        if config.model_type == "qwen3_vl":
+            raise ValueError(
+                f"method='visionzip': {argument}={path!r} is a 'qwen3_vl' checkpoint, whose deepstack "
+                f"features reach the LM from intermediate vision layers; {implemented}"
+            )
+        vision = config.vision_config
+        full = getattr(vision, "fullatt_block_indexes", None)
+        if full is not None and vision.depth - 1 not in full:
+            raise ValueError(
+                f"method='visionzip': {argument}={path!r} has windowed attention in its last vision block "
+                f"(fullatt_block_indexes={full}, depth={vision.depth}); VisionZip reads whole-image "
+                "attention there"
+            )
+
+    def visionzip_parts(self, loaded: LoadedVLM) -> VisionZipParts:
+        """The last vision block (whose output the merger reads), the merger as projector, LM tokens
+        of ``spatial_merge_size ** 2`` consecutive patches (images differ in size) and, for
+        Qwen2.5-VL, the window order the tower holds them in."""
+        tower = self.vision_tower(loaded.model)
+        vision = loaded.model.config.vision_config
+        merge = vision.spatial_merge_size
+        windowed = getattr(vision, "fullatt_block_indexes", None) is not None
+        return VisionZipParts(
+            attention=tower.blocks[-1].attn,
+            projector=tower.merger,
+            token_patches=None,
+            cls_index=None,
+            group=merge * merge,
+            flat_features=True,
+            token_order=(lambda inputs: window_orders(vision, inputs["image_grid_thw"]))
+            if windowed
+            else None,
+        )
 
     # -- vision units ----------------------------------------------------------------------
     def vision_tower(self, model: nn.Module) -> nn.Module:

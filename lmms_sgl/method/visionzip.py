@@ -15,9 +15,14 @@ What the paper does (Sec. 3.2-3.3), per image (per crop / tile):
 What this implementation decides where the paper or the families differ:
 
 * the tokens are the language model's visual tokens; when one LM token gathers several patches
-  (InternVL's 2 x 2 pixel shuffle, which happens after [CLS] is dropped), its attention score is
-  the [CLS] attention summed over its patches, its key the mean of their keys, its feature the
-  pixel-shuffled feature the projector receives (so merging still happens before the projector);
+  (InternVL's 2 x 2 pixel shuffle, which happens after [CLS] is dropped; Qwen-VL's merger of 2 x 2
+  consecutive patches), its attention score is the attention summed over its patches, its key the
+  mean of their keys, its feature what the projector receives for it (the pixel-shuffled feature;
+  Qwen-VL: its 4 patch rows), so merging still happens before the projector;
+* Qwen-VL's tower has no [CLS] and sizes images freely: the score is the attention received from
+  every query of the image in the last block (which attends over whole images), images are matched
+  to their LM tokens one after another, and Qwen2.5-VL's tokens, which the tower holds in
+  attention-window order, are put back in the LM's order (``VisionZipParts.token_order``);
 * key similarity is cosine similarity (the keys are normalised, heads concatenated);
 * placement: the paper feeds the LLM the dominant tokens, then the contextual ones, as a shorter
   sequence. Here every kept token keeps its original RoPE position, as for every other method of
@@ -62,14 +67,41 @@ class VisionZipParts:
         attention: the attention module of the vision layer the projector's features come from.
         projector: the module mapping per-token vision features to LM embeddings.
         token_patches: ``[T, G]`` key indices (in the recorded layer's sequence) of the patches
-            each of an image's T language-model tokens gathers.
+            each of an image's T language-model tokens gathers; ``None`` for towers whose images
+            vary in size (Qwen-VL): each LM token is then ``group`` consecutive patches of the
+            image's sequence.
         cls_index: the [CLS] token's index in that sequence, ``None`` if the tower has none.
+        group: patches per LM token when ``token_patches`` is ``None``.
+        flat_features: the projector takes every patch of the batch as one ``[N, C]`` matrix and
+            gathers each LM token's ``group`` rows itself (Qwen-VL's merger); otherwise it takes
+            ``[images, T, C]``, one row per LM token.
+        token_order: for towers that reorder an image's tokens inside (Qwen2.5-VL's attention
+            windows): from the batch inputs, per image, the LM index of each token in the order the
+            tower holds them; ``None``: the tower keeps the LM order.
     """
 
     attention: nn.Module
     projector: nn.Module
-    token_patches: torch.Tensor
+    token_patches: torch.Tensor | None
     cls_index: int | None
+    group: int = 1
+    flat_features: bool = False
+    token_order: Callable[[dict], list[torch.Tensor]] | None = None
+
+    def patches_of(self, sequence: int) -> torch.Tensor:
+        """``[T, G]``: the patches each LM token of an image with ``sequence`` keys gathers."""
+        if self.token_patches is not None:
+            return self.token_patches
+        if sequence % self.group:
+            raise ValueError(f"VisionZip: {sequence} patches do not form tokens of {self.group}")
+        return torch.arange(sequence).view(-1, self.group)
+
+    def project(self, rows: torch.Tensor) -> torch.Tensor:
+        """LM embeddings ``[M, D]`` of merged projector inputs ``[M, F]`` (one row per LM token)."""
+        dtype = next(self.projector.parameters()).dtype
+        if self.flat_features:
+            return self.projector(rows.reshape(rows.shape[0] * self.group, -1).to(dtype))
+        return self.projector(rows[None].to(dtype))[0]
 
 
 def recording_vision_attention(
@@ -99,9 +131,10 @@ class VisionZipRecorder:
 
     def __init__(self, parts: VisionZipParts):
         self.parts = parts
-        self.received: list[torch.Tensor] = []  # per batch of images: [n, T]
-        self.keys: list[torch.Tensor] = []  # [n, T, H * hd]
-        self.features: list[torch.Tensor] = []  # [n, T, C]
+        self.received: list[torch.Tensor] = []  # per image: [T]
+        self.keys: list[torch.Tensor] = []  # per image: [T, H * hd]
+        self.patches: list[int] = []  # per image: keys in the recorded layer's sequence
+        self.features: list[torch.Tensor] = []  # per projector call: [n, T, C], or [N, C] if flat
 
     @contextmanager
     def active(self) -> Iterator[VisionZipRecorder]:
@@ -117,24 +150,34 @@ class VisionZipRecorder:
         self.features.append(args[0].detach())
 
     def observe(self, query: torch.Tensor, key: torch.Tensor, attention_mask, scaling: float) -> None:
-        """``query``/``key`` ``[n, H, N, hd]``: scores per patch key, then gathered per LM token."""
+        """``query``/``key`` ``[n, H, N, hd]`` (n images of N keys each, or one image per call where
+        images differ in size): scores per patch key, then gathered per LM token."""
         if attention_mask is not None:
             raise RuntimeError("VisionZip expects the vision tower's full (unmasked) attention")
         cls = self.parts.cls_index
         rows = query[:, :, cls : cls + 1] if cls is not None else query
         probs = torch.softmax((rows.float() @ key.float().transpose(-1, -2)) * scaling, dim=-1)
         per_patch = probs.mean(dim=(1, 2))  # heads (and, without [CLS], queries) averaged: [n, N]
-        patches = self.parts.token_patches.to(per_patch.device)
-        self.received.append(per_patch[:, patches].sum(-1))
+        patches = self.parts.patches_of(key.shape[2]).to(per_patch.device)
         flat_keys = key.float().transpose(1, 2).flatten(2)  # [n, N, H * hd]
-        self.keys.append(flat_keys[:, patches].mean(2))
+        self.received += list(per_patch[:, patches].sum(-1))
+        self.keys += list(flat_keys[:, patches].mean(2))
+        self.patches += [key.shape[2]] * key.shape[0]
 
-    def per_image(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(received [I, T], keys [I, T, k], features [I, T, C])`` over every image of the batch."""
+    def per_image(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """``(received [T_i], keys [T_i, k], features [T_i, F])`` of every image of the batch, in
+        the order the tower encoded them."""
         if not self.received or not self.features:
             raise RuntimeError("VisionZip: the vision tower's attention or features were not read")
-        features = torch.cat([f.reshape(-1, *f.shape[-2:]) for f in self.features])
-        return torch.cat(self.received), torch.cat(self.keys), features
+        if not self.parts.flat_features:
+            features = torch.cat([f.reshape(-1, *f.shape[-2:]) for f in self.features])
+            return self.received, self.keys, list(features)
+        rows = torch.cat(self.features)  # [N, C]: every patch, images one after another
+        if rows.shape[0] != sum(self.patches):
+            raise RuntimeError(f"VisionZip: {rows.shape[0]} projector rows for {sum(self.patches)} patches")
+        per_image = torch.split(rows, self.patches)
+        group = self.parts.group
+        return self.received, self.keys, [f.reshape(f.shape[0] // group, -1) for f in per_image]
 
 
 def split_counts(keep: int) -> tuple[int, int]:
@@ -176,46 +219,77 @@ def choose(received: torch.Tensor, keys: torch.Tensor, keep: int) -> ImageChoice
     return ImageChoice(torch.sort(kept).values, groups)
 
 
+@dataclass(frozen=True)
+class VisionZipOutcome:
+    """A batch's VisionZip result: the keep plan, the merged projector input of each contextual
+    token keyed by ``(sample, original position)``, and per sample its images' patch counts (for
+    the selection cost)."""
+
+    plan: KeepPlan
+    merged: dict[tuple[int, int], torch.Tensor]
+    patches: list[list[int]]
+
+
+def in_lm_order(
+    per_image: tuple[list[torch.Tensor], ...], orders: list[torch.Tensor] | None
+) -> tuple[list[torch.Tensor], ...]:
+    """Each image's rows moved from the tower's token order to the LM's (``orders[i][j]``: the LM
+    index of the tower's j-th token of image i)."""
+    if orders is None:
+        return per_image
+    if len(orders) != len(per_image[0]):
+        raise ValueError(f"VisionZip: {len(orders)} token orders for {len(per_image[0])} encoded images")
+    back = [torch.argsort(order) for order in orders]
+    return tuple(
+        [rows[b.to(rows.device)] for rows, b in zip(values, back, strict=True)] for values in per_image
+    )
+
+
 def visionzip_plan(
     recorder: VisionZipRecorder,
     visual_mask: torch.Tensor,
     attention_mask: torch.Tensor,
     keep_ratio: float,
-) -> tuple[KeepPlan, dict[tuple[int, int], torch.Tensor]]:
-    """The keep plan (per image ``keep_count(T, keep_ratio)`` tokens) and the merged embedding of each
-    contextual token, keyed by ``(sample, original position)``. Images are matched to the samples'
-    visual tokens in order, T tokens each (checked)."""
-    received, keys, features = recorder.per_image()
-    tokens = recorder.parts.token_patches.shape[0]
-    kept, kept_visual, total_visual, merged = [], [], [], {}
+    orders: list[torch.Tensor] | None = None,
+) -> VisionZipOutcome:
+    """Per image ``keep_count(T, keep_ratio)`` tokens. Images are matched to the samples' visual
+    tokens in order, each taking as many positions as it has LM tokens (checked); ``orders`` as in
+    :func:`in_lm_order`."""
+    received, keys, features = in_lm_order(recorder.per_image(), orders)
+    kept, kept_visual, total_visual, merged, patches = [], [], [], {}, []
     image = 0
     for b in range(visual_mask.shape[0]):
         visual_positions = visual_mask[b].nonzero().flatten()
         text_positions = (attention_mask[b].bool() & ~visual_mask[b]).nonzero().flatten()
-        if len(visual_positions) % tokens:
-            raise ValueError(f"sample {b}: {len(visual_positions)} visual tokens are not images of {tokens}")
-        chosen = []
-        for first in range(0, len(visual_positions), tokens):
-            if image >= received.shape[0]:
+        chosen, first, patches_b = [], 0, []
+        while first < len(visual_positions):
+            if image >= len(received):
+                raise ValueError(f"the vision tower encoded {len(received)} images, the prompts need more")
+            tokens = len(received[image])
+            if first + tokens > len(visual_positions):
                 raise ValueError(
-                    f"the vision tower encoded {received.shape[0]} images, the prompts need more"
+                    f"sample {b}: {len(visual_positions)} visual tokens do not end with a whole image "
+                    f"({tokens} tokens from position {first})"
                 )
             positions = visual_positions[first : first + tokens]
             choice = choose(received[image], keys[image], keep_count(tokens, keep_ratio))
             chosen.append(positions[choice.kept])
             for target, members in choice.groups.items():
-                group = features[image, members.to(features.device)].mean(0)
+                group = features[image][members.to(features[image].device)].mean(0)
                 merged[(b, int(positions[target]))] = group
+            patches_b.append(recorder.patches[image])
+            first += tokens
             image += 1
         chosen_positions = torch.cat(chosen) if chosen else visual_positions[:0]
         kept.append(torch.sort(torch.cat([text_positions, chosen_positions])).values)
         kept_visual.append(len(chosen_positions))
         total_visual.append(len(visual_positions))
-    if image != received.shape[0]:
-        raise ValueError(f"the vision tower encoded {received.shape[0]} images, the prompts hold {image}")
+        patches.append(patches_b)
+    if image != len(received):
+        raise ValueError(f"the vision tower encoded {len(received)} images, the prompts hold {image}")
     index, valid = pack_positions(kept, visual_mask.shape[1])
     plan = KeepPlan(index, valid, visual_mask.shape[1], tuple(kept_visual), tuple(total_visual))
-    return plan, merged
+    return VisionZipOutcome(plan, merged, patches)
 
 
 class ContextualMerge:
@@ -229,18 +303,21 @@ class ContextualMerge:
         visual_mask: torch.Tensor,
         attention_mask: torch.Tensor,
         keep_ratio: float,
+        orders: list[torch.Tensor] | None = None,
     ):
         self.recorder, self.visual_mask, self.attention_mask = recorder, visual_mask, attention_mask
-        self.keep_ratio = keep_ratio
+        self.keep_ratio, self.orders = keep_ratio, orders
         self.plan: KeepPlan | None = None
         self.merged: dict[tuple[int, int], torch.Tensor] = {}
         self.merged_rows = 0
+        self.patches: list[list[int]] = []  # per sample: its images' patch counts
 
     def source(self) -> Callable[[], KeepPlan]:
         def plan() -> KeepPlan:
-            self.plan, self.merged = visionzip_plan(
-                self.recorder, self.visual_mask, self.attention_mask, self.keep_ratio
+            outcome = visionzip_plan(
+                self.recorder, self.visual_mask, self.attention_mask, self.keep_ratio, self.orders
             )
+            self.plan, self.merged, self.patches = outcome.plan, outcome.merged, outcome.patches
             self.merged_rows = len(self.merged)
             return self.plan
 
@@ -263,9 +340,8 @@ class ContextualMerge:
         slots = self.plan.slot_of()
         keys = list(self.merged)
         rows = torch.stack([self.merged[key] for key in keys])
-        projector = self.recorder.parts.projector
         with torch.no_grad():
-            embeds = projector(rows[None].to(next(projector.parameters()).dtype))[0]
+            embeds = self.recorder.parts.project(rows)
         hidden = hidden.clone()
         for (sample, position), embed in zip(keys, embeds, strict=True):
             hidden[sample, int(slots[sample, position])] = embed.to(hidden.dtype)
@@ -275,8 +351,7 @@ class ContextualMerge:
 
 
 def selection_flops(
-    n_images: int,
-    patches: int,
+    patches: list[int],
     heads: int,
     head_dim: int,
     cls: bool,
@@ -284,8 +359,8 @@ def selection_flops(
     others: int,
     key_width: int,
 ) -> int:
-    """The recorded attention (``QK^T`` of the [CLS] row, or of every row without [CLS], per image)
-    plus the key similarities of the merge (each merged token against the targets); the projector's
-    run on the contextual tokens is counted by the caller."""
-    rows = 1 if cls else patches
-    return n_images * 2 * heads * head_dim * rows * patches + 2 * others * contextual * key_width
+    """The recorded attention (``QK^T`` of the [CLS] row, or of every row without [CLS], of each
+    image of ``patches`` keys) plus the key similarities of the merge (each merged token against the
+    targets); the projector's run on the contextual tokens is counted by the caller."""
+    recorded = sum(2 * heads * head_dim * (1 if cls else n) * n for n in patches)
+    return recorded + 2 * others * contextual * key_width

@@ -65,6 +65,7 @@ class KeepPlanner:
         self.unit_use: list[vision_units.UnitUse | None] | None = None  # of the last pruned batch
         self._stages: list[list[tuple[int, int]]] = []
         self._merged: list[int] = []  # VisionZip: contextual tokens per sample in the last run
+        self._patches: list[list[int]] = []  # VisionZip: per sample, its images' patch counts
         self.vision_parts = large.family.visionzip_parts(large) if settings.method == "visionzip" else None
 
     @contextmanager
@@ -86,8 +87,20 @@ class KeepPlanner:
                 self._stages = [self.pruner.stages(b) for b in range(visual.shape[0])]
                 return
             if self.settings.method == "visionzip":
+                if inputs.get("pixel_values_videos") is not None:
+                    raise ValueError(
+                        "method='visionzip' takes images only here: the tower encodes a request's videos "
+                        "after all of its images, out of the prompt's order"
+                    )
                 recorder = stack.enter_context(visionzip.VisionZipRecorder(self.vision_parts).active())
-                merge = visionzip.ContextualMerge(recorder, visual, attention_mask, self.settings.keep_ratio)
+                order = self.vision_parts.token_order
+                merge = visionzip.ContextualMerge(
+                    recorder,
+                    visual,
+                    attention_mask,
+                    self.settings.keep_ratio,
+                    order(inputs) if order else None,
+                )
                 stack.enter_context(self.pruner.installed())
                 stack.enter_context(
                     merge.writing(decoder_layers(self.large.text_model)[0])
@@ -96,6 +109,7 @@ class KeepPlanner:
                 yield self.pruner
                 self._stages = [[(0, kept)] for kept in self.pruner.plan.kept_visual]
                 self._merged = [sum(key[0] == b for key in merge.merged) for b in range(visual.shape[0])]
+                self._patches = merge.patches
                 return
             if self.settings.method == "divprune":
                 tap = stack.enter_context(divprune.InputEmbeddingTap(self.large.text_model).active())
@@ -147,13 +161,10 @@ class KeepPlanner:
         """The recorded vision attention of each image, the merge's key similarities and the
         projector's run on the merged tokens."""
         parts = self.vision_parts
-        attention, tokens = parts.attention, parts.token_patches.shape[0]
-        heads, head_dim = attention.num_heads, attention.head_dim
-        keys = int(parts.token_patches.max()) + 1
+        heads, head_dim = parts.attention.num_heads, parts.attention.head_dim
         merged, kept = self._merged[sample], self.stages(sample)[0][1]
         work = visionzip.selection_flops(
-            n_visual // tokens,
-            keys,
+            self._patches[sample],
             heads,
             head_dim,
             parts.cls_index is not None,
