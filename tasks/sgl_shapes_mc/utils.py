@@ -1,9 +1,9 @@
 """``sgl_shapes`` as multiple choice: the same prompt as generation, the answers of its type as
 choices. Choices carry no leading space: lmms-eval puts its ``target_delimiter`` (" ") before each."""
 
+from lmms_sgl.local_tasks.prompts import doc_to_visual
 from lmms_sgl.proving.palette import COLORS
 from lmms_sgl.proving.shapes import COUNT_WORDS, SHAPES
-from lmms_sgl.local_tasks.prompts import doc_to_visual
 
 __all__ = ["doc_to_choice", "doc_to_target", "doc_to_text", "doc_to_visual"]
 
