@@ -503,6 +503,7 @@ def test_visionzip_on_qwen_vl_reads_the_attention_every_query_pays(qwen2_vl):
         finally:
             for hook in hooks:
                 hook.remove()
+        assert len(recorder.features) == 1  # the tower's call, not the merge's own projection
         expected = reference(seen)
         sets = visual_sets(plan, visual)
         per_sample, image = [], 0

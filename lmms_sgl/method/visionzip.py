@@ -135,6 +135,7 @@ class VisionZipRecorder:
         self.keys: list[torch.Tensor] = []  # per image: [T, H * hd]
         self.patches: list[int] = []  # per image: keys in the recorded layer's sequence
         self.features: list[torch.Tensor] = []  # per projector call: [n, T, C], or [N, C] if flat
+        self.read = False  # per_image() has been called: the tower's features are complete
 
     @contextmanager
     def active(self) -> Iterator[VisionZipRecorder]:
@@ -147,7 +148,8 @@ class VisionZipRecorder:
             _ACTIVE.reset(token)
 
     def _take_features(self, module: nn.Module, args: tuple) -> None:
-        self.features.append(args[0].detach())
+        if not self.read:  # later calls are the contextual merge projecting its own rows
+            self.features.append(args[0].detach())
 
     def observe(self, query: torch.Tensor, key: torch.Tensor, attention_mask, scaling: float) -> None:
         """``query``/``key`` ``[n, H, N, hd]`` (n images of N keys each, or one image per call where
@@ -169,6 +171,7 @@ class VisionZipRecorder:
         the order the tower encoded them."""
         if not self.received or not self.features:
             raise RuntimeError("VisionZip: the vision tower's attention or features were not read")
+        self.read = True
         if not self.parts.flat_features:
             features = torch.cat([f.reshape(-1, *f.shape[-2:]) for f in self.features])
             return self.received, self.keys, list(features)
