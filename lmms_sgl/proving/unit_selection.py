@@ -140,19 +140,13 @@ def exit_replays(label: str, payload: dict) -> list[tuple[str, dict[int, dict]]]
     ]
     out = []
     for threshold in EXIT_THRESHOLDS:
-        exits = exits_at(samples, threshold)
-        table = {}
-        for row, sample, leave in zip(rows, samples, exits, strict=True):
-            table[row["doc_id"]] = {
-                "correct": sample.guide_value if leave else row["exact_match"],
-                "flops": sample.guide_flops if leave else sample.flops,
-                "units": (0, row.get("vision_units"))
-                if leave
-                else (row.get("vision_units_encoded"), row.get("vision_units")),
-                "thumbnail": None if leave else (row.get("extra") or {}).get("global_views_kept"),
-                "fallback": bool(row.get("fallback")),
-                "exited": leave,
-            }
+        table = sample_table(payload)
+        for sample, leave in zip(samples, exits_at(samples, threshold), strict=True):
+            entry = table[sample.doc_id]
+            entry["exited"] = leave
+            if leave:  # answered by the guide at the guide's cost; the large vision tower never ran
+                entry.update(correct=sample.guide_value, flops=sample.guide_flops, thumbnail=None)
+                entry["units"] = (0, entry["units"][1])
         out.append((f"{label} + exit at {threshold:g}", table))
     return out
 
