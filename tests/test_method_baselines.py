@@ -558,3 +558,40 @@ def test_visionzip_on_qwen_vl_answers_a_video_unpruned_and_counts_it(qwen2_vl, m
     moving, still = pipeline.generate([video, image], GEN)
     assert "method='visionzip' takes images only" in moving.fallback and moving.answer
     assert still.fallback is None and still.kept_visual < still.total_visual
+
+
+def recorded_attention_flops(loaded, prompts) -> tuple[int, int]:
+    """What ``torch.utils.flop_counter`` sees VisionZip's recorder add to a forward (the forward is
+    the same with and without it), and what the selection cost counts for that recording."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lmms_sgl.method import visionzip
+
+    inputs = loaded.family.build_batch(loaded, prompts)
+    parts = loaded.family.visionzip_parts(loaded)
+    counted = []
+    for recording in (False, True):
+        recorder = VisionZipRecorder(parts)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            if recording:
+                with recorder.active():
+                    loaded.model(**inputs)
+            else:
+                loaded.model(**inputs)
+        counted.append(counter.get_total_flops())
+    assert recorder.patches, "the recorder saw the vision tower"
+    heads, head_dim = parts.attention.num_heads, parts.attention.head_dim
+    cls = parts.cls_index is not None
+    return counted[1] - counted[0], visionzip.selection_flops(recorder.patches, heads, head_dim, cls, 0, 0, 0)
+
+
+def test_visionzip_recorded_cls_attention_flops_match_the_flop_counter(large):
+    """[CLS] towers (LLaVA-1.5, InternVL tiles): one recorded row per image."""
+    seen, counted = recorded_attention_flops(large, [s.prompt for s in samples()[:2]])
+    assert seen == counted
+
+
+def test_visionzip_recorded_attention_flops_match_the_flop_counter_without_cls(qwen2_vl):
+    """Qwen-VL: every row of each image of its own size is recorded."""
+    seen, counted = recorded_attention_flops(qwen2_vl, qwen_prompts())
+    assert seen == counted
