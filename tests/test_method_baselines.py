@@ -84,7 +84,7 @@ def test_divprune_keeps_the_greedy_max_min_set_alone_and_in_a_batch(models_dir, 
         expected = []
         for b in range(visual.shape[0]):
             rows = embeds[b][visual[b]]
-            expected.append(greedy_max_min(rows, keep_count(len(rows), RATIO)))
+            expected.append(official_divprune(rows, RATIO))
         tap = InputEmbeddingTap(text_model)
         pruner = VisualTokenPruner(text_model, 0)
         with tap.active(), pruner.installed():
@@ -97,6 +97,48 @@ def test_divprune_keeps_the_greedy_max_min_set_alone_and_in_a_batch(models_dir, 
 
     together, alone = alone_and_batched(processor, run, noise_batch)
     assert together == alone and all(len(s) for s in together)
+
+
+def official_divprune(features: torch.Tensor, ratio: float) -> list[int]:
+    """The official selection, transcribed from ``DivPrune`` in ``vbdi/divprune`` 799e2d9
+    (``LLaVA/llava/model/llava_arch.py``): ``int(round(ratio * N))`` picks; the first has the largest
+    second-smallest distance in its column, each next the largest distance to the picked rows."""
+    terms = int(round(ratio * features.shape[0]))
+    unit = features / features.norm(dim=1, keepdim=True)
+    matrix = 1.0 - unit @ unit.t()
+    picks = torch.empty(terms, dtype=torch.long)
+    for i in range(terms):
+        if i == 0:
+            scores = torch.topk(matrix, 2, dim=0, largest=False).values[1, :]
+        else:
+            scores = torch.min(torch.index_select(matrix, 0, picks[:i]), dim=0).values
+        picks[i] = torch.argmax(scores)
+    return sorted(picks.tolist())
+
+
+@pytest.mark.parametrize("count,ratio", [(256, 0.35), (576, 0.09), (256, 0.09), (100, 0.5)])
+def test_divprune_plan_keeps_the_official_tokens_on_random_embeddings(count, ratio):
+    """Two samples of different lengths, left-padded, and each alone: the official count (rounded,
+    not floored) and the official picks."""
+    generator = torch.Generator().manual_seed(count)
+    lengths = [count, count - 7]
+    text = 5
+    width = text + max(lengths)
+    embeds = torch.randn(2, width, 16, generator=generator)
+    attention = torch.zeros(2, width, dtype=torch.long)
+    visual = torch.zeros(2, width, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        attention[b, width - n - text :] = 1
+        visual[b, width - n - text + 2 : width - text + 2] = True
+    from lmms_sgl.method.divprune import divprune_plan
+
+    plan = divprune_plan(embeds, visual, attention, ratio)
+    for b in range(2):
+        expected = official_divprune(embeds[b][visual[b]], ratio)
+        assert visual_sets(plan, visual)[b] == expected
+        alone = divprune_plan(embeds[b : b + 1], visual[b : b + 1], attention[b : b + 1], ratio)
+        assert visual_sets(alone, visual[b : b + 1])[0] == expected
+    assert plan.kept_visual[0] == int(round(ratio * count))
 
 
 def test_divprune_selection_matches_the_reference_loop_on_random_vectors():
@@ -189,25 +231,62 @@ def test_one_stage_costs_what_the_single_layer_formula_says():
 
 
 # -- VisionZip ---------------------------------------------------------------------------------
-def reference_choice(received, keys, features) -> tuple[list[int], dict[int, torch.Tensor]]:
-    """One image's VisionZip outcome at RATIO spelled out: the top-K_d tokens by attention received,
-    every (R // K_c)-th remaining token as a target, each other remaining token added to the target
-    whose key is most cosine-similar; the kept tokens and each target's mean feature."""
-    n = received.shape[0]
-    dominant_count, contextual_count = split_counts(keep_count(n, RATIO))
-    dominant = set(torch.topk(received, dominant_count).indices.tolist())
-    rest = [i for i in range(n) if i not in dominant]
-    step = max(1, len(rest) // contextual_count)
-    targets = rest[::step][:contextual_count]
-    groups = {t: [t] for t in targets}
-    for i in rest:
-        if i not in targets:
-            sims = [torch.cosine_similarity(keys[i], keys[t], dim=0) for t in targets]
-            groups[targets[int(torch.stack(sims).argmax())]].append(i)
-    return sorted(dominant | set(targets)), {t: features[members].mean(0) for t, members in groups.items()}
+def official_visionzip(attn, hidden, metric, dominant, contextual):
+    """The official selection and merge, transcribed from ``CLIPVisionTower_VisionZip.forward``
+    (``dvlab-research/VisionZip`` 3151f6d, ``visionzip/clip_encoder.py``) on one layer's tensors with
+    [CLS] at 0: ``attn`` ``[B, H, N, N]``, ``hidden`` ``[B, N, C]`` (its output), ``metric``
+    ``[B, N, hd]`` (its keys averaged over heads); ``dominant`` counts [CLS] (``main.py``). Returns,
+    per image, the kept patch indices (0-based after [CLS]) and ``{target patch: contextual token}``."""
+    images, n, width = hidden.shape
+    dominant_num = dominant - 1
+    cls_attention_sum = attn[:, :, 0, 1:].sum(dim=1)
+    top = cls_attention_sum.topk(dominant_num, dim=1).indices + 1
+    all_indices = torch.cat([torch.zeros(images, 1, dtype=top.dtype), top], dim=1)
+    mask = torch.ones(images, n, dtype=torch.bool).scatter_(1, all_indices, False)
+    left = n - (dominant_num + 1)
+    metric_filtered = metric[mask].view(images, left, metric.shape[2])
+    hidden_filtered = hidden.masked_select(mask.unsqueeze(-1)).view(images, left, width)
+    metric_normalized = metric_filtered / metric_filtered.norm(dim=-1, keepdim=True)
+    step = max(1, left // contextual)
+    target_indices = torch.arange(0, left, step)[:contextual]
+    is_target = torch.isin(torch.arange(left), target_indices)
+    similarity = torch.bmm(metric_normalized[:, ~is_target], metric_normalized[:, target_indices].transpose(1, 2))
+    assign = torch.zeros(images, int((~is_target).sum()), contextual)
+    assign.scatter_(2, similarity.argmax(dim=2).unsqueeze(-1), 1)
+    counts = assign.sum(dim=1).clamp(min=1).unsqueeze(-1)
+    aggregated = torch.bmm(assign.transpose(1, 2), hidden_filtered[:, ~is_target]) / counts
+    contextual_tokens = hidden_filtered[:, target_indices] + aggregated
+    out = []
+    for i in range(images):
+        remaining = mask[i].nonzero().flatten()  # original indices of the filtered tokens
+        targets = (remaining[target_indices] - 1).tolist()
+        kept = sorted((top[i] - 1).tolist() + targets)
+        out.append((kept, {t: contextual_tokens[i, j] for j, t in enumerate(targets)}))
+    return out
 
 
-def test_visionzip_keeps_the_cls_dominant_and_uniform_targets_read_with_output_attentions(models_dir):
+@pytest.mark.parametrize("keep", [64, 23, 11, 7])
+def test_visionzip_choice_equals_the_official_rule_on_random_tensors(keep):
+    from lmms_sgl.method.visionzip import choose, contextual_value
+
+    generator = torch.Generator().manual_seed(keep)
+    images, heads, n, head_dim, width = 3, 4, 1 + 144, 8, 12
+    attn = torch.softmax(torch.randn(images, heads, n, n, generator=generator), dim=-1)
+    keys = torch.randn(images, heads, n, head_dim, generator=generator)
+    hidden = torch.randn(images, n, width, generator=generator)
+    dominant, contextual = split_counts(keep)
+    expected = official_visionzip(attn, hidden, keys.mean(1), dominant, contextual)
+    for i, (kept, tokens) in enumerate(expected):
+        received = attn[i, :, 0, 1:].mean(0)  # the recorder's score: heads averaged (same order)
+        choice = choose(received, keys[i].mean(0)[1:], keep, has_cls=True)
+        assert choice.kept.tolist() == kept
+        assert sorted(choice.groups) == sorted(tokens)
+        for target, members in choice.groups.items():
+            merged = contextual_value(hidden[i, 1:], members)
+            assert torch.allclose(merged, tokens[target], atol=1e-6, rtol=0)
+
+
+def test_visionzip_keeps_the_official_tokens_and_merged_features_read_with_output_attentions(models_dir):
     path = models_dir / "llava-large"
     model, processor = load(path, {"text_config": "sdpa", "vision_config": VISION_ATTENTION_NAME})
     eager, _ = load(path, "eager")
@@ -221,16 +300,17 @@ def test_visionzip_keeps_the_cls_dominant_and_uniform_targets_read_with_output_a
     layer = len(model.model.vision_tower.encoder.layers) - 1  # vision_feature_layer = -1
 
     def reference(inputs):
-        """CLS row of the last vision layer (eager output_attentions), heads averaged; targets every
-        (R // K_c)-th remaining token; members by cosine similarity of that layer's keys."""
+        """The official rule on the eager tower's attentions, its layer output and its keys
+        recomputed from the layer's input (CLIP: ``k_proj(layer_norm1(x))``), heads averaged."""
         tower = eager.model.vision_tower
         with torch.no_grad():
             out = tower(inputs.pixel_values, output_attentions=True, output_hidden_states=True)
-            attn = out.attentions[layer][:, :, 0, 1:].mean(1)  # [images, patches]
             block = tower.encoder.layers[layer]
-            keys = block.self_attn.k_proj(block.layer_norm1(out.hidden_states[layer]))[:, 1:]
-            features = out.hidden_states[-1][:, 1:]
-        return [reference_choice(attn[i], keys[i], features[i]) for i in range(attn.shape[0])]
+            keys = block.self_attn.k_proj(block.layer_norm1(out.hidden_states[layer]))
+            metric = keys.view(*keys.shape[:2], block.self_attn.num_heads, -1).mean(2)
+        n_visual = out.hidden_states[-1].shape[1] - 1
+        dominant, contextual = split_counts(keep_count(n_visual, RATIO))
+        return official_visionzip(out.attentions[layer], out.hidden_states[layer + 1], metric, dominant, contextual)
 
     def run(inputs):
         visual = inputs.input_ids == model.config.image_token_id
@@ -248,13 +328,13 @@ def test_visionzip_keeps_the_cls_dominant_and_uniform_targets_read_with_output_a
         sets = visual_sets(plan, visual)
         expected = reference(inputs)
         assert sets == [kept for kept, _ in expected]
-        for b, (_, means) in enumerate(expected):
+        for b, (_, tokens) in enumerate(expected):
             positions = visual[b].nonzero().flatten()
-            for target, mean in means.items():
-                assert torch.allclose(merge.merged[(b, int(positions[target]))], mean, atol=1e-5)
+            for target, token in tokens.items():
+                assert torch.allclose(merge.merged[(b, int(positions[target]))], token, atol=1e-5, rtol=0)
         return sets
 
-    together, alone = alone_and_batched(processor, run)
+    together, alone = alone_and_batched(processor, run, noise_batch)
     assert together == alone
 
 

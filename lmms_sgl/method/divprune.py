@@ -1,17 +1,23 @@
 """DivPrune (Alvar et al., CVPR 2025, arXiv 2503.02175): keep the most *diverse* visual tokens.
 
-The paper casts pruning as a Max-Min Diversity Problem (its Sec. 3.2, Eq. 3-4): among the visual
-tokens X (the embeddings the language model receives, i.e. the projector's output) choose M tokens
-S maximising ``min_{x, y in S, x != y} d(x, y)`` with the cosine distance ``d = 1 - cos(x, y)``
-(Eq. 5). The problem is NP-hard; the paper solves it with the greedy algorithm of its Algorithm 1:
+Followed: the official code, ``vbdi/divprune`` at commit ``799e2d950aa01ba7860907f5a6d86061f885dca6``,
+``LLaVA/llava/model/llava_arch.py`` (``DivPrune`` and its call in
+``prepare_inputs_labels_for_multimodal``). Among the visual tokens X (the embeddings the language
+model receives, i.e. the projector's output, after LLaVA-NeXT's unpadding and newline tokens) it
+chooses ``int(round(ratio * N))`` tokens greedily for max-min cosine distance ``1 - cos(x, y)``
+(the paper's Algorithm 1, Eq. 3-5):
 
 * the first token is the one farthest from its own nearest neighbour (``argmax_i min_{j != i} d``);
 * every next token is the remaining one farthest from the already chosen set
-  (``argmax_{i not in S} min_{j in S} d(i, j)``), until M tokens are chosen.
+  (``argmax_{i not in S} min_{j in S} d(i, j)``), ties to the first index (``torch.argmax``).
 
-Pruning happens before the first decoder layer (K = 0); the kept tokens keep their original order
-and positions, as everywhere in this package. The selection costs one Gram matrix, 2 N^2 d FLOPs per
-sample (:func:`selection_flops`); the greedy loop's comparisons are not matrix products and are not
+Pruning happens before the first decoder layer (K = 0), jointly over a sample's visual tokens.
+Deliberate differences: the kept tokens keep their original positions, as everywhere in this
+package (the official code renumbers them through ``generate``'s cumulative mask; kept positions
+are needed for Qwen-VL's multimodal RoPE and are SGL's own rule); at least one token is kept
+where the rounded count is 0; the official code prunes the first image of the first sample only,
+this one every sample of a batch. The selection costs one Gram matrix, 2 N^2 d FLOPs per sample
+(:func:`selection_flops`); the greedy loop's comparisons are not matrix products and are not
 counted, like softmax elsewhere.
 """
 
@@ -23,7 +29,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from lmms_sgl.method.selection import KeepPlan, keep_count, pack_positions
+from lmms_sgl.method.selection import KeepPlan, pack_positions
 
 
 def cosine_distances(features: torch.Tensor) -> torch.Tensor:
@@ -56,17 +62,25 @@ def max_min_select(features: torch.Tensor, count: int) -> torch.Tensor:
     return torch.tensor(chosen, dtype=torch.long, device=features.device)
 
 
+def divprune_count(n_visual: int, keep_ratio: float) -> int:
+    """``int(round(keep_ratio * n_visual))`` as the official code computes it (Python's rounding,
+    half to even: 90 of 256 at 0.35, 52 of 576 at 0.09), at least 1 and at most ``n_visual``."""
+    if n_visual == 0:
+        return 0
+    return max(1, min(n_visual, int(round(keep_ratio * n_visual))))
+
+
 def divprune_plan(
     embeds: torch.Tensor, visual_mask: torch.Tensor, attention_mask: torch.Tensor, keep_ratio: float
 ) -> KeepPlan:
-    """Per sample, the ``keep_count`` most diverse visual tokens of ``embeds`` ``[B, P, d]`` plus every
+    """Per sample, the :func:`divprune_count` most diverse visual tokens of ``embeds`` ``[B, P, d]`` plus every
     real text token, in original order."""
     kept, kept_visual, total_visual = [], [], []
     for b in range(visual_mask.shape[0]):
         visual_positions = visual_mask[b].nonzero().flatten()
         text_positions = (attention_mask[b].bool() & ~visual_mask[b]).nonzero().flatten()
         n_visual = len(visual_positions)
-        count = keep_count(n_visual, keep_ratio)
+        count = divprune_count(n_visual, keep_ratio)
         if count == n_visual:  # nothing to drop: no selection (and no selection cost)
             chosen = visual_positions
         else:

@@ -1,34 +1,45 @@
 """VisionZip (Yang et al., CVPR 2025, arXiv 2412.04467): dominant plus merged contextual tokens,
 chosen by the *vision tower's* attention, before the language model (K = 0).
 
-What the paper does (Sec. 3.2-3.3), per image (per crop / tile):
+Followed: the official code, ``dvlab-research/VisionZip`` at commit
+``3151f6df4fca36a4cd1c985e5956e725b1f9ad02``: ``visionzip/clip_encoder.py``
+(``CLIPVisionTower_VisionZip.forward``), ``visionzip/utils.py`` (``CLIPAttention_forward``: the
+metric) and ``visionzip/main.py`` (``dominant_num = dominant - 1``). Per image (per tile):
 
-* **dominant tokens**: the ``K_d`` tokens with the highest attention received in the vision layer
-  whose output the projector reads, i.e. the attention of the [CLS] token averaged over heads; for
-  towers without [CLS] (SigLIP) the attention each token receives, averaged over all queries;
-* **contextual tokens**: of the remaining tokens, ``K_c`` *targets* are sampled uniformly (every
-  ``R // K_c``-th in order); every other remaining token joins the target whose key (same layer)
-  is most similar, and each group is averaged in the vision-feature space and then projected;
-  the paper's splits are 54 + 10 (64), 108 + 20 (128), 162 + 30 (192), so ``K_c = round(keep *
-  10 / 64)`` here.
+* **dominant tokens**: [CLS] plus the ``K_d - 1`` patches with the highest attention from [CLS]
+  (summed over heads) in the vision layer whose output the projector reads: [CLS] counts as one of
+  the ``K_d`` (64 = [CLS] + 53 + 10 for LLaVA-1.5);
+* **contextual tokens**: of the ``R`` remaining tokens, ``K_c`` *targets* every ``R // K_c``-th in
+  order; every other remaining token is assigned to the target whose key is most cosine-similar,
+  the key being that layer's ``k_proj`` output **averaged over heads**; a contextual token is the
+  target's feature **plus the mean** of its assigned tokens' features (the target alone when none
+  was assigned), in the feature space the projector reads, then projected;
+* the paper's splits are 54 + 10 (64), 108 + 20 (128), 162 + 30 (192), so ``K_c = round(keep *
+  10 / 64)`` here, with ``keep = keep_count(T, keep_ratio)`` per image.
 
-What this implementation decides where the paper or the families differ:
+Deliberate differences, each needed by the families or the package:
 
-* the tokens are the language model's visual tokens; when one LM token gathers several patches
-  (InternVL's 2 x 2 pixel shuffle, which happens after [CLS] is dropped; Qwen-VL's merger of 2 x 2
-  consecutive patches), its attention score is the attention summed over its patches, its key the
-  mean of their keys, its feature what the projector receives for it (the pixel-shuffled feature;
-  Qwen-VL: its 4 patch rows), so merging still happens before the projector;
-* Qwen-VL's tower has no [CLS] and sizes images freely: the score is the attention received from
-  every query of the image in the last block (which attends over whole images), images are matched
-  to their LM tokens one after another, and Qwen2.5-VL's tokens, which the tower holds in
-  attention-window order, are put back in the LM's order (``VisionZipParts.token_order``);
-* key similarity is cosine similarity (the keys are normalised, heads concatenated);
-* placement: the paper feeds the LLM the dominant tokens, then the contextual ones, as a shorter
-  sequence. Here every kept token keeps its original RoPE position, as for every other method of
-  the package: a dominant token its own, a contextual token the slot and position of its target
-  (which the paper samples uniformly over the image, so contextual tokens stay spread over it).
-  Renumbering would shift every later text position and all decoding positions.
+* [CLS] takes its place in the dominant budget but is not fed to the language model: the families'
+  LM sequences (LLaVA-1.5 with strategy ``default``, InternVL) have one slot per patch token and
+  none for [CLS]. So the LM sees one token fewer per image than the official code gives it (63 of
+  64); the run's token ratio reports what the LM saw.
+* placement: the official code feeds the LLM [CLS], the dominant tokens, then the contextual ones,
+  as a shorter renumbered sequence. Here every kept token keeps its original RoPE position, as for
+  every other method of the package (needed for Qwen-VL's multimodal positions, and for SGL's own
+  rule): a dominant token its own, a contextual token the slot and position of its target.
+* ``keep_ratio=1`` keeps every token untouched (the unpruned model), not [CLS] + all but one.
+
+Extensions of this package, where the official code has no counterpart (labelled as such in the
+README):
+
+* InternVL: [CLS] at 0 as in CLIP; an LM token gathers the 2 x 2 patches of the pixel shuffle, its
+  score is the attention summed over them, its key the mean of their keys, its feature the shuffled
+  feature the projector receives;
+* Qwen2-VL / Qwen2.5-VL (towers without [CLS], images of any size): the score is the attention
+  every query of the image pays in the last block (averaged over heads and queries, summed over the
+  2 x 2 merged patches), images are matched to their LM tokens one after another, and Qwen2.5-VL's
+  tokens, which the tower holds in attention-window order, are put back in the LM's order
+  (``VisionZipParts.token_order``).
 
 Reading the tower's attention goes through transformers' ``AttentionInterface``: the vision tower
 runs :data:`VISION_ATTENTION_NAME`, ordinary SDPA that, while a :class:`VisionZipRecorder` is
@@ -161,9 +172,9 @@ class VisionZipRecorder:
         probs = torch.softmax((rows.float() @ key.float().transpose(-1, -2)) * scaling, dim=-1)
         per_patch = probs.mean(dim=(1, 2))  # heads (and, without [CLS], queries) averaged: [n, N]
         patches = self.parts.patches_of(key.shape[2]).to(per_patch.device)
-        flat_keys = key.float().transpose(1, 2).flatten(2)  # [n, N, H * hd]
+        head_mean_keys = key.float().mean(1)  # [n, N, hd]: the official metric, keys averaged over heads
         self.received += list(per_patch[:, patches].sum(-1))
-        self.keys += list(flat_keys[:, patches].mean(2))
+        self.keys += list(head_mean_keys[:, patches].mean(2))
         self.patches += [key.shape[2]] * key.shape[0]
 
     def per_image(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
@@ -189,20 +200,34 @@ def split_counts(keep: int) -> tuple[int, int]:
     return keep - contextual, contextual
 
 
+def dominant_patches(dominant: int, contextual: int, has_cls: bool) -> int:
+    """How many of an image's tokens are dominant: the official code counts [CLS] as the first of
+    the ``dominant`` (``dominant_num = dominant - 1`` in ``main.py``), so a tower with [CLS] gives
+    one fewer to its patches. [CLS] has no slot in the language model's sequence here, so it is
+    not fed; at least one token is kept when no contextual token is."""
+    patches = dominant - 1 if has_cls else dominant
+    return max(patches, 0 if contextual else 1)
+
+
 @dataclass(frozen=True)
 class ImageChoice:
     """One image's outcome: kept token indices (dominant and targets, sorted), and each target's
-    members (the tokens averaged into it, itself first)."""
+    members (the tokens merged into it, itself first)."""
 
     kept: torch.Tensor
     groups: dict[int, torch.Tensor]
 
 
-def choose(received: torch.Tensor, keys: torch.Tensor, keep: int) -> ImageChoice:
-    """Dominant top-``K_d`` by ``received``, then ``K_c`` uniformly sampled targets among the rest,
-    every other remaining token assigned to its most key-similar target."""
+def choose(received: torch.Tensor, keys: torch.Tensor, keep: int, has_cls: bool = True) -> ImageChoice:
+    """The official rule (``CLIPVisionTower_VisionZip.forward``): dominant top-``K_d`` by
+    ``received`` ([CLS] counted among them when the tower has one), then ``K_c`` targets every
+    ``R // K_c``-th of the ``R`` remaining tokens, every other remaining token assigned to its most
+    cosine-similar target by ``keys`` (head-averaged)."""
     count = received.shape[0]
+    if keep >= count:  # nothing to drop: every token as it is (keep_ratio=1 is the unpruned model)
+        return ImageChoice(torch.arange(count), {})
     dominant_count, contextual_count = split_counts(keep)
+    dominant_count = min(dominant_patches(dominant_count, contextual_count, has_cls), count)
     dominant = torch.topk(received.float(), dominant_count).indices
     is_dominant = torch.zeros(count, dtype=torch.bool)
     is_dominant[dominant.cpu()] = True
@@ -220,6 +245,15 @@ def choose(received: torch.Tensor, keys: torch.Tensor, keep: int) -> ImageChoice
     else:
         kept = dominant.cpu()
     return ImageChoice(torch.sort(kept).values, groups)
+
+
+def contextual_value(features: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+    """The official contextual token: the target's feature plus the mean of the tokens assigned to
+    it (``target_hidden + aggregated_hidden``; the target alone when nothing was assigned)."""
+    target = features[members[0]]
+    if len(members) == 1:
+        return target
+    return target + features[members[1:]].mean(0)
 
 
 @dataclass(frozen=True)
@@ -275,11 +309,12 @@ def visionzip_plan(
                     f"({tokens} tokens from position {first})"
                 )
             positions = visual_positions[first : first + tokens]
-            choice = choose(received[image], keys[image], keep_count(tokens, keep_ratio))
+            has_cls = recorder.parts.cls_index is not None
+            choice = choose(received[image], keys[image], keep_count(tokens, keep_ratio), has_cls)
             chosen.append(positions[choice.kept])
             for target, members in choice.groups.items():
-                group = features[image][members.to(features[image].device)].mean(0)
-                merged[(b, int(positions[target]))] = group
+                value = contextual_value(features[image], members.to(features[image].device))
+                merged[(b, int(positions[target]))] = value
             patches_b.append(recorder.patches[image])
             first += tokens
             image += 1

@@ -170,7 +170,7 @@ class KeepPlanner:
             parts.cls_index is not None,
             merged,
             n_visual - kept,
-            heads * head_dim,
+            head_dim,  # the keys are averaged over heads
         )
         linears = [m for m in parts.projector.modules() if isinstance(m, torch.nn.Linear)]
         return work + sum(2 * merged * m.in_features * m.out_features for m in linears)
