@@ -1,10 +1,18 @@
 """PyramidDrop (Xing et al., CVPR 2025, arXiv 2410.17247): drop visual tokens progressively.
 
-The paper (Sec. 3.2) splits the language model into stages; at the end of each stage the image
-tokens are ranked by the attention the *last instruction token* pays them, and only the top
-``lambda`` fraction of the tokens still present goes on to the next stage, so stage s keeps
-``lambda^s`` of them. Its default (Sec. 4.1, LLaVA-1.5-7B, 32 layers) drops at layers 8, 16 and 24
-with ``lambda = 0.5``: four equal stages, three drops.
+Followed: the official code, ``Cooperx521/PyramidDrop`` at commit
+``6444f304aee4b7edcb022839fb9e8cd07859704a``, ``llava/model/modeling_llama_pdrop.py``
+(``pdrop_forward``, ``pdrop_rank_drop``). The language model is split into stages; just before the
+first layer of each next stage (the paper's default: before layers 8, 16 and 24 of 32) the image
+tokens still present are ranked by a *light attention* and only the best go on:
+
+* the hidden states entering that layer go through **that layer's** ``input_layernorm``, ``q_proj``
+  and ``k_proj`` (and the rotary embedding at the tokens' positions); the query is the **last
+  prompt token**, the keys every token of the sequence (padding masked), softmax in fp32, the
+  probabilities **averaged over heads**;
+* stage s keeps ``int(N * lambda^s)`` of the N original image tokens (the official
+  ``image_token_ratio_list`` of cumulative ratios ``[1, 0.5, 0.25, 0.125]``), the top ones by that
+  attention, in their original order.
 
 Mapped onto this package's settings (K = ``prune_layer``, r = ``keep_ratio``):
 
@@ -12,11 +20,15 @@ Mapped onto this package's settings (K = ``prune_layer``, r = ``keep_ratio``):
   ``K + floor(i (L - K) / 3)``, i = 0, 1, 2 (fewer when fewer than three layers are left);
 * ``lambda`` is solved so that the stages' fractions, averaged over layers >= K, equal r; so the
   layer-averaged token ratio is ``(K + (L - K) r) / L`` as for every other method
-  (``lmms_sgl.method.cost.token_ratio``), and ``keep_ratio=1`` is the unpruned model;
-* each drop keeps ``keep_count(kept so far, lambda)`` tokens, ranked by the last prompt token's
-  attention (softmax over all keys, summed over heads) in the layer before the drop, computed by
-  that layer in the already pruned sequence (the paper's "lightweight attention" at the stage end:
-  here it is that layer's own attention row, recorded through the recording attention).
+  (``lmms_sgl.method.cost.token_ratio``), and ``keep_ratio=1`` is the unpruned model.
+
+Deliberate differences: kept tokens keep their original positions (the official code renumbers
+them after each drop and shifts each decode token's position per stage; kept positions are needed
+for Qwen-VL's multimodal RoPE and are SGL's and every other method's rule here); query and key
+heads are matched as the layer's own attention does (grouped-query attention repeats the key heads;
+the official code assumes Vicuna's equal counts); only the query row is projected (the official code
+projects every row's query and then uses the last: the same scores for less work); at least one
+image token is kept per stage.
 
 Each drop is a :class:`~lmms_sgl.method.pruning.VisualTokenPruner` at its layer; pruners of later
 stages see the sequence the earlier ones left (their hooks run in installation order), and their
@@ -25,15 +37,16 @@ plans are composed back onto the original prompt (:func:`lmms_sgl.method.stages.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import sys
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
 
-from lmms_sgl.method.importance import attention_probabilities, observing
-from lmms_sgl.method.pruning import VisualTokenPruner
-from lmms_sgl.method.selection import KeepPlan, plan_from_scores
+from lmms_sgl.method.cost import TransformerShape
+from lmms_sgl.method.pruning import LayerInputs, VisualTokenPruner, gather_tokens
+from lmms_sgl.method.selection import KeepPlan, pack_positions
 from lmms_sgl.method.stages import compose
 
 DROPS = 3  # the paper's default: drops at L/4, L/2, 3L/4 (layers 8, 16, 24 of 32)
@@ -67,33 +80,60 @@ def stage_fraction(layers: list[int], num_layers: int, keep_ratio: float) -> flo
     return high
 
 
-class LastRowRecorder:
-    """Per recorded layer, the attention (summed over heads) that one query row per sample pays to
-    every key of that layer's prefill; fed by the recording attention (duck-types ``observe``)."""
+def stage_counts(n_visual: int, fraction: float, stages: int) -> list[int]:
+    """Image tokens kept after each drop: ``int(N * fraction^s)`` of the original N, at least one
+    (the official cumulative ratios; 1.0 keeps all)."""
+    if n_visual == 0:
+        return [0] * stages
+    return [max(1, min(n_visual, int(n_visual * fraction ** (s + 1)))) for s in range(stages)]
 
-    def __init__(self, layers: set[int], query_slots: Callable[[int, int], torch.Tensor]):
-        self.layers = set(layers)
-        self.query_slots = query_slots  # (layer, query length) -> [B] slot of each sample's query row
-        self.rows: dict[int, torch.Tensor] = {}
 
-    def observe(self, layer_idx: int, query, key, attention_mask, scaling) -> None:
-        if layer_idx not in self.layers or query.shape[2] == 1 or layer_idx in self.rows:
-            return  # other layers, decode steps, and a layer's later calls
-        slots = self.query_slots(layer_idx, query.shape[2]).to(query.device)
-        first, last = int(slots.min()), int(slots.max())
-        probs = attention_probabilities(query, key, attention_mask, slice(first, last + 1), scaling)
-        heads = probs.sum(1)  # [B, rows, kv]
-        repeat = heads.shape[0] // slots.shape[0]  # beam search repeats each sample's rows
-        picked = heads[:: max(repeat, 1)].gather(
-            1, (slots - first)[:, None, None].expand(-1, 1, heads.shape[-1])
-        )
-        self.rows[layer_idx] = picked[:, 0].float()
+def rotary_function(attention: nn.Module):
+    """The model's own ``apply_rotary_pos_emb`` (its modeling module's), as its attention uses it."""
+    module = sys.modules[type(attention).__module__]
+    apply = getattr(module, "apply_rotary_pos_emb", None)
+    if apply is None:
+        raise TypeError(f"{type(attention).__name__}: no apply_rotary_pos_emb in {module.__name__}")
+    return apply
 
-    def active(self):
-        return observing(self)
 
-    def observe_weights(self, layer_idx: int, weights) -> None:
-        raise RuntimeError("PDrop reads the recording SDPA attention, not the eager one")
+def light_attention(inputs: LayerInputs, query_slots: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+    """``[B, P]``: the attention each sample's query row (``query_slots`` ``[B]``) pays to every key
+    of the sequence entering ``inputs.layer``, computed with that layer's own norm, projections and
+    rotary embedding, softmax over the ``key_valid`` keys in fp32, averaged over heads."""
+    layer, hidden = inputs.layer, inputs.hidden
+    cos, sin = inputs.kwargs["position_embeddings"]
+    if hidden.shape[0] != query_slots.shape[0]:  # beam search repeats each sample's rows
+        step = hidden.shape[0] // query_slots.shape[0]
+        hidden = hidden[::step]
+        cos, sin = (t if t.shape[-3] == 1 else t[..., ::step, :, :] for t in (cos, sin))
+    attention = layer.self_attn
+    batch, length, _ = hidden.shape
+    head_dim = attention.head_dim
+    with torch.no_grad():
+        normed = layer.input_layernorm(hidden)
+        slots = query_slots.to(normed.device)
+        rows = normed[torch.arange(batch, device=normed.device), slots]
+        query = attention.q_proj(rows[:, None]).view(batch, 1, -1, head_dim)
+        key = attention.k_proj(normed).view(batch, length, -1, head_dim)
+        if getattr(attention, "q_norm", None) is not None:  # Qwen3: per-head RMSNorm before RoPE
+            query, key = attention.q_norm(query), attention.k_norm(key)
+        query, key = query.transpose(1, 2), key.transpose(1, 2)  # [B, H, 1, hd], [B, KV, P, hd]
+        pick = slots[:, None].to(cos.device)
+        apply = rotary_function(attention)
+        query = apply(query, query, gather_tokens(cos, pick, -2), gather_tokens(sin, pick, -2))[0]
+        key = apply(key, key, cos, sin)[1]
+        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+        scores = (query.float() @ key.float().transpose(-1, -2))[:, :, 0] * attention.scaling
+        scores = scores.masked_fill(~key_valid.to(scores.device)[:, None, :], float("-inf"))
+        return torch.softmax(scores, dim=-1).mean(1)  # [B, P]
+
+
+def light_attention_flops(shape: TransformerShape, keys: int) -> int:
+    """One drop's ranking: ``k_proj`` over ``keys`` tokens, ``q_proj`` of the query row, and that
+    row's ``QK^T`` (norms and softmax are elementwise and not counted)."""
+    key_width, query_width = shape.kv_heads * shape.head_dim, shape.heads * shape.head_dim
+    return 2 * keys * shape.hidden * key_width + 2 * shape.hidden * query_width + 2 * query_width * keys
 
 
 class StagedPruner:
@@ -105,7 +145,7 @@ class StagedPruner:
         self.pruners = [VisualTokenPruner(text_model, layer) for layer in self.layers]
         for stage, pruner in enumerate(self.pruners):  # deepstack features follow every stage
             pruner.later = self.pruners[stage + 1 :]
-        self.recorder: LastRowRecorder | None = None
+        self.ranked_keys: list[int] = []  # per drop of the last prefill: the keys ranked (batch width)
 
     @contextmanager
     def installed(self) -> Iterator[StagedPruner]:
@@ -116,22 +156,12 @@ class StagedPruner:
 
     def arm(
         self, visual_mask: torch.Tensor, attention_mask: torch.Tensor, query_positions: torch.Tensor | None
-    ) -> LastRowRecorder:
-        """Arm every stage; returns the recorder to activate (``query_positions``: each sample's
-        query as an original position, default the last prompt token)."""
-
-        def query_slots(layer: int, length: int) -> torch.Tensor:
-            if query_positions is None:
-                return torch.full((visual_mask.shape[0],), length - 1, dtype=torch.long)
-            plan = self._composed([s for s, start in enumerate(self.layers) if start <= layer])
-            if plan is None:
-                return query_positions.long()
-            return plan.slot_of().gather(1, query_positions.long()[:, None].to(plan.index.device))[:, 0]
-
-        self.recorder = LastRowRecorder({layer - 1 for layer in self.layers}, query_slots)
+    ) -> None:
+        """Arm every stage (``query_positions``: each sample's query as an original position,
+        default the last prompt token)."""
+        self.ranked_keys = []
         for stage, pruner in enumerate(self.pruners):
-            pruner.arm(self._source(stage, visual_mask, attention_mask))
-        return self.recorder
+            pruner.arm(self._source(stage, visual_mask, attention_mask, query_positions))
 
     def _composed(self, stages: list[int]) -> KeepPlan | None:
         plan = None
@@ -142,20 +172,47 @@ class StagedPruner:
             plan = current if plan is None else compose(plan, current)
         return plan
 
-    def _source(self, stage: int, visual_mask: torch.Tensor, attention_mask: torch.Tensor):
+    def _source(
+        self,
+        stage: int,
+        visual_mask: torch.Tensor,
+        attention_mask: torch.Tensor,
+        query_positions: torch.Tensor | None,
+    ):
         def plan() -> KeepPlan:
+            inputs = self.pruners[stage].inputs_at_k
+            if inputs is None:
+                raise RuntimeError(f"PDrop: layer {self.layers[stage]}'s inputs were not seen")
+            device = inputs.hidden.device
             before = self._composed(list(range(stage)))
             if before is None:
-                visual, real = visual_mask, attention_mask.bool()
+                visual, real = visual_mask.to(device), attention_mask.bool().to(device)
             else:
-                visual = visual_mask.to(before.index.device).gather(1, before.index) & before.valid
+                before = before.to(device)
+                visual = visual_mask.to(device).gather(1, before.index) & before.valid
                 real = before.valid
-            row = self.recorder.rows.get(self.layers[stage] - 1)
-            if row is None:
-                raise RuntimeError(f"PDrop: layer {self.layers[stage] - 1}'s attention was not recorded")
-            visual = visual.to(row.device)
-            scores = [row[b][visual[b]] for b in range(row.shape[0])]
-            return plan_from_scores(scores, visual, real.to(row.device), self.fraction)
+            length = visual.shape[1]
+            if query_positions is None:
+                slots = torch.full((visual.shape[0],), length - 1, dtype=torch.long, device=device)
+            elif before is None:
+                slots = query_positions.long().to(device)
+            else:
+                slots = before.slot_of().gather(1, query_positions.long().to(device)[:, None])[:, 0]
+            rows = light_attention(inputs, slots, real)
+            self.ranked_keys.append(length)
+            originals = visual_mask.sum(1).tolist()
+            kept = []
+            for b in range(visual.shape[0]):
+                positions = visual[b].nonzero().flatten()
+                count = stage_counts(int(originals[b]), self.fraction, stage + 1)[-1]
+                count = min(count, len(positions))
+                top = torch.topk(rows[b][positions].float(), count).indices
+                text = (real[b] & ~visual[b]).nonzero().flatten()
+                kept.append(torch.sort(torch.cat([text, positions[top]])).values)
+            index, valid = pack_positions(kept, length)
+            kept_visual = tuple(int((visual[b][index[b][valid[b]]]).sum()) for b in range(visual.shape[0]))
+            total = tuple(int(visual[b].sum()) for b in range(visual.shape[0]))
+            return KeepPlan(index, valid, length, kept_visual, total)
 
         return plan
 

@@ -106,6 +106,16 @@ class _Deepstack:
     embeds: list[torch.Tensor]  # one [n_visual_in_batch, d] per layer >= K, rows in visual order
 
 
+@dataclass(frozen=True)
+class LayerInputs:
+    """What layer K receives in a prefill, as its pre-hook sees it (after earlier stages' hooks): a
+    plan source that ranks with layer K's own projections reads it (PDrop's light attention)."""
+
+    layer: nn.Module
+    hidden: torch.Tensor
+    kwargs: dict
+
+
 @dataclass
 class _ForwardState:
     plan: KeepPlan  # as applied (rows repeated for beam search)
@@ -141,6 +151,7 @@ class VisualTokenPruner:
         # this pruner took are added in their pruned sequences once they have run.
         self.later: list[VisualTokenPruner] = []
         self._model_mask: torch.Tensor | None = None
+        self.inputs_at_k: LayerInputs | None = None  # layer K's inputs in the last prefill
 
     @contextmanager
     def installed(self) -> Iterator[VisualTokenPruner]:
@@ -248,7 +259,9 @@ class VisualTokenPruner:
         cache = kwargs.get("past_key_values")
         cached = cache.get_seq_length(self.layer_k) if cache is not None else 0
         if self._state is None or cached == 0:  # a (new) prefill
+            self.inputs_at_k = LayerInputs(layer, hidden, kwargs)
             armed = self._source() if callable(self._source) else self._source
+            self.inputs_at_k = None  # hold no activations past the plan
             plan = armed.to(hidden.device)
             if hidden.shape[0] != plan.index.shape[0]:
                 if hidden.shape[0] % plan.index.shape[0]:

@@ -27,7 +27,7 @@ from loguru import logger
 from lmms_sgl.families.base import LoadedVLM
 from lmms_sgl.method import cost, divprune, visionzip
 from lmms_sgl.method.fastv import fastv_plan_source, fastv_recorder
-from lmms_sgl.method.pdrop import StagedPruner, drop_layers, stage_fraction
+from lmms_sgl.method.pdrop import StagedPruner, drop_layers, light_attention_flops, stage_fraction
 from lmms_sgl.method.pruning import VisualTokenPruner, decoder_layers
 from lmms_sgl.method.selection import KeepPlan, plan_from_scores, random_scores
 from lmms_sgl.method.settings import SGLSettings
@@ -82,7 +82,7 @@ class KeepPlanner:
             if self.settings.method == "pdrop":
                 query = None if fastv_rows is None else fastv_rows.long().argmax(1)
                 stack.enter_context(self.pruner.installed())
-                stack.enter_context(self.pruner.arm(visual, attention_mask, query).active())
+                self.pruner.arm(visual, attention_mask, query)
                 yield self.pruner
                 self._stages = [self.pruner.stages(b) for b in range(visual.shape[0])]
                 return
@@ -150,7 +150,7 @@ class KeepPlanner:
             return one_row * prompt
         if method == "pdrop":
             seen = layer_tokens(shape.num_layers, prompt, n_visual, self.stages(sample))
-            return one_row * sum(seen[layer - 1] for layer in self.pruner.layers)
+            return sum(light_attention_flops(shape, seen[layer - 1]) for layer in self.pruner.layers)
         if method == "divprune":
             return divprune.selection_flops(n_visual, self.stages(sample)[0][1], shape.hidden)
         if method == "visionzip":
