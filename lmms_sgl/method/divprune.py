@@ -73,8 +73,8 @@ def divprune_count(n_visual: int, keep_ratio: float) -> int:
 def divprune_plan(
     embeds: torch.Tensor, visual_mask: torch.Tensor, attention_mask: torch.Tensor, keep_ratio: float
 ) -> KeepPlan:
-    """Per sample, the :func:`divprune_count` most diverse visual tokens of ``embeds`` ``[B, P, d]`` plus every
-    real text token, in original order."""
+    """Per sample, the :func:`divprune_count` most diverse visual tokens of ``embeds`` ``[B, P, d]``
+    plus every real text token, in original order."""
     kept, kept_visual, total_visual = [], [], []
     for b in range(visual_mask.shape[0]):
         visual_positions = visual_mask[b].nonzero().flatten()
