@@ -119,11 +119,13 @@ def evaluate(
 
 def kept_visual_sets(monkeypatch) -> list[list[int]]:
     """Record, per sample the large model ran, which of its visual tokens the keep plan kept
-    (ordinals among that sample's visual tokens, so batch padding does not matter)."""
-    import lmms_sgl.pipeline.keep_plans as pipeline_module
+    (ordinals among that sample's visual tokens, so batch padding does not matter); for the methods
+    that keep the top tokens by a score (SGL's own plan and the scored baselines)."""
+    import lmms_sgl.method.registry as registry_module
+    import lmms_sgl.method.sgl as sgl_module
 
     kept: list[list[int]] = []
-    plan_from_scores = pipeline_module.plan_from_scores
+    plan_from_scores = sgl_module.plan_from_scores
 
     def spy(scores, visual_mask, attention_mask, keep_ratio):
         plan = plan_from_scores(scores, visual_mask, attention_mask, keep_ratio)
@@ -133,7 +135,8 @@ def kept_visual_sets(monkeypatch) -> list[list[int]]:
             kept.append([i for i, position in enumerate(visual) if position in positions])
         return plan
 
-    monkeypatch.setattr(pipeline_module, "plan_from_scores", spy)
+    for module in (sgl_module, registry_module):
+        monkeypatch.setattr(module, "plan_from_scores", spy)
     return kept
 
 

@@ -8,16 +8,21 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmms_sgl.baselines.divprune import InputEmbeddingTap, divprune_plan_source
+from lmms_sgl.baselines.pdrop import PDropPruner, drop_layers, light_attention_flops, stage_fraction
+from lmms_sgl.baselines.visionzip import (
+    VISION_ATTENTION_NAME,
+    ContextualMerge,
+    VisionZipRecorder,
+    split_counts,
+)
 from lmms_sgl.families import InternVLFamily, LlavaFamily
 from lmms_sgl.method import cost
-from lmms_sgl.method.divprune import InputEmbeddingTap, divprune_plan_source
 from lmms_sgl.method.importance import ATTENTION_NAME
-from lmms_sgl.method.pdrop import StagedPruner, drop_layers, light_attention_flops, stage_fraction
 from lmms_sgl.method.pruning import VisualTokenPruner, decoder_layers
 from lmms_sgl.method.selection import KeepPlan, keep_count, pack_positions
 from lmms_sgl.method.settings import SGLSettings
 from lmms_sgl.method.stages import compose, staged_generation_flops, staged_token_ratio
-from lmms_sgl.method.visionzip import VISION_ATTENTION_NAME, ContextualMerge, VisionZipRecorder, split_counts
 from lmms_sgl.pipeline import SGLPipeline
 from tests.helpers import batch, greedy, load
 from tests.test_pipeline import GEN, answers, samples
@@ -130,7 +135,7 @@ def test_divprune_plan_keeps_the_official_tokens_on_random_embeddings(count, rat
     for b, n in enumerate(lengths):
         attention[b, width - n - text :] = 1
         visual[b, width - n - text + 2 : width - text + 2] = True
-    from lmms_sgl.method.divprune import divprune_plan
+    from lmms_sgl.baselines.divprune import divprune_plan
 
     plan = divprune_plan(embeds, visual, attention, ratio)
     for b in range(2):
@@ -144,7 +149,7 @@ def test_divprune_plan_keeps_the_official_tokens_on_random_embeddings(count, rat
 def test_divprune_selection_matches_the_reference_loop_on_random_vectors():
     torch.manual_seed(0)
     features = torch.randn(40, 8)
-    from lmms_sgl.method.divprune import max_min_select
+    from lmms_sgl.baselines.divprune import max_min_select
 
     assert sorted(max_min_select(features, 9).tolist()) == greedy_max_min(features, 9)
 
@@ -230,7 +235,7 @@ def test_pdrop_stages_follow_the_official_light_attention_of_the_next_layer(mode
 
     def run(inputs):
         visual = inputs.input_ids == model.config.image_token_id
-        staged = StagedPruner(model.model.language_model, layers, fraction)
+        staged = PDropPruner(model.model.language_model, layers, fraction)
         with staged.installed():
             staged.arm(visual, inputs.attention_mask, None)
             out = greedy(model, inputs, 3)
@@ -314,7 +319,7 @@ def official_visionzip(attn, hidden, metric, dominant, contextual):
 
 @pytest.mark.parametrize("keep", [64, 23, 11, 7])
 def test_visionzip_choice_equals_the_official_rule_on_random_tensors(keep):
-    from lmms_sgl.method.visionzip import choose, contextual_value
+    from lmms_sgl.baselines.visionzip import choose, contextual_value
 
     generator = torch.Generator().manual_seed(keep)
     images, heads, n, head_dim, width = 3, 4, 1 + 144, 8, 12
@@ -387,8 +392,103 @@ def test_visionzip_keeps_the_official_tokens_and_merged_features_read_with_outpu
     assert together == alone
 
 
+def test_visionzip_on_llava_next_selects_per_crop_as_the_official_code(models_dir):
+    """LLaVA-NeXT, as the official ``llava_arch.py``: the base image and every crop are selected on
+    their own, by the official rule, here among the patches that reach the LM (unpadding drops the
+    others; newline tokens are not kept). The reference reads the eager tower per crop and finds which
+    LM token each patch became by matching the unpruned LM's input embeddings to the projected patch
+    features (the model's own packing), not through the family's layout; two images of different
+    shapes (different crop grids), alone and batched."""
+    from PIL import Image
+
+    from lmms_sgl.families import Prompt
+
+    family = LlavaFamily()
+    loaded = family.load(
+        str(models_dir / "llava-next-large"),
+        dtype=torch.float32,
+        device_map="cpu",
+        text_attention="sdpa",
+        vision_attention=VISION_ATTENTION_NAME,
+    )
+    eager, _ = load(models_dir / "llava-next-large", "eager")
+    family.check_visionzip(str(models_dir / "llava-next-large"), "pretrained")
+    parts = family.visionzip_parts(loaded)
+    tower = eager.model.vision_tower
+    layer = len(tower.encoder.layers) - 2  # vision_feature_layer = -2
+    generator = torch.Generator().manual_seed(5)
+
+    def noise(width, height):
+        pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8)
+        return Image.fromarray(pixels.numpy())
+
+    prompts = [Prompt("What is it?", [noise(200, 90)]), Prompt("And this?", [noise(100, 230)])]
+
+    def reference(inputs):
+        visual = inputs["input_ids"] == loaded.image_token_id
+        with torch.no_grad():
+            embeds = eager(**inputs, output_hidden_states=True).hidden_states[0]
+        out = []
+        for b in range(visual.shape[0]):
+            crops = family._crops(loaded, inputs, b)
+            pixels = inputs["pixel_values"][b, :crops]
+            with torch.no_grad():
+                vision = tower(pixels, output_attentions=True, output_hidden_states=True)
+                block = tower.encoder.layers[layer]
+                keys = block.self_attn.k_proj(block.layer_norm1(vision.hidden_states[layer]))
+                metric = keys.view(*keys.shape[:2], block.self_attn.num_heads, -1).mean(2)
+                hidden = vision.hidden_states[layer + 1]  # what the projector reads, [CLS] first
+                projected = eager.model.multi_modal_projector(hidden[:, 1:])  # [crops, P, D]
+            lm = embeds[b][visual[b]]
+            flat = projected.reshape(-1, projected.shape[-1])
+            distance, nearest = torch.cdist(lm, flat, compute_mode="donot_use_mm_for_euclid_dist").min(1)
+            matched = distance < 1e-4  # the rest are newline tokens
+            where = {int(n): t for t, n in enumerate(nearest.tolist()) if matched[t]}  # (crop, patch) -> LM
+            patches = projected.shape[1]
+            kept, tokens = [], {}
+            for c in range(crops):
+                visible = sorted(p for p in range(patches) if c * patches + p in where)
+                index = torch.tensor([0] + [p + 1 for p in visible])
+                attn = vision.attentions[layer][c : c + 1][:, :, index][:, :, :, index]
+                dominant, contextual = split_counts(keep_count(len(visible), RATIO))
+                (kept_c, tokens_c) = official_visionzip(
+                    attn, hidden[c : c + 1, index], metric[c : c + 1, index], dominant, contextual
+                )[0]
+                kept += [where[c * patches + visible[k]] for k in kept_c]
+                tokens.update({where[c * patches + visible[t]]: v for t, v in tokens_c.items()})
+            out.append((sorted(kept), tokens))
+        return out
+
+    def run(chosen):
+        inputs = loaded.family.build_batch(loaded, chosen)
+        visual = inputs["input_ids"] == loaded.image_token_id
+        recorder = VisionZipRecorder(parts)
+        merge = ContextualMerge(
+            recorder, visual, inputs["attention_mask"], RATIO, None, parts.image_layouts(inputs)
+        )
+        text = loaded.text_model
+        pruner = VisualTokenPruner(text, 0)
+        with recorder.active(), pruner.installed(), merge.writing(decoder_layers(text)[0]):
+            pruner.arm(merge.source())
+            greedy(loaded.model, inputs, 2)
+            plan = pruner.plan
+        sets = visual_sets(plan, visual)
+        expected = reference(inputs)
+        assert sets == [kept for kept, _ in expected]
+        for b, (_, tokens) in enumerate(expected):
+            positions = visual[b].nonzero().flatten()
+            for ordinal, token in tokens.items():
+                merged = merge.merged[(b, int(positions[ordinal]))]
+                assert torch.allclose(merged, token, atol=1e-5, rtol=0)
+        return sets
+
+    together = run(prompts)
+    alone = [run([p])[0] for p in prompts]
+    assert together == alone
+
+
 # -- through the pipeline: no-op settings, batches, costs ----------------------------------------
-FAMILIES = {"internvl": InternVLFamily, "llava": LlavaFamily}
+FAMILIES = {"internvl": InternVLFamily, "llava": LlavaFamily, "llava-next": LlavaFamily}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -441,7 +541,8 @@ def test_pipeline_batch_equals_one_by_one_and_costs_less(large, method):
     for record in together[:3]:
         assert record.kept_visual < record.total_visual and record.flops < record.flops_large_alone
         target = SGLSettings(method=method, keep_ratio=0.2, **SETTINGS[method]).expected_token_ratio(4)
-        assert record.token_ratio == pytest.approx(target, abs=0.03)
+        # VisionZip: [CLS] takes one dominant slot per crop and NeXT's newline tokens are not kept
+        assert record.token_ratio == pytest.approx(target, abs=0.04 if method == "visionzip" else 0.03)
 
 
 # -- bad input -----------------------------------------------------------------------------------
@@ -467,7 +568,7 @@ def test_methods_reject_settings_they_cannot_honour():
         (
             "sgl_llava",
             "llava-ov-large",
-            r"'llava_onevision' checkpoint.*VisionZip is implemented for LLaVA-1.5",
+            r"'llava_onevision' checkpoint.*implemented for LLaVA-1.5 \('llava'\) and LLaVA-NeXT",
         ),
     ],
 )
@@ -502,7 +603,7 @@ def test_pdrop_counted_flops_match_the_flop_counter(models_dir):
     inputs = batch(processor, (0,))
     visual = inputs.input_ids == model.config.image_token_id
     layers, steps = drop_layers(4, 1), 4
-    staged = StagedPruner(model.model.language_model, layers, stage_fraction(layers, 4, 0.3))
+    staged = PDropPruner(model.model.language_model, layers, stage_fraction(layers, 4, 0.3))
     with staged.installed():
         staged.arm(visual, inputs.attention_mask, None)
         with FlopCounterMode(display=False) as counter:
@@ -712,7 +813,7 @@ def recorded_attention_flops(loaded, prompts) -> tuple[int, int]:
     the same with and without it), and what the selection cost counts for that recording."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from lmms_sgl.method import visionzip
+    from lmms_sgl.baselines import visionzip
 
     inputs = loaded.family.build_batch(loaded, prompts)
     parts = loaded.family.visionzip_parts(loaded)

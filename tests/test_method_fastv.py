@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmms_sgl.method.fastv import fastv_plan_source, fastv_recorder
+from lmms_sgl.baselines.fastv import fastv_plan_source, fastv_recorder
 from lmms_sgl.method.importance import ATTENTION_NAME
 from lmms_sgl.method.pruning import VisualTokenPruner
 from lmms_sgl.method.selection import plan_from_scores

@@ -12,6 +12,9 @@ with the same visual-token layout for the same image, which is what SGL needs:
 * InternVL (``InternVLForConditionalGeneration``, Qwen2 text model): 448 px tiles, patch 14, pixel
   shuffle 0.5, so 256 tokens per tile; dynamic tiling up to ``max_patches`` tiles plus a thumbnail.
 * LLaVA (``LlavaForConditionalGeneration``, CLIP vision + Llama text): 224 px, patch 14, 256 tokens.
+* LLaVA-NeXT (``LlavaNextForConditionalGeneration``, CLIP with [CLS] + Llama, the ``llava-next-large``
+  checkpoint): 112 px crops of 64 tokens, any-resolution grid up to 2 x 2 crops plus the base image,
+  unpadded, image-newline tokens, features from the second-to-last vision layer.
 * LLaVA-OneVision (``LlavaOnevisionForConditionalGeneration``, SigLIP + Qwen2): 112 px crops of 64
   tokens, any-resolution grid up to 2 x 2 crops plus the base image, image-newline tokens; the
   ``llava-ov-video-*`` pair also takes videos (``<video>`` token, frames at 112 px, 2 x 2 pooled).
@@ -58,6 +61,7 @@ _CORPUS_LINES = [
 # LLaVA-OneVision: SigLIP crops of 112 px (64 tokens each), any-resolution grid up to 2 x 2 crops
 # plus the base image, image-newline tokens; the processor's token count matches the model's.
 ONEVISION_GRID = [[112, 112], [112, 224], [224, 112], [224, 224]]
+NEXT_GRID = [[112, 224], [224, 112], [224, 224]]  # LLaVA-NeXT's pinpoints hold no 1 x 1 grid
 
 INTERNVL_SPECIAL = {
     "bos": None,
@@ -207,6 +211,21 @@ def build_processor(spec: ModelSpec):
             vision_feature_select_strategy="full",
             chat_template=LLAVA_VIDEO_CHAT_TEMPLATE if video else LLAVA_CHAT_TEMPLATE,
         )
+    if spec.variant == "next":
+        from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+
+        return LlavaNextProcessor(
+            image_processor=LlavaNextImageProcessor(
+                size={"shortest_edge": 112},
+                crop_size={"height": 112, "width": 112},
+                image_grid_pinpoints=NEXT_GRID,
+            ),
+            tokenizer=tokenizer,
+            patch_size=14,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            chat_template=LLAVA_CHAT_TEMPLATE,
+        )
     from transformers import CLIPImageProcessor, LlavaProcessor
 
     image_processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
@@ -261,6 +280,20 @@ def build_config(spec: ModelSpec, tokenizer):
             image_grid_pinpoints=ONEVISION_GRID,
             vision_feature_select_strategy="full",
             vision_feature_layer=-1,
+            tie_word_embeddings=False,
+        )
+    if spec.variant == "next":
+        from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
+
+        return LlavaNextConfig(
+            vision_config=CLIPVisionConfig(
+                image_size=112, patch_size=14, projection_dim=vision["hidden_size"], **vision
+            ),
+            text_config=LlamaConfig(**common_text),
+            image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+            image_grid_pinpoints=NEXT_GRID,
+            vision_feature_select_strategy="default",
+            vision_feature_layer=-2,
             tie_word_embeddings=False,
         )
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig

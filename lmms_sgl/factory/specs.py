@@ -37,8 +37,8 @@ class ModelSpec:
     vision: VisionSpec
     seed: int
     max_patches: int = 6  # InternVL dynamic tiling: tiles besides the thumbnail
-    # llava: "default" (LLaVA-1.5) | "onevision" | "onevision_video" (OneVision whose tokenizer has
-    # the <video> token and whose video processor matches the 112 px tower);
+    # llava: "default" (LLaVA-1.5) | "next" (LLaVA-NeXT) | "onevision" | "onevision_video" (OneVision
+    # whose tokenizer has the <video> token and whose video processor matches the 112 px tower);
     # qwen_vl: "qwen2_vl" | "qwen2_5_vl" | "qwen3_vl"
     variant: str = "default"
 
@@ -103,6 +103,15 @@ SPECS: dict[str, ModelSpec] = {
             VisionSpec(64, 2, 4, 128),
             seed=24,
             variant="onevision",
+        ),
+        ModelSpec(  # LLaVA-NeXT (CLIP with [CLS], anyres crops): the VisionZip family of the official code
+            "llava-next-large",
+            "llava",
+            "large",
+            TextSpec(128, 4, 8, 2, 256),
+            VisionSpec(64, 2, 4, 128),
+            seed=27,
+            variant="next",
         ),
         ModelSpec(
             "llava-ov-video-guide",

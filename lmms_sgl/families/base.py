@@ -15,12 +15,12 @@ import torch
 from PIL import Image
 from torch import nn
 
+from lmms_sgl.baselines.visionzip import VisionZipParts
 from lmms_sgl.checkpoints.integrity import CheckpointError, check_weights
 from lmms_sgl.families.video import DEFAULT_NUM_FRAMES, Video, merge_encoded
 from lmms_sgl.method.cost import TransformerShape
 from lmms_sgl.method.transfer import BoxesUnavailable, TokenBoxes
 from lmms_sgl.method.units import UnitSkipHooks, UnitsUnavailable, VisualUnits
-from lmms_sgl.method.visionzip import VisionZipParts
 
 
 @dataclass
@@ -279,7 +279,7 @@ class HFVisionLanguageFamily:
 
     def visionzip_parts(self, loaded: LoadedVLM) -> VisionZipParts:
         """The vision layer, projector and token-to-patch map VisionZip reads (see
-        :class:`lmms_sgl.method.visionzip.VisionZipParts`)."""
+        :class:`lmms_sgl.baselines.visionzip.VisionZipParts`)."""
         raise ValueError(f"method='visionzip' is not defined for the {self.name} family")
 
     # -- cost ------------------------------------------------------------------------------

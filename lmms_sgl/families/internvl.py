@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from lmms_sgl.baselines.visionzip import VisionZipParts
 from lmms_sgl.checkpoints.internvl_original.config import read_original_config
 from lmms_sgl.checkpoints.internvl_original.convert import DEFAULT_MAX_TILES as ORIGINAL_MAX_TILES
 from lmms_sgl.checkpoints.internvl_original.convert import MARKER, check_original, resolve_checkpoint
@@ -29,7 +30,6 @@ from lmms_sgl.families.video import Video, decode_sampled
 from lmms_sgl.method.cost import TransformerShape, mlp_chain_flops, vit_flops
 from lmms_sgl.method.transfer import BoxesUnavailable, TokenBoxes, even_edges
 from lmms_sgl.method.units import VisualUnits
-from lmms_sgl.method.visionzip import VisionZipParts
 
 NATIVE_MAX_TILES = 12
 

@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lmms_sgl.baselines.visionzip import ImageLayout, VisionZipParts
 from lmms_sgl.families.base import HFVisionLanguageFamily, LoadedVLM
 from lmms_sgl.families.video import Video
 from lmms_sgl.method.cost import TransformerShape, mlp_chain_flops, vit_flops
 from lmms_sgl.method.transfer import BoxesUnavailable, TokenBoxes, even_edges
 from lmms_sgl.method.units import UnitsUnavailable, VisualUnits
-from lmms_sgl.method.visionzip import VisionZipParts
 
 ANY_RESOLUTION = ("llava_next", "llava_onevision")
 
@@ -124,34 +124,85 @@ class LlavaFamily(HFVisionLanguageFamily):
         return loaded
 
     def check_visionzip(self, path: str, argument: str) -> None:
-        """VisionZip here: LLaVA-1.5 (one CLIP grid, [CLS] dropped before the projector). NeXT and
-        OneVision unpad, shrink and add newline tokens between the tower and the LM, which this
-        implementation does not map back to patches."""
+        """VisionZip where the official code defines it: CLIP towers with [CLS] whose LM sequence
+        drops it (strategy ``default``), LLaVA-1.5 (one grid) and LLaVA-NeXT (base image and crops,
+        each selected on its own; the official ``llava_arch.py``). OneVision's SigLIP has no
+        [CLS], for which the official code has no rule."""
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(path)
-        if config.model_type != "llava" or config.vision_feature_select_strategy != "default":
+        implemented = (
+            "VisionZip is implemented for LLaVA-1.5 ('llava') and LLaVA-NeXT ('llava_next') checkpoints "
+            "with a CLIP tower and vision_feature_select_strategy 'default', and for InternVL"
+        )
+        clip = getattr(config, "vision_config", None) is not None and (
+            config.vision_config.model_type == "clip_vision_model"
+        )
+        if config.model_type not in ("llava", "llava_next") or not clip:
             raise ValueError(
-                f"method='visionzip': {argument}={path!r} is a {config.model_type!r} checkpoint "
-                f"(vision_feature_select_strategy={config.vision_feature_select_strategy!r}); VisionZip is "
-                "implemented for LLaVA-1.5 checkpoints ('llava', strategy 'default') and InternVL"
+                f"method='visionzip': {argument}={path!r} is a {config.model_type!r} checkpoint; "
+                f"{implemented}"
+            )
+        if config.vision_feature_select_strategy != "default":
+            raise ValueError(
+                f"method='visionzip': {argument}={path!r} has vision_feature_select_strategy="
+                f"{config.vision_feature_select_strategy!r}; {implemented}"
             )
         if isinstance(config.vision_feature_layer, (list, tuple)):
             raise ValueError(f"method='visionzip': {argument}={path!r} reads several vision layers")
 
     def visionzip_parts(self, loaded: LoadedVLM) -> VisionZipParts:
-        """CLIP: [CLS] at 0, LM token t is patch t + 1 of the layer the projector reads."""
+        """CLIP: [CLS] at 0, LM token t of a crop is patch t + 1 of the layer the projector reads;
+        NeXT: the layout of each image's base and crops through unpadding and newlines
+        (:meth:`visionzip_layouts`)."""
         model = loaded.model.model
         config = loaded.model.config
         layers = model.vision_tower.encoder.layers
         vision = config.vision_config
         patches = (vision.image_size // vision.patch_size) ** 2
+        layouts = None
+        if config.model_type == "llava_next":
+
+            def layouts(inputs: dict) -> list[ImageLayout]:
+                return self.visionzip_layouts(loaded, inputs)
+
         return VisionZipParts(
             attention=layers[_feature_layer(config.vision_feature_layer, len(layers))].self_attn,
             projector=model.multi_modal_projector,
             token_patches=torch.arange(1, patches + 1)[:, None],
             cls_index=0,
+            image_layouts=layouts,
         )
+
+    def visionzip_layouts(self, loaded: LoadedVLM, inputs: dict) -> list[ImageLayout]:
+        """Per image of the batch, which crop (row of the tower's input) and patch each LM token
+        comes from, found by the model's own ``pack_image_features`` on features that carry their
+        crop and patch numbers (unpadding drops cells, newline tokens carry none)."""
+        side = loaded.model.config.vision_config.image_size // loaded.model.config.vision_config.patch_size
+        out = []
+        for index in range(len(inputs.get("image_sizes", ()))):  # none for a batch without images
+            crops = self._crops(loaded, inputs, index)
+            crop = torch.arange(1, crops + 1, dtype=torch.float64)[:, None].expand(crops, side * side)
+            patch = torch.arange(1, side * side + 1, dtype=torch.float64)[None].expand(crops, -1)
+            packed = self._pack(loaded, inputs, index, torch.stack([crop, patch], -1), torch.zeros(2))
+            source = packed.round().long() - 1  # newline tokens: (-1, -1)
+            out.append(ImageLayout(crops, source))
+        return out
+
+    def _pack(
+        self, loaded: LoadedVLM, inputs: dict, index: int, features: torch.Tensor, newline
+    ) -> torch.Tensor:
+        """The model's own ``pack_image_features`` on per-crop ``features`` ``[crops, patches, D]``
+        of image ``index`` (float64, so identities survive), with ``newline`` as the image-newline."""
+        config = loaded.model.config
+        pack = loaded.model.model.pack_image_features
+        options = {"image_newline": newline.to(torch.float64)}
+        if "vision_feature_select_strategy" in inspect.signature(pack).parameters:
+            options["vision_feature_select_strategy"] = config.vision_feature_select_strategy
+        if "vision_aspect_ratio" in inspect.signature(pack).parameters:
+            options["vision_aspect_ratio"] = getattr(config, "vision_aspect_ratio", "anyres_max_9")
+        packed, _ = pack([features.clone()], inputs["image_sizes"][index : index + 1], **options)
+        return packed[0]
 
     # -- video: LLaVA-OneVision's native input (frames through the tower, 2 x 2 pooled, one newline) --
     def check_video(self, loaded: LoadedVLM) -> None:
@@ -418,14 +469,7 @@ class LlavaFamily(HFVisionLanguageFamily):
         crops = self._crops(loaded, inputs, index)
         side = config.vision_config.image_size // config.vision_config.patch_size
         one_hot = torch.eye(crops, dtype=torch.float64)[:, None, :].expand(crops, side * side, crops)
-        pack = loaded.model.model.pack_image_features
-        options = {"image_newline": torch.zeros(crops, dtype=torch.float64)}
-        if "vision_feature_select_strategy" in inspect.signature(pack).parameters:
-            options["vision_feature_select_strategy"] = config.vision_feature_select_strategy
-        if "vision_aspect_ratio" in inspect.signature(pack).parameters:
-            options["vision_aspect_ratio"] = getattr(config, "vision_aspect_ratio", "anyres_max_9")
-        packed, _ = pack([one_hot.clone()], inputs["image_sizes"][index : index + 1], **options)
-        weights = packed[0]
+        weights = self._pack(loaded, inputs, index, one_hot, torch.zeros(crops))
         reads = weights != 0
         owner = weights.argmax(1)
         for token in range(1, len(owner)):  # a newline token belongs to the token it closes

@@ -30,12 +30,12 @@ from loguru import logger
 from PIL import Image
 from torch import nn
 
+from lmms_sgl.baselines.visionzip import VisionZipParts
 from lmms_sgl.families import qwen_pixels
 from lmms_sgl.families.base import HFVisionLanguageFamily, LoadedVLM, Prompt
 from lmms_sgl.families.video import Video
 from lmms_sgl.method.cost import TransformerShape, layer_flops, mlp_chain_flops
 from lmms_sgl.method.units import UnitSkipHooks, VisualUnits
-from lmms_sgl.method.visionzip import VisionZipParts
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass, fields
 from lmms_sgl.families.qwen_pixels import MODES as PREPROCESSING
 from lmms_sgl.families.video import DEFAULT_NUM_FRAMES
 from lmms_sgl.method.importance import PRECISIONS
-from lmms_sgl.method.settings import BEFORE_LM, DRAFT_SOURCES, METHODS, SGLSettings
+from lmms_sgl.method.registry import BEFORE_LM, METHODS, method_named
+from lmms_sgl.method.settings import DRAFT_SOURCES, SGLSettings
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LARGE_ATTENTION = ("sdpa", "eager")
@@ -136,7 +137,7 @@ def parse_model_args(
     if _none(pretrained):
         raise ValueError("pretrained=<large model path or hub id> is required")
     method = as_choice("method", method, METHODS)
-    if method in ("sgl", "guide_only") and _none(guide):
+    if method_named(method).uses_guide and _none(guide):
         raise ValueError(f"method={method!r} needs guide=<small model path or hub id>")
     draft = None if _none(draft) else as_choice("draft", draft, DRAFT_SOURCES)
     if draft is not None and _none(guide):
@@ -181,7 +182,7 @@ def parse_model_args(
         defaults = SGLSettings()
         if units is not None:  # unit selection alone: every token of the kept units, from layer 0
             defaults = SGLSettings(prune_layer=0.0, keep_ratio=1.0)
-        default_layer = 0.0 if method in BEFORE_LM else defaults.prune_layer
+        default_layer = 0.0 if method_named(method).layers == BEFORE_LM else defaults.prune_layer
         settings = SGLSettings(
             prune_layer=default_layer if _none(prune_layer) else as_float("prune_layer", prune_layer),
             keep_ratio=defaults.keep_ratio if _none(keep_ratio) else as_float("keep_ratio", keep_ratio),

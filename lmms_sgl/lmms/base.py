@@ -23,13 +23,12 @@ from loguru import logger
 from PIL import Image
 from tqdm import tqdm
 
+from lmms_sgl.baselines.visionzip import VISION_ATTENTION_NAME
 from lmms_sgl.families.base import HFVisionLanguageFamily, Prompt
 from lmms_sgl.families.video import open_video, video_of
 from lmms_sgl.lmms import resumable
 from lmms_sgl.lmms.args import ModelArgs, check_schedule, parse_model_args
 from lmms_sgl.method.importance import ATTENTION_NAME, recording_attention
-from lmms_sgl.method.settings import OWN_ATTENTION
-from lmms_sgl.method.visionzip import VISION_ATTENTION_NAME
 from lmms_sgl.pipeline import GenerationSettings, Sample, SampleRecord, SGLPipeline
 from lmms_sgl.reporting.stats import RunStats
 from lmms_sgl.reporting.tracking import print_summary, report_to_lmms_eval, report_to_wandb
@@ -79,18 +78,18 @@ class SGLModel(lmms):
         check_schedule(self.args, large_layers)
         if self.args.settings.keep_units is not None:
             self.family.check_unit_selection(self.args.pretrained)
-        if self.args.settings.method == "visionzip":
-            self.family.check_visionzip(self.args.pretrained, "pretrained")
+        self.args.settings.keep_method.check_checkpoint(self.family, self.args.pretrained, "pretrained")
         self.accelerator = Accelerator()
         self._rank = self.accelerator.process_index
         self._world_size = self.accelerator.num_processes
         self._device, placement = self._placement()
         dtype = resolve_dtype(self.args.dtype, self._device)
         settings = self.args.settings
-        own = settings.method in OWN_ATTENTION  # ranks by its own attention: the recording SDPA
-        large_attention = ATTENTION_NAME if own else self.args.attn_implementation
+        method = settings.keep_method
+        # ranks by its own attention: the recording SDPA
+        large_attention = ATTENTION_NAME if method.own_attention else self.args.attn_implementation
         logger.info(f"SGL {settings} | large={self.args.pretrained} guide={self.args.guide} on {placement}")
-        vision_attention = VISION_ATTENTION_NAME if settings.method == "visionzip" else "sdpa"
+        vision_attention = VISION_ATTENTION_NAME if method.vision_attention else "sdpa"
         large = self.family.load(
             self.args.pretrained,
             dtype=dtype,

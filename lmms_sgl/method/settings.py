@@ -5,16 +5,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from lmms_sgl.method import registry
 from lmms_sgl.method.cost import PAPER_PRESETS, prune_layer_index, token_ratio
 from lmms_sgl.method.importance import PRECISIONS
+from lmms_sgl.method.registry import KeepMethod, method_named
 
-METHODS = ("sgl", "fastv", "random", "divprune", "visionzip", "pdrop", "large_only", "guide_only")
-# Methods that prune before the language model (K = 0): their keep ratio is the token ratio itself.
-BEFORE_LM = ("divprune", "visionzip")
-# Methods that rank visual tokens by the large model's own attention at layer K-1 (need K >= 1).
-OWN_ATTENTION = ("fastv", "pdrop")
 DRAFT_SOURCES = ("guide",)  # who drafts for the large model's speculative decoding
-DRAFT_METHODS = ("sgl", "large_only")
 
 
 def _check_range(name: str, value: float, low: float, high: float, low_open: bool, high_open: bool) -> None:
@@ -34,10 +30,12 @@ class SGLSettings:
     Attributes:
         method: ``sgl`` (guide-ranked pruning + optional exit), ``fastv`` (the large model's own
             last-token attention at layer K-1), ``random`` (seeded), ``divprune`` / ``visionzip``
-            (before the language model, K = 0: :mod:`.divprune`, :mod:`.visionzip`), ``pdrop``
-            (progressive drops from layer K on, :mod:`.pdrop`), ``large_only`` (no pruning, no
-            guide) or ``guide_only`` (always the guide's answer).
-        prune_layer: K = int(L * prune_layer), in [0, 1); 0 for the methods of :data:`BEFORE_LM`.
+            (before the language model, K = 0), ``pdrop`` (progressive drops from layer K on),
+            ``large_only`` (no pruning, no guide) or ``guide_only`` (always the guide's answer);
+            each is an object of :mod:`lmms_sgl.method.registry` (baselines in
+            :mod:`lmms_sgl.baselines`).
+        prune_layer: K = int(L * prune_layer), in [0, 1); 0 for methods that prune before the
+            language model.
         keep_ratio: fraction of visual tokens kept from layer K on, in (0, 1] (for ``pdrop`` the
             average over layers >= K of its stages' fractions).
         exit_threshold: exit when (confidence + consistency) / 2 >= threshold, in [0, 1];
@@ -71,8 +69,7 @@ class SGLSettings:
     draft_tokens: int = 4
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method={self.method!r} is not one of {METHODS}")
+        method = method_named(self.method)  # an unknown name lists the valid ones
         if self.importance_precision not in PRECISIONS:
             raise ValueError(f"importance_precision={self.importance_precision!r} is not one of {PRECISIONS}")
         _check_range("prune_layer", self.prune_layer, 0.0, 1.0, low_open=False, high_open=True)
@@ -85,18 +82,17 @@ class SGLSettings:
                 or self.keep_units < 1
             ):
                 raise ValueError(f"keep_units={self.keep_units!r} must be a whole number >= 1")
-            if self.method != "sgl":
+            if not method.guided:
                 raise ValueError(
                     f"keep_units={self.keep_units} ranks units by the guide's importance; "
-                    f"method={self.method!r} has none (allowed with method 'sgl')"
+                    f"method={self.method!r} has none (allowed with {_named(_guided())})"
                 )
         if self.draft is not None:
             if self.draft not in DRAFT_SOURCES:
                 raise ValueError(f"draft={self.draft!r} is not one of {DRAFT_SOURCES} (or None)")
-            if self.method not in DRAFT_METHODS:
-                raise ValueError(
-                    f"draft={self.draft!r} applies to method in {DRAFT_METHODS}, got {self.method!r}"
-                )
+            if not method.drafts:
+                drafting = registry.methods_where(lambda m: m.drafts)
+                raise ValueError(f"draft={self.draft!r} applies to method in {drafting}, got {self.method!r}")
             if self.keep_units is not None:
                 raise ValueError(
                     f"draft={self.draft!r} verifies drafts on a single keep plan; keep_units="
@@ -110,9 +106,11 @@ class SGLSettings:
             raise ValueError(f"draft_tokens={self.draft_tokens!r} must be a whole number >= 1")
         if self.exit_threshold is not None:
             _check_range("exit_threshold", self.exit_threshold, 0.0, 1.0, low_open=False, high_open=False)
-            if self.method != "sgl":
-                raise ValueError(f"exit_threshold applies to method='sgl' only, got method={self.method!r}")
-        if self.method in BEFORE_LM and self.prune_layer != 0:
+            if not method.guided:
+                raise ValueError(
+                    f"exit_threshold applies to {_named(_guided())} only, got method={self.method!r}"
+                )
+        if method.layers == registry.BEFORE_LM and self.prune_layer != 0:
             raise ValueError(
                 f"method={self.method!r} prunes before the language model (K = 0); "
                 f"prune_layer={self.prune_layer!r} is not allowed (omit it or give 0)"
@@ -139,24 +137,29 @@ class SGLSettings:
         """The paper's presets: 0.64 / 0.35 / 0.09 -> (prune_layer, keep_ratio) (0.4, 0.4) / (0.2, 0.2) /
         (0.05, 0.05)."""
         prune_layer, keep_ratio = cls.preset(token_ratio_preset)
-        if kwargs.get("method") in BEFORE_LM:  # K = 0: keep the preset's ratio of the tokens
+        if method_named(kwargs.get("method", "sgl")).layers == registry.BEFORE_LM:  # K = 0: the ratio itself
             return cls(prune_layer=0.0, keep_ratio=token_ratio_preset, **kwargs)
         return cls(prune_layer=prune_layer, keep_ratio=keep_ratio, **kwargs)
 
     @property
+    def keep_method(self) -> KeepMethod:
+        """The registered method object (:mod:`lmms_sgl.method.registry`)."""
+        return method_named(self.method)
+
+    @property
     def prunes(self) -> bool:
-        return self.method in ("sgl", "fastv", "random", "divprune", "visionzip", "pdrop")
+        return self.keep_method.prunes
 
     @property
     def uses_guide(self) -> bool:
-        return self.method in ("sgl", "guide_only")
+        return self.keep_method.uses_guide
 
     def skips_units(self, num_layers: int) -> bool:
         """Whether the large model's unkept tokens never reach its first layer, so unit skipping
         is exact (a plan known before the vision tower runs: not FastV's)."""
         return (
             self.skip_units
-            and self.method in ("sgl", "random")
+            and self.keep_method.plan_before_tower
             and (self.keep_units is not None or self.layer_k(num_layers) == 0)
         )
 
@@ -167,11 +170,7 @@ class SGLSettings:
 
     def layer_k(self, num_layers: int) -> int:
         k = prune_layer_index(num_layers, self.prune_layer)
-        if self.method in OWN_ATTENTION and k < 1:
-            raise ValueError(
-                f"method={self.method!r} ranks at layer K-1 and needs K >= 1; "
-                f"prune_layer={self.prune_layer} gives K=0 for {num_layers} layers"
-            )
+        self.keep_method.check_layer(k, num_layers, self.prune_layer)
         return k
 
     def expected_token_ratio(self, num_layers: int) -> float:
@@ -179,3 +178,12 @@ class SGLSettings:
         if not self.prunes:
             return 1.0
         return token_ratio(self.layer_k(num_layers), num_layers, self.keep_ratio)
+
+
+def _guided() -> tuple[str, ...]:
+    return registry.methods_where(lambda m: m.guided)
+
+
+def _named(names: tuple[str, ...]) -> str:
+    """``method='sgl'`` for one name, ``method in (...)`` for several."""
+    return f"method={names[0]!r}" if len(names) == 1 else f"method in {names}"

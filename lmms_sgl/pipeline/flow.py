@@ -82,7 +82,7 @@ class SGLPipeline:
             drafting = False
         if self.settings.uses_guide:
             importance, exited = self._run_guide(samples, records, gen, drafting)
-            if self.settings.method == "guide_only":
+            if self.planner.method.answers_with_guide:
                 exited = [True] * len(records)
             for record, leave in zip(records, exited, strict=True):
                 if leave:
@@ -153,7 +153,7 @@ class SGLPipeline:
             return result, record
 
     def _loglikelihood(self, sample: Sample, continuation: str, prune: bool):
-        scorer = self.guide if self.settings.method == "guide_only" else self.large
+        scorer = self.guide if self.planner.method.answers_with_guide else self.large
         return score_continuation(
             scorer,
             self.large,

@@ -81,7 +81,7 @@ def score_continuation(
     with torch.no_grad():
         if prune:
             scores = None
-            if settings.method == "sgl":
+            if planner.method.guided:
                 guide_start = time.perf_counter()
                 importance, guide_flops = guide_importance(sample)
                 record.guide_seconds = time.perf_counter() - guide_start

@@ -15,6 +15,7 @@ from pathlib import Path
 from loguru import logger
 
 from lmms_sgl.method.cost import prune_layer_index
+from lmms_sgl.method.registry import method_named
 
 TASK = "sgl_shapes"
 FAMILIES = {
@@ -69,7 +70,7 @@ class Point:
     def model_args(self, root: Path) -> str:
         _, large, guide = FAMILIES[self.family]
         args = [f"pretrained={root / large}", f"method={self.method}"]
-        if self.method in ("sgl", "guide_only"):
+        if method_named(self.method).uses_guide:
             args.append(f"guide={root / guide}")
         if self.prune_layer is not None:
             args += [f"prune_layer={self.prune_layer:.6f}", f"keep_ratio={self.keep_ratio:.6f}"]

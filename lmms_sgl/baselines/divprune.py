@@ -24,11 +24,19 @@ counted, like softmax elsewhere.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
 
+from lmms_sgl.method.registry import (
+    BEFORE_LM,
+    KeepMethod,
+    MethodRun,
+    PlanBatch,
+    register,
+    single_stage_reader,
+)
 from lmms_sgl.method.selection import KeepPlan, pack_positions
 
 
@@ -136,3 +144,22 @@ def divprune_plan_source(
 def selection_flops(n_visual: int, kept: int, width: int) -> int:
     """The Gram matrix of the visual embeddings, 2 N^2 d; nothing when every token is kept."""
     return 0 if kept >= n_visual else 2 * n_visual * n_visual * width
+
+
+@register
+class DivPrune(KeepMethod):
+    name = "divprune"
+    layers = BEFORE_LM
+    summary = "max-min diverse projected visual tokens (DivPrune, CVPR 2025)"
+
+    def arm(self, batch: PlanBatch, stack: ExitStack) -> MethodRun:
+        tap = stack.enter_context(InputEmbeddingTap(batch.large.text_model).active())
+        source = divprune_plan_source(tap, batch.visual, batch.attention_mask, batch.settings.keep_ratio)
+        stack.enter_context(batch.pruner.installed())
+        batch.pruner.arm(source)
+        width = batch.large.text_shape.hidden
+
+        def flops(sample: int, prompt: int, n_visual: int, stages) -> float:
+            return selection_flops(n_visual, stages[0][1], width)
+
+        return MethodRun(single_stage_reader(batch), selection_flops=flops)

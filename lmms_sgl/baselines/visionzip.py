@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import contextvars
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +60,15 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from lmms_sgl.method.pruning import decoder_layers
+from lmms_sgl.method.registry import (
+    BEFORE_LM,
+    KeepMethod,
+    MethodRun,
+    PlanBatch,
+    register,
+    single_stage_reader,
+)
 from lmms_sgl.method.selection import KeepPlan, keep_count, pack_positions
 
 VISION_ATTENTION_NAME = "sgl_vision_record"
@@ -68,6 +77,21 @@ CONTEXTUAL_SHARE = 10 / 64  # the paper's 54 dominant + 10 contextual of 64
 _ACTIVE: contextvars.ContextVar[VisionZipRecorder | None] = contextvars.ContextVar(
     "sgl_visionzip", default=None
 )
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """Where one image's LM tokens come from: ``rows`` rows of the tower's input (crops), and per LM
+    token ``source[t] = (row, token)`` within them, ``(-1, -1)`` for tokens read from no row
+    (LLaVA-NeXT's image-newline tokens)."""
+
+    rows: int
+    source: torch.Tensor  # [T, 2] long
+
+    @staticmethod
+    def single(tokens: int) -> ImageLayout:
+        """One row, its tokens in order."""
+        return ImageLayout(1, torch.stack([torch.zeros(tokens, dtype=torch.long), torch.arange(tokens)], 1))
 
 
 @dataclass(frozen=True)
@@ -89,6 +113,10 @@ class VisionZipParts:
         token_order: for towers that reorder an image's tokens inside (Qwen2.5-VL's attention
             windows): from the batch inputs, per image, the LM index of each token in the order the
             tower holds them; ``None``: the tower keeps the LM order.
+        image_layouts: for families whose images take several rows of the tower's input and whose
+            LM tokens are rearranged between tower and LM (LLaVA-NeXT: base image and crops,
+            unpadded, with newline tokens): from the batch inputs, per image, which row and token
+            each LM token comes from; ``None``: every tower row is one image, its LM tokens in order.
     """
 
     attention: nn.Module
@@ -98,6 +126,7 @@ class VisionZipParts:
     group: int = 1
     flat_features: bool = False
     token_order: Callable[[dict], list[torch.Tensor]] | None = None
+    image_layouts: Callable[[dict], list[ImageLayout]] | None = None
 
     def patches_of(self, sequence: int) -> torch.Tensor:
         """``[T, G]``: the patches each LM token of an image with ``sequence`` keys gathers."""
@@ -288,43 +317,64 @@ def visionzip_plan(
     attention_mask: torch.Tensor,
     keep_ratio: float,
     orders: list[torch.Tensor] | None = None,
+    layouts: list[ImageLayout] | None = None,
 ) -> VisionZipOutcome:
-    """Per image ``keep_count(T, keep_ratio)`` tokens. Images are matched to the samples' visual
-    tokens in order, each taking as many positions as it has LM tokens (checked); ``orders`` as in
-    :func:`in_lm_order`."""
+    """Per row of the tower's input (image, tile or crop), ``keep_count(T, keep_ratio)`` of the T
+    tokens that reach the LM from it, chosen by :func:`choose` among them. Images are matched to the
+    samples' visual tokens in order, each taking as many positions as its layout has LM tokens
+    (checked); tokens read from no row (newlines) are not kept, as the official LLaVA-NeXT code
+    feeds none. ``orders`` as in :func:`in_lm_order`; ``layouts`` as in
+    :attr:`VisionZipParts.image_layouts`."""
     received, keys, features = in_lm_order(recorder.per_image(), orders)
+    has_cls = recorder.parts.cls_index is not None
     kept, kept_visual, total_visual, merged, patches = [], [], [], {}, []
-    image = 0
+    row, image = 0, 0
     for b in range(visual_mask.shape[0]):
         visual_positions = visual_mask[b].nonzero().flatten()
         text_positions = (attention_mask[b].bool() & ~visual_mask[b]).nonzero().flatten()
         chosen, first, patches_b = [], 0, []
         while first < len(visual_positions):
-            if image >= len(received):
-                raise ValueError(f"the vision tower encoded {len(received)} images, the prompts need more")
-            tokens = len(received[image])
-            if first + tokens > len(visual_positions):
+            if row >= len(received) or (layouts is not None and image >= len(layouts)):
+                raise ValueError(f"the vision tower encoded {len(received)} rows, the prompts need more")
+            layout = layouts[image] if layouts is not None else ImageLayout.single(len(received[row]))
+            span = len(layout.source)
+            if first + span > len(visual_positions) or row + layout.rows > len(received):
                 raise ValueError(
                     f"sample {b}: {len(visual_positions)} visual tokens do not end with a whole image "
-                    f"({tokens} tokens from position {first})"
+                    f"({span} tokens from position {first})"
                 )
-            positions = visual_positions[first : first + tokens]
-            has_cls = recorder.parts.cls_index is not None
-            choice = choose(received[image], keys[image], keep_count(tokens, keep_ratio), has_cls)
-            chosen.append(positions[choice.kept])
-            for target, members in choice.groups.items():
-                value = contextual_value(features[image], members.to(features[image].device))
-                merged[(b, int(positions[target]))] = value
-            patches_b.append(recorder.patches[image])
-            first += tokens
+            positions = visual_positions[first : first + span]
+            if keep_ratio >= 1:  # nothing to drop, newlines included: the unpruned model
+                chosen.append(positions)
+                patches_b += recorder.patches[row : row + layout.rows]
+                row, first, image = row + layout.rows, first + span, image + 1
+                continue
+            for offset in range(layout.rows):
+                ordinals = (layout.source[:, 0] == offset).nonzero().flatten()
+                tokens = layout.source[ordinals, 1]
+                lm = positions[ordinals.to(positions.device)]
+                choice = choose(
+                    received[row][tokens.to(received[row].device)],
+                    keys[row][tokens.to(keys[row].device)],
+                    keep_count(len(tokens), keep_ratio),
+                    has_cls,
+                )
+                chosen.append(lm[choice.kept.to(lm.device)])
+                row_features = features[row][tokens.to(features[row].device)]
+                for target, members in choice.groups.items():
+                    value = contextual_value(row_features, members.to(row_features.device))
+                    merged[(b, int(lm[target]))] = value
+                patches_b.append(recorder.patches[row])
+                row += 1
+            first += span
             image += 1
-        chosen_positions = torch.cat(chosen) if chosen else visual_positions[:0]
+        chosen_positions = torch.sort(torch.cat(chosen)).values if chosen else visual_positions[:0]
         kept.append(torch.sort(torch.cat([text_positions, chosen_positions])).values)
         kept_visual.append(len(chosen_positions))
         total_visual.append(len(visual_positions))
         patches.append(patches_b)
-    if image != len(received):
-        raise ValueError(f"the vision tower encoded {len(received)} images, the prompts hold {image}")
+    if row != len(received):
+        raise ValueError(f"the vision tower encoded {len(received)} rows, the prompts hold {row}")
     index, valid = pack_positions(kept, visual_mask.shape[1])
     plan = KeepPlan(index, valid, visual_mask.shape[1], tuple(kept_visual), tuple(total_visual))
     return VisionZipOutcome(plan, merged, patches)
@@ -342,9 +392,10 @@ class ContextualMerge:
         attention_mask: torch.Tensor,
         keep_ratio: float,
         orders: list[torch.Tensor] | None = None,
+        layouts: list[ImageLayout] | None = None,
     ):
         self.recorder, self.visual_mask, self.attention_mask = recorder, visual_mask, attention_mask
-        self.keep_ratio, self.orders = keep_ratio, orders
+        self.keep_ratio, self.orders, self.layouts = keep_ratio, orders, layouts
         self.plan: KeepPlan | None = None
         self.merged: dict[tuple[int, int], torch.Tensor] = {}
         self.merged_rows = 0
@@ -353,7 +404,12 @@ class ContextualMerge:
     def source(self) -> Callable[[], KeepPlan]:
         def plan() -> KeepPlan:
             outcome = visionzip_plan(
-                self.recorder, self.visual_mask, self.attention_mask, self.keep_ratio, self.orders
+                self.recorder,
+                self.visual_mask,
+                self.attention_mask,
+                self.keep_ratio,
+                self.orders,
+                self.layouts,
             )
             self.plan, self.merged, self.patches = outcome.plan, outcome.merged, outcome.patches
             self.merged_rows = len(self.merged)
@@ -402,3 +458,52 @@ def selection_flops(
     targets); the projector's run on the contextual tokens is counted by the caller."""
     recorded = sum(2 * heads * head_dim * (1 if cls else n) * n for n in patches)
     return recorded + 2 * others * contextual * key_width
+
+
+@register
+class VisionZip(KeepMethod):
+    name = "visionzip"
+    vision_attention = True
+    layers = BEFORE_LM
+    summary = "dominant and merged contextual tokens by the vision tower's attention (VisionZip, CVPR 2025)"
+
+    def check_checkpoint(self, family, path: str, argument: str) -> None:
+        family.check_visionzip(path, argument)
+
+    def arm(self, batch: PlanBatch, stack: ExitStack) -> MethodRun:
+        if batch.inputs.get("pixel_values_videos") is not None:
+            raise ValueError(
+                "method='visionzip' takes images only here: the tower encodes a request's videos "
+                "after all of its images, out of the prompt's order"
+            )
+        large = batch.large
+        parts = large.family.visionzip_parts(large)
+        recorder = stack.enter_context(VisionZipRecorder(parts).active())
+        order = parts.token_order(batch.inputs) if parts.token_order else None
+        layouts = parts.image_layouts(batch.inputs) if parts.image_layouts else None
+        merge = ContextualMerge(
+            recorder, batch.visual, batch.attention_mask, batch.settings.keep_ratio, order, layouts
+        )
+        stack.enter_context(batch.pruner.installed())
+        stack.enter_context(merge.writing(decoder_layers(large.text_model)[0]))  # after the pruner
+        batch.pruner.arm(merge.source())
+
+        def flops(sample: int, prompt: int, n_visual: int, stages) -> float:
+            """The recorded vision attention of each image, the merge's key similarities and the
+            projector's run on the merged tokens."""
+            merged = sum(key[0] == sample for key in merge.merged)
+            heads, head_dim = parts.attention.num_heads, parts.attention.head_dim
+            kept = stages[0][1]
+            work = selection_flops(
+                merge.patches[sample],
+                heads,
+                head_dim,
+                parts.cls_index is not None,
+                merged,
+                n_visual - kept,
+                head_dim,
+            )
+            linears = [m for m in parts.projector.modules() if isinstance(m, torch.nn.Linear)]
+            return work + sum(2 * merged * m.in_features * m.out_features for m in linears)
+
+        return MethodRun(single_stage_reader(batch), selection_flops=flops)

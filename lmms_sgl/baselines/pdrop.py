@@ -30,24 +30,31 @@ the official code assumes Vicuna's equal counts); only the query row is projecte
 projects every row's query and then uses the last: the same scores for less work); at least one
 image token is kept per stage.
 
-Each drop is a :class:`~lmms_sgl.method.pruning.VisualTokenPruner` at its layer; pruners of later
-stages see the sequence the earlier ones left (their hooks run in installation order), and their
-plans are composed back onto the original prompt (:func:`lmms_sgl.method.stages.compose`).
+Each drop is a stage of a :class:`~lmms_sgl.method.staged_pruning.StagedPruner`: later stages see
+the sequence the earlier ones left, and their plans are composed back onto the original prompt.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 
 import torch
 from torch import nn
 
 from lmms_sgl.method.cost import TransformerShape
-from lmms_sgl.method.pruning import LayerInputs, VisualTokenPruner, gather_tokens
+from lmms_sgl.method.pruning import LayerInputs, gather_tokens
+from lmms_sgl.method.registry import (
+    AFTER_FIRST,
+    KeepMethod,
+    MethodRun,
+    PlanBatch,
+    register,
+    single_stage_reader,
+)
 from lmms_sgl.method.selection import KeepPlan, pack_positions
-from lmms_sgl.method.stages import compose
+from lmms_sgl.method.staged_pruning import StagedPruner
+from lmms_sgl.method.stages import layer_tokens
 
 DROPS = 3  # the paper's default: drops at L/4, L/2, 3L/4 (layers 8, 16, 24 of 32)
 
@@ -136,41 +143,21 @@ def light_attention_flops(shape: TransformerShape, keys: int) -> int:
     return 2 * keys * shape.hidden * key_width + 2 * shape.hidden * query_width + 2 * query_width * keys
 
 
-class StagedPruner:
-    """One :class:`VisualTokenPruner` per drop layer, armed together; ``plan`` is their composition
-    (a plan over the original prompt, what reading logits back by position needs)."""
+class PDropPruner(StagedPruner):
+    """One pruner per drop layer; each stage's plan is computed when its layer starts, from the light
+    attention over the sequence the earlier stages left."""
 
     def __init__(self, text_model: nn.Module, layers: list[int], fraction: float):
-        self.layers, self.fraction = list(layers), fraction
-        self.pruners = [VisualTokenPruner(text_model, layer) for layer in self.layers]
-        for stage, pruner in enumerate(self.pruners):  # deepstack features follow every stage
-            pruner.later = self.pruners[stage + 1 :]
-        self.ranked_keys: list[int] = []  # per drop of the last prefill: the keys ranked (batch width)
-
-    @contextmanager
-    def installed(self) -> Iterator[StagedPruner]:
-        with ExitStack() as stack:
-            for pruner in self.pruners:  # earlier stages first: their hooks must run first
-                stack.enter_context(pruner.installed())
-            yield self
+        super().__init__(text_model, layers)
+        self.fraction = fraction
 
     def arm(
         self, visual_mask: torch.Tensor, attention_mask: torch.Tensor, query_positions: torch.Tensor | None
     ) -> None:
         """Arm every stage (``query_positions``: each sample's query as an original position,
         default the last prompt token)."""
-        self.ranked_keys = []
         for stage, pruner in enumerate(self.pruners):
             pruner.arm(self._source(stage, visual_mask, attention_mask, query_positions))
-
-    def _composed(self, stages: list[int]) -> KeepPlan | None:
-        plan = None
-        for stage in stages:
-            current = self.pruners[stage].plan
-            if current is None:
-                raise RuntimeError(f"PDrop stage {stage} has no plan yet")
-            plan = current if plan is None else compose(plan, current)
-        return plan
 
     def _source(
         self,
@@ -184,7 +171,7 @@ class StagedPruner:
             if inputs is None:
                 raise RuntimeError(f"PDrop: layer {self.layers[stage]}'s inputs were not seen")
             device = inputs.hidden.device
-            before = self._composed(list(range(stage)))
+            before = self.composed(list(range(stage)))
             if before is None:
                 visual, real = visual_mask.to(device), attention_mask.bool().to(device)
             else:
@@ -199,7 +186,6 @@ class StagedPruner:
             else:
                 slots = before.slot_of().gather(1, query_positions.long().to(device)[:, None])[:, 0]
             rows = light_attention(inputs, slots, real)
-            self.ranked_keys.append(length)
             originals = visual_mask.sum(1).tolist()
             kept = []
             for b in range(visual.shape[0]):
@@ -216,13 +202,28 @@ class StagedPruner:
 
         return plan
 
-    @property
-    def plan(self) -> KeepPlan | None:
-        if any(p.plan is None for p in self.pruners):
-            return None
-        return self._composed(list(range(len(self.pruners))))
 
-    def stages(self, sample: int) -> list[tuple[int, int]]:
-        """``[(layer, kept visual tokens), ...]`` of one sample in the last armed run."""
-        pairs = zip(self.layers, self.pruners, strict=True)
-        return [(layer, pruner.plan.kept_visual[sample]) for layer, pruner in pairs]
+@register
+class PDrop(KeepMethod):
+    name = "pdrop"
+    layers = AFTER_FIRST
+    summary = "progressive drops by the light attention of the last prompt token (PyramidDrop, CVPR 2025)"
+
+    def make_pruner(self, large, settings, layer_k: int) -> PDropPruner:
+        layers = drop_layers(large.num_layers, layer_k)
+        return PDropPruner(
+            large.text_model, layers, stage_fraction(layers, large.num_layers, settings.keep_ratio)
+        )
+
+    def arm(self, batch: PlanBatch, stack: ExitStack) -> MethodRun:
+        pruner = batch.pruner
+        query = None if batch.query_rows is None else batch.query_rows.long().argmax(1)
+        stack.enter_context(pruner.installed())
+        pruner.arm(batch.visual, batch.attention_mask, query)
+        shape = batch.large.text_shape
+
+        def flops(sample: int, prompt: int, n_visual: int, stages) -> float:
+            seen = layer_tokens(shape.num_layers, prompt, n_visual, stages)
+            return sum(light_attention_flops(shape, seen[layer - 1]) for layer in pruner.layers)
+
+        return MethodRun(single_stage_reader(batch), selection_flops=flops)

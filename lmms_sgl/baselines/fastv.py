@@ -8,10 +8,21 @@ the keep plan is computed lazily when layer K starts, in the same prefill.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import replace
 
 import torch
 
+from lmms_sgl.method import cost
 from lmms_sgl.method.importance import AttentionRecorder, last_prompt_row, visual_scores
+from lmms_sgl.method.registry import (
+    AFTER_FIRST,
+    KeepMethod,
+    MethodRun,
+    PlanBatch,
+    register,
+    single_stage_reader,
+)
 from lmms_sgl.method.selection import KeepPlan, plan_from_scores
 
 
@@ -34,3 +45,24 @@ def fastv_plan_source(
         return plan_from_scores(scores, visual_mask, attention_mask, keep_ratio)
 
     return plan
+
+
+@register
+class FastV(KeepMethod):
+    name = "fastv"
+    own_attention = True
+    layers = AFTER_FIRST
+    summary = "the large model's own last-token attention at layer K-1"
+
+    def arm(self, batch: PlanBatch, stack: ExitStack) -> MethodRun:
+        recorder = fastv_recorder(batch.attention_mask, batch.layer_k, batch.query_rows)
+        source = fastv_plan_source(recorder, batch.visual, batch.attention_mask, batch.settings.keep_ratio)
+        stack.enter_context(recorder.active())
+        stack.enter_context(batch.pruner.installed())
+        batch.pruner.arm(source)
+        one_row = cost.recording_flops(replace(batch.large.text_shape, num_layers=1), 1, 1, 0)
+
+        def selection_flops(sample: int, prompt: int, n_visual: int, stages) -> float:
+            return one_row * prompt  # the recorded row: one query over the prompt's keys
+
+        return MethodRun(single_stage_reader(batch), selection_flops=selection_flops)
