@@ -15,6 +15,18 @@ ROOT = Path(__file__).resolve().parents[1] / "lmms_sgl"
 # the families, the families above the method. A package missing here may import any project package.
 FORBIDDEN = {
     "method": {"*"},  # pure tensor code: nothing of the project outside method/
+    # the competitors: their rules and registered methods, on method/'s seams only
+    "baselines": {
+        "families",
+        "pipeline",
+        "lmms",
+        "reporting",
+        "benchmarks",
+        "proving",
+        "calibration",
+        "factory",
+        "costs",
+    },
     "families": {"pipeline", "lmms", "reporting", "benchmarks", "proving", "calibration", "factory", "costs"},
     "pipeline": {"lmms", "reporting", "benchmarks", "proving", "calibration", "factory", "costs"},
     "checkpoints": {"families", "pipeline", "lmms", "reporting", "benchmarks", "proving", "calibration"},

@@ -317,6 +317,27 @@ def official_visionzip(attn, hidden, metric, dominant, contextual):
     return out
 
 
+def visionzip_matches(model, parts, inputs, visual, expected, layouts=None) -> list[list[int]]:
+    """Generate with VisionZip armed at RATIO; its keep set and merged features must equal
+    ``expected`` (per sample: kept visual ordinals, ``{ordinal: contextual token}``)."""
+    text = model.model.language_model
+    recorder = VisionZipRecorder(parts)
+    merge = ContextualMerge(recorder, visual, inputs["attention_mask"], RATIO, None, layouts)
+    pruner = VisualTokenPruner(text, 0)
+    with recorder.active(), pruner.installed(), merge.writing(decoder_layers(text)[0]):
+        pruner.arm(merge.source())
+        greedy(model, inputs, 2)
+        plan = pruner.plan
+    sets = visual_sets(plan, visual)
+    assert sets == [kept for kept, _ in expected]
+    for b, (_, tokens) in enumerate(expected):
+        positions = visual[b].nonzero().flatten()
+        for ordinal, token in tokens.items():
+            merged = merge.merged[(b, int(positions[ordinal]))]
+            assert torch.allclose(merged, token, atol=1e-5, rtol=0)
+    return sets
+
+
 @pytest.mark.parametrize("keep", [64, 23, 11, 7])
 def test_visionzip_choice_equals_the_official_rule_on_random_tensors(keep):
     from lmms_sgl.baselines.visionzip import choose, contextual_value
@@ -368,25 +389,7 @@ def test_visionzip_keeps_the_official_tokens_and_merged_features_read_with_outpu
 
     def run(inputs):
         visual = inputs.input_ids == model.config.image_token_id
-        recorder = VisionZipRecorder(parts)
-        merge = ContextualMerge(recorder, visual, inputs.attention_mask, RATIO)
-        pruner = VisualTokenPruner(model.model.language_model, 0)
-        with (
-            recorder.active(),
-            pruner.installed(),
-            merge.writing(decoder_layers(model.model.language_model)[0]),
-        ):
-            pruner.arm(merge.source())
-            greedy(model, inputs, 2)
-            plan = pruner.plan
-        sets = visual_sets(plan, visual)
-        expected = reference(inputs)
-        assert sets == [kept for kept, _ in expected]
-        for b, (_, tokens) in enumerate(expected):
-            positions = visual[b].nonzero().flatten()
-            for target, token in tokens.items():
-                assert torch.allclose(merge.merged[(b, int(positions[target]))], token, atol=1e-5, rtol=0)
-        return sets
+        return visionzip_matches(model, parts, inputs, visual, reference(inputs))
 
     together, alone = alone_and_batched(processor, run, noise_batch)
     assert together == alone
@@ -462,25 +465,8 @@ def test_visionzip_on_llava_next_selects_per_crop_as_the_official_code(models_di
     def run(chosen):
         inputs = loaded.family.build_batch(loaded, chosen)
         visual = inputs["input_ids"] == loaded.image_token_id
-        recorder = VisionZipRecorder(parts)
-        merge = ContextualMerge(
-            recorder, visual, inputs["attention_mask"], RATIO, None, parts.image_layouts(inputs)
-        )
-        text = loaded.text_model
-        pruner = VisualTokenPruner(text, 0)
-        with recorder.active(), pruner.installed(), merge.writing(decoder_layers(text)[0]):
-            pruner.arm(merge.source())
-            greedy(loaded.model, inputs, 2)
-            plan = pruner.plan
-        sets = visual_sets(plan, visual)
-        expected = reference(inputs)
-        assert sets == [kept for kept, _ in expected]
-        for b, (_, tokens) in enumerate(expected):
-            positions = visual[b].nonzero().flatten()
-            for ordinal, token in tokens.items():
-                merged = merge.merged[(b, int(positions[ordinal]))]
-                assert torch.allclose(merged, token, atol=1e-5, rtol=0)
-        return sets
+        layouts = parts.image_layouts(inputs)
+        return visionzip_matches(loaded.model, parts, inputs, visual, reference(inputs), layouts)
 
     together = run(prompts)
     alone = [run([p])[0] for p in prompts]

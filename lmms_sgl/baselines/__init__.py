@@ -7,4 +7,6 @@ FLOPs accounting as SGL (``lmms_sgl.method``):
   following its official code (named in its module).
 
 Each module holds its rule and one :class:`~lmms_sgl.method.registry.KeepMethod` registered by name.
+It may import torch, transformers and ``lmms_sgl.method`` only (``tests/test_layout.py``); the
+registry imports a baseline by its module name on first look-up.
 """

@@ -211,6 +211,14 @@ def build_processor(spec: ModelSpec):
             vision_feature_select_strategy="full",
             chat_template=LLAVA_VIDEO_CHAT_TEMPLATE if video else LLAVA_CHAT_TEMPLATE,
         )
+    # CLIP towers whose [CLS] the LM does not see (LLaVA-1.5 and NeXT): 14 px patches
+    clip_tokens = {
+        "tokenizer": tokenizer,
+        "patch_size": 14,
+        "vision_feature_select_strategy": "default",
+        "num_additional_image_tokens": 1,
+        "chat_template": LLAVA_CHAT_TEMPLATE,
+    }
     if spec.variant == "next":
         from transformers import LlavaNextImageProcessor, LlavaNextProcessor
 
@@ -220,23 +228,12 @@ def build_processor(spec: ModelSpec):
                 crop_size={"height": 112, "width": 112},
                 image_grid_pinpoints=NEXT_GRID,
             ),
-            tokenizer=tokenizer,
-            patch_size=14,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
-            chat_template=LLAVA_CHAT_TEMPLATE,
+            **clip_tokens,
         )
     from transformers import CLIPImageProcessor, LlavaProcessor
 
     image_processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
-    return LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=LLAVA_CHAT_TEMPLATE,
-    )
+    return LlavaProcessor(image_processor=image_processor, **clip_tokens)
 
 
 def build_config(spec: ModelSpec, tokenizer):

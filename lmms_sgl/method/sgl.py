@@ -12,13 +12,15 @@ mass from layer 0 on, and ``keep_ratio`` of them by score from layer K on (two s
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from loguru import logger
 
 from lmms_sgl.method.registry import PlanBatch, ScoredMethod, register
 from lmms_sgl.method.selection import KeepPlan, plan_from_scores
 from lmms_sgl.method.staged_pruning import FixedStagedPruner
-from lmms_sgl.method.transfer import BoxesUnavailable, TokenBoxes, transfer_importance
+from lmms_sgl.method.transfer import BoxesUnavailable, TokenBoxes, layout_text, transfer_importance
 from lmms_sgl.method.units import (
     UnitsUnavailable,
     VisualUnits,
@@ -27,7 +29,9 @@ from lmms_sgl.method.units import (
     top_within,
     unit_keep_mask,
 )
-from lmms_sgl.pipeline.records import GuideScores, SampleRecord, layout_text
+
+if TYPE_CHECKING:  # duck-typed: the pipeline's records are written, never imported here
+    from lmms_sgl.pipeline.records import GuideScores, SampleRecord
 
 
 @register

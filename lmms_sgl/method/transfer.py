@@ -184,3 +184,10 @@ def transfer_importance(scores: torch.Tensor, guide: TokenBoxes, large: TokenBox
                 counts = rows.sum(1).clamp(min=1)
                 out[newlines] = (rows.to(torch.float64) @ out[area_tokens]) / counts
     return out.to(scores.dtype)
+
+
+def layout_text(boxes: TokenBoxes | BoxesUnavailable) -> str:
+    """What the samples log records of a layout: its tiles per image, or why it is unknown."""
+    if isinstance(boxes, BoxesUnavailable):
+        return f"unknown: {boxes}"
+    return "; ".join(boxes.layout)

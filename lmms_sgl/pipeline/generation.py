@@ -19,10 +19,11 @@ from lmms_sgl.method.guide import answer_lengths, consistency_pass, run_guide
 from lmms_sgl.method.importance import prompt_rows_from_last_visual
 from lmms_sgl.method.settings import SGLSettings
 from lmms_sgl.method.stages import staged_token_ratio
+from lmms_sgl.method.transfer import layout_text
 from lmms_sgl.pipeline import accounting, vision_units
 from lmms_sgl.pipeline.drafting import GuideDrafts, drafted_generate, drafts_from_run, record_drafting
 from lmms_sgl.pipeline.keep_plans import KeepPlanner
-from lmms_sgl.pipeline.records import GuideScores, Sample, SampleRecord, layout_text
+from lmms_sgl.pipeline.records import GuideScores, Sample, SampleRecord
 
 # lmms-eval writes its ``fewshot_delimiter`` into every task's ``until`` that has none (gqa, mmvet,
 # ...). Its own HF models never stop there (``llava_hf``/``internvl_hf`` ignore ``until``;

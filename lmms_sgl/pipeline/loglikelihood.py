@@ -17,9 +17,10 @@ from lmms_sgl.method import cost
 from lmms_sgl.method.importance import AttentionRecorder, prompt_rows_from_last_visual, visual_scores
 from lmms_sgl.method.settings import SGLSettings
 from lmms_sgl.method.stages import staged_generation_flops, staged_token_ratio
+from lmms_sgl.method.transfer import layout_text
 from lmms_sgl.pipeline import accounting, vision_units
 from lmms_sgl.pipeline.keep_plans import KeepPlanner
-from lmms_sgl.pipeline.records import GuideScores, Sample, SampleRecord, layout_text
+from lmms_sgl.pipeline.records import GuideScores, Sample, SampleRecord
 
 
 def with_continuation(prompt_inputs: dict, continuation_ids: torch.Tensor) -> dict:

@@ -71,10 +71,3 @@ class GuideScores:
 
     def __len__(self) -> int:
         return len(self.values)
-
-
-def layout_text(boxes: TokenBoxes | BoxesUnavailable) -> str:
-    """What the samples log records of a layout: its tiles per image, or why it is unknown."""
-    if isinstance(boxes, BoxesUnavailable):
-        return f"unknown: {boxes}"
-    return "; ".join(boxes.layout)
