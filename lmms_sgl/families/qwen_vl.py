@@ -35,6 +35,7 @@ from lmms_sgl.families import qwen_pixels
 from lmms_sgl.families.base import HFVisionLanguageFamily, LoadedVLM, Prompt
 from lmms_sgl.families.video import Video
 from lmms_sgl.method.cost import TransformerShape, layer_flops, mlp_chain_flops
+from lmms_sgl.method.transfer import BoxesUnavailable, TokenBoxes, even_edges
 from lmms_sgl.method.units import UnitSkipHooks, VisualUnits
 
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -363,6 +364,19 @@ class QwenVLFamily(HFVisionLanguageFamily):
         return UnitSkipHooks(
             sizes, keep, input_name="hidden_states", per_unit=("grid_thw",), per_temporal_patch=True
         )
+
+    def image_boxes(self, loaded: LoadedVLM, image: Image.Image, inputs: dict, index: int) -> TokenBoxes:
+        """Dynamic resolution resizes the whole image (no crop, no padding) to the patch grid
+        ``image_grid_thw``; each LM token is a merged ``spatial_merge_size`` square of patches,
+        row-major: a grid of ``h / m`` rows and ``w / m`` columns over the original image."""
+        frames, height, width = inputs["image_grid_thw"][index].tolist()
+        merge = loaded.model.config.vision_config.spatial_merge_size
+        if frames != 1 or height % merge or width % merge:
+            raise BoxesUnavailable(f"image grid {(frames, height, width)} is not one frame of whole merges")
+        rows, columns = height // merge, width // merge
+        x_edges = even_edges(0.0, float(image.size[0]), columns)
+        y_edges = even_edges(0.0, float(image.size[1]), rows)
+        return TokenBoxes.grid(x_edges, y_edges, 0, 0, layout=f"{columns}x{rows} merged patches")
 
     def image_units(self, loaded: LoadedVLM, image: Image.Image, inputs: dict, index: int) -> VisualUnits:
         """One image is one unit: its patches attend to each other (one attention group), so only

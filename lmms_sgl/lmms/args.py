@@ -12,8 +12,9 @@ from dataclasses import dataclass, fields
 from lmms_sgl.families.qwen_pixels import MODES as PREPROCESSING
 from lmms_sgl.families.video import DEFAULT_NUM_FRAMES
 from lmms_sgl.method.importance import PRECISIONS
-from lmms_sgl.method.registry import BEFORE_LM, METHODS, method_named
+from lmms_sgl.method.registry import BEFORE_LM, METHODS, method_named, methods_where
 from lmms_sgl.method.settings import DRAFT_SOURCES, SGLSettings
+from lmms_sgl.method.spread import SELECTIONS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LARGE_ATTENTION = ("sdpa", "eager")
@@ -125,6 +126,8 @@ def parse_model_args(
     keep_global_view=None,
     draft=None,
     draft_tokens=4,
+    selection="topk",
+    spread_radius=None,
     batch_size=1,
     max_batch_size=None,
     num_frames=DEFAULT_NUM_FRAMES,
@@ -150,7 +153,16 @@ def parse_model_args(
         "importance_precision": as_choice("importance_precision", importance_precision, PRECISIONS),
         "draft": draft,
         "draft_tokens": as_int("draft_tokens", draft_tokens, minimum=1),
+        "selection": as_choice("selection", selection, SELECTIONS),
     }
+    radius = as_int("spread_radius", spread_radius, minimum=0, allow_none=True)
+    if radius is not None:
+        if settings_kwargs["selection"] != "spread":
+            raise ValueError(
+                f"spread_radius={radius} applies to selection='spread'; selection={selection!r} "
+                f"(give selection=spread with it; allowed selections: {SELECTIONS})"
+            )
+        settings_kwargs["spread_radius"] = radius
     skip = as_bool("skip_units", skip_units, allow_none=True)
     units = as_int("keep_units", keep_units, minimum=1, allow_none=True)
     global_view = as_bool("keep_global_view", keep_global_view, allow_none=True)
@@ -163,10 +175,11 @@ def parse_model_args(
         keep_units=units,
         keep_global_view=global_view is not False,
     )
-    if skip and method not in ("sgl", "random"):
+    if skip and not method_named(method).plan_before_tower:
+        allowed = " or ".join(repr(m) for m in methods_where(lambda m: m.plan_before_tower))
         raise ValueError(
             f"skip_units=true: method={method!r} does not drop tokens before the large model's first layer "
-            "(allowed with method 'sgl' or 'random' at prune_layer=0, or with keep_units)"
+            f"(allowed with method {allowed} at prune_layer=0, or with keep_units)"
         )
     if not _none(token_ratio):
         ratio = as_float("token_ratio", token_ratio)
@@ -193,10 +206,11 @@ def parse_model_args(
         "guide_max_crops": as_int("guide_max_crops", guide_max_crops, minimum=1, allow_none=True),
     }
     for name, value in guide_layout.items():
-        if value is not None and method not in ("sgl", "guide_only"):
+        if value is not None and not method_named(method).uses_guide:
+            allowed = " or ".join(repr(m) for m in methods_where(lambda m: m.uses_guide))
             raise ValueError(
                 f"{name}={value} sets the guide's image layout; method={method!r} runs no guide "
-                "(allowed with method 'sgl' or 'guide_only')"
+                f"(allowed with method {allowed})"
             )
     pixels = {
         "min_pixels": as_int("min_pixels", min_pixels, minimum=1, allow_none=True),

@@ -9,6 +9,7 @@ from lmms_sgl.method import registry
 from lmms_sgl.method.cost import PAPER_PRESETS, prune_layer_index, token_ratio
 from lmms_sgl.method.importance import PRECISIONS
 from lmms_sgl.method.registry import KeepMethod, method_named
+from lmms_sgl.method.spread import SELECTIONS
 
 DRAFT_SOURCES = ("guide",)  # who drafts for the large model's speculative decoding
 
@@ -53,6 +54,10 @@ class SGLSettings:
             (``prune_layer``) only the top ``keep_ratio`` of those tokens by the same importance
             (two stages when K > 0). ``None``: token selection.
         keep_global_view: with ``keep_units``, the thumbnail / base image is kept besides the N.
+        selection: how the guide's importance chooses tokens: ``topk`` (the paper's rule) or
+            ``spread`` (the most important tokens spread over the image, :mod:`.spread`).
+        spread_radius: ``selection=spread``: neighbours within this many cells are suppressed
+            (shrinking to 0, top-k, when the budget cannot be filled otherwise).
     """
 
     method: str = "sgl"
@@ -67,6 +72,8 @@ class SGLSettings:
     keep_global_view: bool = True
     draft: str | None = None
     draft_tokens: int = 4
+    selection: str = "topk"
+    spread_radius: int = 1
 
     def __post_init__(self) -> None:
         method = method_named(self.method)  # an unknown name lists the valid ones
@@ -98,6 +105,19 @@ class SGLSettings:
                     f"draft={self.draft!r} verifies drafts on a single keep plan; keep_units="
                     f"{self.keep_units} prunes in stages (drop keep_units or draft)"
                 )
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection={self.selection!r} is not one of {SELECTIONS}")
+        if self.selection != "topk" and not method.guided:
+            raise ValueError(
+                f"selection={self.selection!r} spreads the guide's importance; method={self.method!r} "
+                f"has none (allowed with {_named(_guided())})"
+            )
+        if (
+            isinstance(self.spread_radius, bool)
+            or not isinstance(self.spread_radius, int)
+            or self.spread_radius < 0
+        ):
+            raise ValueError(f"spread_radius={self.spread_radius!r} must be a whole number >= 0")
         if (
             isinstance(self.draft_tokens, bool)
             or not isinstance(self.draft_tokens, int)

@@ -1,5 +1,6 @@
 """SGL's keep plan (SGP): the guide's importance, mapped onto the large model's visual tokens, keeps
-the top ``keep_ratio`` from layer K on (the paper's rule, ``selection=topk``).
+the top ``keep_ratio`` from layer K on (the paper's rule, ``selection=topk``), or the most important
+tokens spread over the image (``selection=spread``, :mod:`lmms_sgl.method.spread`).
 
 The guide's scores travel with the boxes of the guide's visual tokens: when both models tile
 alike the scores are the large model's as they are, else they are mapped by image geometry
@@ -18,7 +19,8 @@ import torch
 from loguru import logger
 
 from lmms_sgl.method.registry import PlanBatch, ScoredMethod, register
-from lmms_sgl.method.selection import KeepPlan, plan_from_scores
+from lmms_sgl.method.selection import KeepPlan, keep_count, plan_from_scores
+from lmms_sgl.method.spread import spread_select
 from lmms_sgl.method.staged_pruning import FixedStagedPruner
 from lmms_sgl.method.transfer import BoxesUnavailable, TokenBoxes, layout_text, transfer_importance
 from lmms_sgl.method.units import (
@@ -47,13 +49,22 @@ class SGL(ScoredMethod):
         return super().make_pruner(large, settings, layer_k)
 
     def plan_source(self, batch: PlanBatch) -> KeepPlan | list[KeepPlan]:
-        per_sample = self.token_scores(batch)
+        per_sample, boxes = self.mapped_scores(batch)
         settings = batch.settings
-        if settings.keep_units is None:
+        spread = settings.selection == "spread"
+        if settings.keep_units is None and not spread:
             return plan_from_scores(per_sample, batch.visual, batch.attention_mask, settings.keep_ratio)
+        if settings.keep_units is None:
+            inner = [
+                spread_mask(scores, sample_boxes, None, record, settings)
+                for scores, sample_boxes, record in zip(per_sample, boxes, batch.records, strict=True)
+            ]
+            return plan_from_masks(inner, batch.visual, batch.attention_mask)
         pairs = [
-            unit_masks(scores, units, record, settings)
-            for scores, units, record in zip(per_sample, batch.units, batch.records, strict=True)
+            unit_masks(scores, units, sample_boxes, record, settings)
+            for scores, units, sample_boxes, record in zip(
+                per_sample, batch.units, boxes, batch.records, strict=True
+            )
         ]
         kept = plan_from_masks([inner for _, inner in pairs], batch.visual, batch.attention_mask)
         if isinstance(batch.pruner, FixedStagedPruner):  # every unit token until layer K
@@ -62,9 +73,14 @@ class SGL(ScoredMethod):
         return kept
 
     def token_scores(self, batch: PlanBatch) -> list[torch.Tensor | None]:
-        """The guide's scores on the large model's tokens, per sample (``None``: keep all)."""
+        return self.mapped_scores(batch)[0]
+
+    def mapped_scores(self, batch: PlanBatch) -> tuple[list[torch.Tensor | None], list]:
+        """The guide's scores on the large model's tokens, per sample (``None``: keep all), and the
+        large model's token boxes (or why they are unknown; ``None`` without scores)."""
+        n = batch.visual.shape[0]
         if batch.scores is None:
-            return [None] * batch.visual.shape[0]
+            return [None] * n, [None] * n
         large = batch.large
         boxes = large.family.visual_boxes(large, batch.inputs, [s.prompt for s in batch.samples])
         counts = batch.visual.sum(1).tolist()
@@ -72,28 +88,65 @@ class SGL(ScoredMethod):
         for b, record in enumerate(batch.records):
             record.extra["large_layout"] = layout_text(boxes[b])
             out.append(large_scores(batch.scores[b], boxes[b], counts[b], record))
-        return out
+        return out, boxes
+
+
+def spread_mask(
+    scores: torch.Tensor | None,
+    boxes: TokenBoxes | BoxesUnavailable | None,
+    allowed: torch.Tensor | None,
+    record: SampleRecord,
+    settings,
+) -> torch.Tensor | None:
+    """``[N]`` bool: ``selection=spread`` among the ``allowed`` tokens (``None``: all), keeping
+    ``keep_count(n_allowed, keep_ratio)`` as top-k would; where the large model's token boxes are
+    unknown (videos, some layouts) it is top-k, recorded in the sample's record."""
+    if scores is None:  # the guide's scores could not be mapped: already a counted fallback
+        return None
+    allowed = torch.ones(len(scores), dtype=torch.bool) if allowed is None else allowed
+    if not isinstance(boxes, TokenBoxes) or len(boxes) != len(scores):
+        reason = boxes if isinstance(boxes, BoxesUnavailable) else "token boxes do not match the scores"
+        record.extra["selection"] = f"topk (spread impossible: {reason})"
+        logger.warning(f"{record.task}/{record.doc_id}: {record.extra['selection']}")
+        return top_within(scores, allowed, settings.keep_ratio)
+    count = keep_count(int(allowed.sum()), settings.keep_ratio)
+    mask = torch.zeros(len(scores), dtype=torch.bool)
+    mask[spread_select(scores, boxes, count, settings.spread_radius, allowed)] = True
+    record.extra["selection"] = f"spread r={settings.spread_radius}"
+    return mask
 
 
 def unit_masks(
-    scores: torch.Tensor | None, units: VisualUnits | UnitsUnavailable, record: SampleRecord, settings
+    scores: torch.Tensor | None,
+    units: VisualUnits | UnitsUnavailable,
+    boxes: TokenBoxes | BoxesUnavailable | None,
+    record: SampleRecord,
+    settings,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The visual tokens unit selection keeps for one sample: those of the chosen units (seen from
-    layer 0) and the top ``keep_ratio`` of them by score (seen from layer K); ``None``: all of them."""
+    layer 0) and ``keep_ratio`` of them chosen by the selection rule (seen from layer K); ``None``:
+    all of them."""
     if scores is None:  # the guide's scores could not be mapped: already a counted fallback
         return None, None
     everything = torch.ones(len(scores), dtype=torch.bool)
     if isinstance(units, UnitsUnavailable):
         record.fallback = f"unit selection impossible ({units}); token selection instead"
         logger.warning(f"{record.task}/{record.doc_id}: {record.fallback}")
-        return None, top_within(scores, everything, settings.keep_ratio)
+        return None, within(scores, everything, boxes, record, settings)
     chosen = choose_units(units, scores, settings.keep_units, settings.keep_global_view)
     record.extra["units_kept"] = int(chosen.sum())
     record.extra["global_views_kept"] = int((chosen & units.global_view).sum())
     if bool(chosen.all()):  # one unit, or N covers them all: a counted no-op
         record.extra["unit_selection_noop"] = True
     in_units = unit_keep_mask(units, chosen)
-    return in_units, top_within(scores, in_units, settings.keep_ratio)
+    return in_units, within(scores, in_units, boxes, record, settings)
+
+
+def within(scores, allowed: torch.Tensor, boxes, record: SampleRecord, settings) -> torch.Tensor:
+    """``keep_ratio`` of the ``allowed`` tokens by the configured selection rule."""
+    if settings.selection == "spread":
+        return spread_mask(scores, boxes, allowed, record, settings)
+    return top_within(scores, allowed, settings.keep_ratio)
 
 
 def large_scores(

@@ -48,8 +48,9 @@ def skipping(
         kept = kept_visual_mask(plan.index[b].cpu(), plan.valid[b].cpu(), visual[b].cpu())
         needed.append(units_to_encode(sample_units, kept).tolist())
     flat = [flag for flags in needed for flag in flags]
-    if not any(flat):  # kept tokens that read no unit (newlines only): encode one row, counted
-        needed[next(b for b, u in enumerate(units) if u.count)][0] = True
+    owners = [b for b, u in enumerate(units) if u.count]
+    if not any(flat) and owners:  # kept tokens that read no unit (newlines only): encode one row, counted
+        needed[owners[0]][0] = True
         flat = [flag for flags in needed for flag in flags]
     uses = [
         UnitUse(u.count, sum(flags), float(sum(f for f, on in zip(u.flops, flags, strict=True) if on)))
