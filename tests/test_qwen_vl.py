@@ -204,8 +204,9 @@ def test_consistency_pass_keeps_3d_positions_and_deepstack(pair):
     assert float(ours[0].double().log()) == pytest.approx(float(expected), abs=1e-4)
 
 
-def test_guide_with_other_pixel_bounds_is_a_counted_fallback(models_dir):
-    """Different bounds give the guide other token counts: no pruning, a recorded fallback."""
+def test_guide_with_other_pixel_bounds_is_mapped_by_geometry(models_dir):
+    """Different bounds give the guide other token counts: its importance is mapped onto the large
+    model's merged patches by their boxes (the whole image resized, no crop), not a fallback."""
     path = str(models_dir / "qwen2.5-vl-{}")
     guide = QwenVLFamily(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS).load(
         path.format("guide"), text_attention=ATTENTION_NAME, **LOAD
@@ -215,7 +216,9 @@ def test_guide_with_other_pixel_bounds_is_a_counted_fallback(models_dir):
     )
     settings = SGLSettings(method="sgl", prune_layer=0.5, keep_ratio=0.2)
     record = SGLPipeline(large, guide, settings).generate(samples()[:1], GEN)[0]
-    assert "layout mismatch" in record.fallback and record.kept_visual == record.total_visual
+    assert record.fallback is None and record.extra["transfer"] == "geometric"
+    assert record.kept_visual < record.total_visual
+    assert record.extra["guide_layout"] != record.extra["large_layout"]
 
 
 # -- importance, FLOPs ------------------------------------------------------------------------------

@@ -47,6 +47,9 @@ class Point:
     max_tiles: int | None = None
     keep_units: int | None = None
     keep_global_view: bool = True
+    # SGL's selection rule (``topk``: the paper's; ``spread``: :mod:`lmms_sgl.method.spread`)
+    selection: str = "topk"
+    spread_radius: int | None = None
 
     @property
     def key(self) -> str:
@@ -65,6 +68,8 @@ class Point:
             parts.append(f"tiles{self.max_tiles}")
         if self.keep_units is not None:
             parts.append(f"units{self.keep_units}" + ("" if self.keep_global_view else "-noglobal"))
+        if self.selection != "topk":
+            parts.append(f"{self.selection}{'' if self.spread_radius is None else self.spread_radius}")
         return "-".join(parts)
 
     def model_args(self, root: Path) -> str:
@@ -86,6 +91,10 @@ class Point:
             args.append(f"keep_units={self.keep_units}")
             if not self.keep_global_view:
                 args.append("keep_global_view=false")
+        if self.selection != "topk":
+            args.append(f"selection={self.selection}")
+            if self.spread_radius is not None:
+                args.append(f"spread_radius={self.spread_radius}")
         return ",".join(args)
 
 

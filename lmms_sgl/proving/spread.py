@@ -1,0 +1,221 @@
+"""Does spreading the guide's importance over the image pay? ``selection=spread`` on the proving ground.
+
+1. **Validation** (``sgl_shapes_val``, scenes the test split never sees): SGL's ``topk`` against
+   ``spread`` at radius 1 and 2, at 35 % and 9 % of the visual tokens, pruning from layer 0 and on the
+   shared K = 1 schedule, both pairs. The radius with the best mean accuracy over these cells is chosen
+   here, before any test number is looked at.
+2. **Test** (``sgl_shapes``, 300 questions): the chosen rule at every ratio of both schedules and at
+   the paper's presets, beside SGL ``topk`` and the 2025 baselines (DivPrune, VisionZip, PDrop), with
+   paired differences over the same questions, and the issue's goal lines at 9 %.
+
+Every point is an ordinary lmms-eval run (:func:`lmms_sgl.proving.points.run_point`), cached with
+``make study``'s points, so the baselines come from its cache. Writes ``reports/spread.md`` and
+``reports/spread.json``::
+
+    python -m lmms_sgl.proving.spread
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from loguru import logger
+
+from lmms_sgl.method.cost import PAPER_PRESETS, prune_layer_index
+from lmms_sgl.proving.points import FAMILIES, TASK, Point, paired_gap, run_point, schedule, summarize
+from lmms_sgl.proving.study import TARGET_RATIOS, _num_layers, baseline_points
+
+VALIDATION_TASK = "sgl_shapes_val"
+VALIDATION_RATIOS = (0.35, 0.09)
+RADII = (1, 2)
+SCHEDULE_K = {"K=0": 0, "K=1": 1}
+
+
+def sgl_point(family: str, num_layers: int, ratio: float, name: str, radius: int | None, task: str) -> Point:
+    """SGL at ``ratio`` on schedule ``name`` (``K=0``, ``K=1`` or ``preset``), top-k or spread."""
+    if name == "preset":
+        prune_layer, keep = PAPER_PRESETS[ratio]
+    else:
+        prune_layer, keep = schedule(ratio, num_layers, layer_k=SCHEDULE_K[name])
+    rule = {} if radius is None else {"selection": "spread", "spread_radius": radius}
+    return Point(family, "sgl", prune_layer, keep, target_ratio=ratio, schedule=name, task=task, **rule)
+
+
+def measured(point: Point, layers: int, root: Path, work_dir: Path, batch_size: int) -> dict:
+    """The point's summary (run or cached), with its layer K."""
+    summary = summarize(run_point(point, root, work_dir, None, batch_size))
+    prune_layer = summary["prune_layer"]
+    summary["layer_k"] = "" if prune_layer is None else prune_layer_index(layers, prune_layer)
+    return summary
+
+
+def label(summary: dict) -> str:
+    rule = "topk" if summary.get("selection", "topk") == "topk" else f"spread r={summary['spread_radius']}"
+    return f"{summary['method']} {rule}" if summary["method"] == "sgl" else summary["method"]
+
+
+def validation(root: Path, work_dir: Path, batch_size: int, families: list[str]) -> tuple[int, list[dict]]:
+    """The validation cells and the chosen radius (best mean accuracy over every cell)."""
+    rows = []
+    for family in families:
+        layers = _num_layers(root / FAMILIES[family][1])
+        for ratio in VALIDATION_RATIOS:
+            for name in SCHEDULE_K:
+                for radius in (None, *RADII):
+                    point = sgl_point(family, layers, ratio, name, radius, VALIDATION_TASK)
+                    rows.append(measured(point, layers, root, work_dir, batch_size))
+    means = {
+        radius: sum(r["accuracy"] for r in rows if r.get("spread_radius") == radius)
+        / sum(r.get("spread_radius") == radius for r in rows)
+        for radius in RADII
+    }
+    chosen = max(RADII, key=lambda radius: (means[radius], -radius))
+    logger.info(f"validation: mean accuracy by radius {means}; chosen radius {chosen}")
+    return chosen, rows
+
+
+def test_points(family: str, layers: int, radius: int) -> list[Point]:
+    """The chosen rule, SGL top-k and the 2025 baselines at every ratio and schedule of the study."""
+    out = [Point(family, "large_only")]
+    for ratio in TARGET_RATIOS:
+        for name in SCHEDULE_K:
+            out += [sgl_point(family, layers, ratio, name, r, TASK) for r in (None, radius)]
+        prune_layer, keep = schedule(ratio, layers)
+        out += baseline_points(family, layers, ratio, prune_layer, keep, "K=1")
+    for ratio in sorted(PAPER_PRESETS, reverse=True):
+        out += [sgl_point(family, layers, ratio, "preset", r, TASK) for r in (None, radius)]
+        prune_layer, keep = PAPER_PRESETS[ratio]
+        out += baseline_points(family, layers, ratio, prune_layer, keep, "preset")
+    return out
+
+
+def gap_text(a: dict, b: dict) -> str:
+    gap, err, _ = paired_gap(a["scores"], b["scores"])
+    return f"{100 * gap:+.1f} ± {100 * err:.1f}"
+
+
+def verdict(a: dict, b: dict) -> str:
+    gap, err, _ = paired_gap(a["scores"], b["scores"])
+    if gap > 2 * err:
+        return "better"
+    if gap < -2 * err:
+        return "worse"
+    return "within two s.e."
+
+
+def test_tables(rows: list[dict], radius: int) -> list[str]:
+    """Per ratio and schedule: every method's accuracy and FLOPs, and the spread rule's paired
+    differences to SGL top-k and to each baseline at the same ratio (baselines: their K = 1 or
+    preset run; DivPrune and VisionZip prune from layer 0 in both)."""
+    large = next(r for r in rows if r["method"] == "large_only")
+    spread = f"sgl spread r={radius}"
+    lines = [
+        "| schedule | ratio % | method | K | accuracy % | ± | retained % of large | FLOPs % of large | "
+        f"{spread} minus it (points ± s.e.) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in ("K=0", "K=1", "preset"):
+        ratios = TARGET_RATIOS if name != "preset" else tuple(sorted(PAPER_PRESETS, reverse=True))
+        for ratio in ratios:
+            cell = [r for r in rows if r.get("target_ratio") == ratio and r.get("schedule") == name]
+            if name == "K=0":  # the baselines are listed once, with their shared schedule
+                cell = [r for r in cell if r["method"] == "sgl"]
+            ours = next((r for r in cell if label(r) == spread), None)
+            for r in sorted(cell, key=lambda r: (label(r) != spread, label(r))):
+                paired = "" if ours is None or r is ours else gap_text(ours, r)
+                lines.append(
+                    f"| {name} | {100 * ratio:.0f} | {label(r)} | {r['layer_k']} | "
+                    f"{100 * r['accuracy']:.1f} | "
+                    f"{100 * r['stderr']:.1f} | {100 * r['accuracy'] / large['accuracy']:.1f} | "
+                    f"{100 * r['flops_ratio']:.1f} | {paired} |"
+                )
+    return lines
+
+
+def goal_lines(rows: list[dict], radius: int) -> list[str]:
+    """The issue's goal at 9 %: the spread rule beats DivPrune by two paired standard errors and keeps
+    at least 90 % of the large model's accuracy (its best schedule at 9 %)."""
+    large = next(r for r in rows if r["method"] == "large_only")
+    spread = f"sgl spread r={radius}"
+    nine = [r for r in rows if r.get("target_ratio") == 0.09 and r.get("schedule") in ("K=0", "K=1")]
+    ours = max((r for r in nine if label(r) == spread), key=lambda r: r["accuracy"])
+    divprune = next(r for r in nine if r["method"] == "divprune")
+    gap, err, _ = paired_gap(ours["scores"], divprune["scores"])
+    kept = ours["accuracy"] / large["accuracy"]
+    return [
+        f"- 9 %, best schedule ({ours['schedule']}): {spread} {100 * ours['accuracy']:.1f} % against "
+        "DivPrune "
+        f"{100 * divprune['accuracy']:.1f} %: {100 * gap:+.1f} ± {100 * err:.1f} points; beats it by two "
+        f"standard errors: **{'met' if gap > 2 * err else 'not met'}**.",
+        f"- 9 %: keeps {100 * kept:.1f} % of the large model's accuracy ({100 * large['accuracy']:.1f} %); "
+        f">= 90 %: **{'met' if kept >= 0.9 else 'not met'}**.",
+    ]
+
+
+def write(
+    out_dir: Path, radius: int, validation_rows: list[dict], tests: dict[str, list[dict]], command: str
+):
+    lines = [
+        "# Guided spread selection on the proving ground",
+        "",
+        f"Reproduce: `{command}` (points cached in `.cache/study`, shared with `make study`).",
+        "",
+        "`selection=spread` keeps the guide's most important token, suppresses its neighbours within the",
+        "radius (same image and view), and repeats; the radius shrinks while the budget is not filled, so",
+        "it keeps as many tokens as top-k. Paired differences are over the same questions.",
+        "",
+        "## Validation (`sgl_shapes_val`): choosing the radius",
+        "",
+        "| family | ratio % | schedule | rule | accuracy % | ± |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in validation_rows:
+        lines.append(
+            f"| {r['family']} | {100 * r['target_ratio']:.0f} | {r['schedule']} | {label(r)} | "
+            f"{100 * r['accuracy']:.1f} | {100 * r['stderr']:.1f} |"
+        )
+    lines += ["", f"Chosen on validation: radius {radius} (best mean accuracy over the cells above).", ""]
+    for family, rows in tests.items():
+        lines += [f"## {family}: test split (`{TASK}`, {rows[0]['n']} questions)", ""]
+        lines += test_tables(rows, radius)
+        lines += ["", "Goals (issue 35) at 9 %:", "", *goal_lines(rows, radius), ""]
+    path = out_dir / "spread.md"
+    path.write_text("\n".join(lines) + "\n")
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "scores"} for r in rows]  # noqa: E731
+    data = {
+        "command": command,
+        "radius": radius,
+        "validation": strip(validation_rows),
+        "test": {f: strip(rows) for f, rows in tests.items()},
+    }
+    (out_dir / "spread.json").write_text(json.dumps(data, indent=1))
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", type=Path, default=Path("."))
+    parser.add_argument("--out", type=Path, default=Path("reports"))
+    parser.add_argument("--work-dir", type=Path, default=Path(".cache/study"))
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument("--validation-only", action="store_true", help="stop after choosing the radius")
+    args = parser.parse_args(argv)
+    root = args.root.resolve()
+    radius, validation_rows = validation(root, args.work_dir, args.batch_size, args.families)
+    if args.validation_only:
+        return
+    tests = {}
+    for family in args.families:
+        layers = _num_layers(root / FAMILIES[family][1])
+        points = test_points(family, layers, radius)
+        tests[family] = [measured(p, layers, root, args.work_dir, args.batch_size) for p in points]
+    families = "" if args.families == list(FAMILIES) else f" --families {' '.join(args.families)}"
+    path = write(args.out, radius, validation_rows, tests, f"python -m lmms_sgl.proving.spread{families}")
+    logger.info(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
