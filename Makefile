@@ -27,12 +27,13 @@ demo: $(STAMP)
 	$(BIN)/lmms-eval --config configs/demo.yaml --wandb_args project=lmms-sgl-demo,mode=offline,dir=.cache/demo
 
 # reports/proving_ground.md: the method comparison, then its multi-tile resolution and unit-selection
-# sections. Finished points are cached in .cache/study (keyed by the checkpoints' hash), so an
-# interrupted study resumes.
+# sections; reports/spread.md: guided spread selection (radius chosen on validation). Finished
+# points are cached in .cache/study (keyed by the checkpoints' hash), so an interrupted study resumes.
 study: $(STAMP)
 	$(BIN)/lmms-sgl-proving-study
 	$(BIN)/python -m lmms_sgl.proving.resolution
 	$(BIN)/python -m lmms_sgl.proving.unit_selection
+	$(BIN)/python -m lmms_sgl.proving.spread
 
 # Retrains and re-exports the four shipped checkpoints (about 4 h on 2 cores, two lanes in
 # parallel); resumable: run it again after an interruption.

@@ -207,3 +207,51 @@ def test_unit_study_section_is_written_and_survives_a_study_rerun(tmp_path):
     assert "**The goal** (a unit-selection point beating" in text and "not met. At no more FLOPs" not in text
     assert "No unit-selection point is as cheap as a downsampled one" in text
     assert json.loads((tmp_path / "proving_ground_units.json").read_text())["command"].endswith("--limit 4")
+
+
+def test_spread_study_points_parse_and_report_its_goals(tmp_path):
+    """The spread study's points are valid model arguments (selection and radius included), its key
+    keeps top-k points shared with make study, and the report states the 9 % goals from paired scores."""
+    from lmms_sgl.lmms.args import parse_model_args
+    from lmms_sgl.proving import spread
+
+    points = spread.test_points("llava", 12, 2)
+    spread_points = [p for p in points if p.selection == "spread"]
+    assert len(spread_points) == 13 and all(p.key.endswith("spread2") for p in spread_points)
+    assert not any("spread" in p.key for p in points if p.selection == "topk")
+    for point in spread_points:
+        settings = parse_model_args(
+            **dict(a.split("=", 1) for a in point.model_args(Path("/r")).split(","))
+        ).settings
+        assert (settings.selection, settings.spread_radius) == ("spread", 2)
+
+    def row(method, accuracy, selection="topk", radius=None, schedule="K=0", ratio=0.09):
+        scores = {str(i): float(i < accuracy * 100) for i in range(100)}
+        return {
+            "family": "llava",
+            "method": method,
+            "selection": selection,
+            "spread_radius": radius,
+            "schedule": schedule,
+            "target_ratio": ratio,
+            "accuracy": accuracy,
+            "stderr": 0.01,
+            "n": 100,
+            "layer_k": 0,
+            "flops_ratio": 0.3,
+            "scores": scores,
+            "prune_layer": 0.0,
+        }
+
+    large = {**row("large_only", 0.9), "target_ratio": None, "schedule": "K=1"}
+    rows = [
+        large,
+        row("sgl", 0.7),
+        row("sgl", 0.85, "spread", 2),
+        {**row("divprune", 0.75), "schedule": "K=1"},
+    ]
+    goals = spread.goal_lines(rows, 2)
+    assert "+10.0 ± 3.0" in goals[0] and "**met**" in goals[0]
+    assert "94.4 %" in goals[1] and "**met**" in goals[1]
+    table = "\n".join(spread.test_tables(rows, 2))
+    assert "| K=0 | 9 | sgl topk | 0 | 70.0 |" in table and "+15.0 ± 3.6" in table
