@@ -202,8 +202,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     parser.add_argument("--validation-only", action="store_true", help="stop after choosing the radius")
+    parser.add_argument(
+        "--test-radius",
+        type=int,
+        default=None,
+        help="run the test points at this radius (e.g. the one the full validation chose, to fill the "
+        "cache in a second lane); no report is written",
+    )
     args = parser.parse_args(argv)
     root = args.root.resolve()
+    if args.test_radius is not None:
+        for family in args.families:
+            layers = _num_layers(root / FAMILIES[family][1])
+            for point in test_points(family, layers, args.test_radius):
+                measured(point, layers, root, args.work_dir, args.batch_size)
+        return
     radius, validation_rows = validation(root, args.work_dir, args.batch_size, args.families)
     if args.validation_only:
         return
