@@ -102,6 +102,8 @@ class HFVisionLanguageFamily:
 
     num_frames: int = DEFAULT_NUM_FRAMES  # frames sampled per video (set from the model args)
 
+    has_tiles = False  # InternVL's dynamic tiling: the only family that takes ``max_tiles``
+
     def __init__(self, max_tiles: int | None = None):
         self.max_tiles = max_tiles
 
@@ -236,7 +238,14 @@ class HFVisionLanguageFamily:
         self, loaded: LoadedVLM, texts: list[str], images: list[Image.Image], videos: list[Video] = ()
     ) -> dict:
         """Tokenize a batch (left padding) with its images and videos, moved to the model's device
-        and dtype."""
+        and dtype. An empty image is refused with its place in the batch (the processors divide by
+        its size)."""
+        for index, image in enumerate(images):
+            if image.width == 0 or image.height == 0:
+                raise ValueError(
+                    f"image {index} of the batch is empty ({image.width} x {image.height} pixels): "
+                    "nothing to encode; check the task's doc_to_visual for this sample"
+                )
         if videos:
             self.check_video(loaded)
         inputs = loaded.processor(
@@ -274,7 +283,8 @@ class HFVisionLanguageFamily:
         """Fail before loading when VisionZip is not defined for this checkpoint."""
         raise ValueError(
             f"method='visionzip' is not defined for the {self.name} family ({argument}={path!r}); "
-            "allowed with sgl_llava (LLaVA-1.5 checkpoints) and sgl_internvl2"
+            "allowed with sgl_llava (LLaVA-1.5 and LLaVA-NeXT checkpoints), sgl_internvl2 and "
+            "sgl_qwen2_vl (Qwen2-VL, Qwen2.5-VL)"
         )
 
     def visionzip_parts(self, loaded: LoadedVLM) -> VisionZipParts:

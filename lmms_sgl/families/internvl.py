@@ -60,6 +60,7 @@ def config_tile_flops(config) -> int:
 
 class InternVLFamily(HFVisionLanguageFamily):
     name = "internvl"
+    has_tiles = True
     model_types = ("internvl",)
     supported = (
         "InternVL2.5 / InternVL3 / InternVL3.5 '-hf' checkpoints "

@@ -252,3 +252,40 @@ def check_schedule(args: ModelArgs, large_layers: int) -> None:
             "layers, so dropped tokens still reach layers 0..K-1 and every unit must be encoded "
             "(allowed: prune_layer=0, or keep_units=N)"
         )
+
+
+def reject_repeated_arguments(arg_string: str) -> None:
+    """Refuse ``--model_args`` that name an argument twice, with both values (lmms-eval's parser
+    keeps the last one without a word)."""
+    seen: dict[str, str] = {}
+    for item in top_level_items(arg_string):
+        name, _, value = item.partition("=")
+        name = name.strip()
+        if name in seen:
+            raise ValueError(
+                f"model argument {name!r} is given twice ({name}={seen[name]}, {name}={value}); give it once"
+            )
+        seen[name] = value
+
+
+def top_level_items(arg_string: str) -> list[str]:
+    """``key=value`` items of ``--model_args``: split at commas outside quotes and brackets, as
+    lmms-eval splits them (JSON values may hold commas)."""
+    items, current, depth, quote = [], [], 0, None
+    for char in arg_string.strip():
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "\"'":
+            quote = char
+        elif char in "{[(":
+            depth += 1
+        elif char in "}])":
+            depth -= 1
+        elif char == "," and depth == 0:
+            items.append("".join(current))
+            current = []
+            continue
+        current.append(char)
+    if current:
+        items.append("".join(current))
+    return [item for item in items if item.strip()]

@@ -27,7 +27,7 @@ from lmms_sgl.baselines.visionzip import VISION_ATTENTION_NAME
 from lmms_sgl.families.base import HFVisionLanguageFamily, Prompt
 from lmms_sgl.families.video import open_video, video_of
 from lmms_sgl.lmms import resumable
-from lmms_sgl.lmms.args import ModelArgs, check_schedule, parse_model_args
+from lmms_sgl.lmms.args import ModelArgs, check_schedule, parse_model_args, reject_repeated_arguments
 from lmms_sgl.method.importance import ATTENTION_NAME, recording_attention
 from lmms_sgl.pipeline import GenerationSettings, Sample, SampleRecord, SGLPipeline
 from lmms_sgl.reporting.stats import RunStats
@@ -123,7 +123,20 @@ class SGLModel(lmms):
                     f"{name}={getattr(self.args, name)} sets Qwen-VL's dynamic resolution; "
                     f"{type(self).__name__} does not take it (allowed with sgl_qwen2_vl)"
                 )
+        if self.args.max_tiles is not None and not self.family_class.has_tiles:
+            raise ValueError(
+                f"max_tiles={self.args.max_tiles} sets InternVL's dynamic tiling; {type(self).__name__} "
+                "does not take it (allowed with sgl_internvl2; LLaVA-NeXT / OneVision crops follow the "
+                "checkpoint's image_grid_pinpoints, and guide_max_crops limits the guide's)"
+            )
         return self.family_class(max_tiles=self.args.max_tiles)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        """lmms-eval's constructor from ``--model_args``, refusing an argument given twice (its
+        parser keeps the last value silently: ``pretrained`` twice would load the second path)."""
+        reject_repeated_arguments(arg_string)
+        return super().create_from_arg_string(arg_string, additional_config)
 
     # -- placement -------------------------------------------------------------------------
     def _placement(self) -> tuple[torch.device, dict]:
