@@ -57,13 +57,56 @@ def test_offline_and_reachable_runs_are_left_alone(unreachable, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert fall_back_to_offline(["lmms-eval", "--wandb_args", "project=p"]) is None
     monkeypatch.delenv("WANDB_MODE")
-    with socket.socket() as server:  # a listening server: online stays online
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.getsockname()[1]}")
+    with answering_server() as url:  # a server that answers (here 404): online stays online
+        monkeypatch.setenv("WANDB_BASE_URL", url)
         online = ["lmms-eval", "--wandb_args", "project=p"]
         assert fall_back_to_offline(online) is None and online[-1] == "project=p"
     assert fall_back_to_offline(["lmms-eval", "--model", "x"]) is None
+
+
+def test_a_server_that_accepts_and_never_answers_falls_back_in_seconds(unreachable, monkeypatch):
+    """The silent listener (loopback only, closed by the test): wandb.init would retry it for 90 s
+    and leave the process hanging; the check gives up after its answer timeout."""
+    import time
+
+    from lmms_sgl.lmms import wandb_check
+
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    monkeypatch.setattr(wandb_check, "ANSWER_SECONDS", 1.0)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()  # accepts into the backlog, never reads or answers
+        url = f"http://127.0.0.1:{server.getsockname()[1]}"
+        monkeypatch.setenv("WANDB_BASE_URL", url)
+        argv = ["lmms-eval", "--wandb_args", "project=p"]
+        start = time.monotonic()
+        message = fall_back_to_offline(argv)
+        assert time.monotonic() - start < 10
+    assert f"the W&B server {url} accepted the connection but did not answer" in message
+    assert argv[-1] == "project=p,mode=offline"
+
+
+class answering_server:
+    """A loopback HTTP server answering 404 to everything, in a thread, for one ``with`` block."""
+
+    def __enter__(self) -> str:
+        import http.server
+        import threading
+
+        class Quiet(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 -- the handler's API
+                self.send_error(404)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.HTTPServer(("127.0.0.1", 0), Quiet)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 @pytest.mark.slow

@@ -5,7 +5,9 @@ online mode with a configured key but no network that call does not return (meas
 after 180 s, nothing evaluated). Our entry point runs when lmms-eval imports its model registry,
 before it parses its command line, so it looks first: online mode (``mode=online`` or no mode, and
 ``WANDB_MODE`` not offline) needs an API key (``WANDB_API_KEY`` or a ``~/.netrc`` entry for the
-server) and a server that accepts a TCP connection within a few seconds. If either is missing, the
+server) and a server that accepts a TCP connection within a few seconds and answers an HTTP request
+(any status) within a few more: a server that accepts and never answers makes ``wandb.init`` retry
+for 90 s, raise, and leave the process hanging. If either is missing, the
 run falls back to offline W&B (``mode=offline`` written into ``--wandb_args``) with a warning that
 says so and how to sync later; the evaluation itself is not touched.
 """
@@ -22,6 +24,7 @@ from loguru import logger
 DEFAULT_SERVER = "https://api.wandb.ai"
 OFFLINE_MODES = ("offline", "disabled", "dryrun")
 CONNECT_SECONDS = 3.0
+ANSWER_SECONDS = 5.0  # wandb.init retries a silent server for 90 s, then leaves the process hanging
 
 
 def _wandb_args_index(argv: list[str]) -> tuple[int, str] | None:
@@ -60,9 +63,29 @@ def online_problem(mode: str | None, server: str, timeout: float = CONNECT_SECON
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
         with socket.create_connection((host, port), timeout=timeout):
-            return None
+            pass
     except OSError as error:
         return f"the W&B server {server} is not reachable ({type(error).__name__}: {error})"
+    return silent_server(server, ANSWER_SECONDS)
+
+
+def silent_server(server: str, timeout: float) -> str | None:
+    """Why a server that accepts connections would still hang ``wandb.init`` (it never answers an
+    HTTP request within ``timeout``), or ``None`` when it answers at all (any status will do)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(server, method="GET"), timeout=timeout):
+            return None
+    except urllib.error.HTTPError:  # an answer, if not a 200: the server is alive
+        return None
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        return (
+            f"the W&B server {server} accepted the connection but did not answer an HTTP request "
+            f"within {timeout:g} s ({type(reason).__name__}: {reason})"
+        )
 
 
 def fall_back_to_offline(argv: list[str]) -> str | None:
