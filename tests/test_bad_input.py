@@ -67,3 +67,61 @@ def test_an_empty_image_is_a_counted_failure_that_names_it(models_dir):
         records[1].extra.get("failed")
         and "image 0 of the batch is empty (0 x 0 pixels)" in records[1].fallback
     )
+
+
+def corrupt_copy(source, target, name_part: str):
+    """A copy of a factory checkpoint with NaN written into the data of its tensors whose names
+    contain ``name_part`` (header and sizes intact, as a damaged download)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, target)
+    weights = load_file(str(target / "model.safetensors"))
+    hit = [name for name in weights if name_part in name]
+    for name in hit:
+        weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, str(target / "model.safetensors"), metadata={"format": "pt"})
+    return hit
+
+
+def test_non_finite_weights_are_named_when_the_checkpoint_loads(models_dir, tmp_path):
+    from lmms_sgl.checkpoints.integrity import CorruptCheckpointError
+
+    hit = corrupt_copy(models_dir / "llava-large", tmp_path / "broken", "vision_tower")
+    assert hit
+    with pytest.raises(
+        CorruptCheckpointError, match=rf"pretrained=.*broken.*: {len(hit)} weight tensor\(s\) hold NaN"
+    ):
+        LlavaFamily().load(
+            str(tmp_path / "broken"), dtype=torch.float32, device_map="cpu", text_attention="sdpa"
+        )
+
+
+def test_non_finite_scores_make_a_counted_failure_for_that_sample_only(models_dir):
+    """NaN in one sample's hidden states (as corrupt inputs or weights would give): that sample is a
+    failure with the reason, its batch neighbour answers as alone."""
+    large = LlavaFamily().load(
+        str(models_dir / "llava-large"), dtype=torch.float32, device_map="cpu", text_attention="sdpa"
+    )
+    gen = GenerationSettings.from_gen_kwargs({"max_new_tokens": 3})
+    samples = [
+        Sample("t", i, Prompt("Color?", [Image.new("RGB", (64, 64), c)]))
+        for i, c in enumerate(("red", "blue"))
+    ]
+    pipeline = SGLPipeline(large, None, SGLSettings(method="large_only"))
+    alone = pipeline.generate(samples[:1], gen)[0]
+
+    def poison(module, args, output):
+        output = output.clone()
+        output[1] = float("nan")
+        return output
+
+    handle = large.model.lm_head.register_forward_hook(poison)
+    try:
+        records = pipeline.generate(samples, gen)
+    finally:
+        handle.remove()
+    assert records[0].answer == alone.answer and not records[0].extra.get("failed")
+    assert records[1].extra.get("failed") and records[1].answer == ""
+    assert "next-token scores are not finite (NaN or inf) from answer token 1" in records[1].fallback

@@ -76,3 +76,24 @@ def check_weights(folder: str | Path, argument: str) -> list[Path]:
         except CorruptCheckpointError as error:
             raise CorruptCheckpointError(f"{argument}={str(folder)!r}: {error}") from None
     return files
+
+
+def check_finite(model, path: str, argument: str, shown: int = 5) -> None:
+    """Refuse a loaded model whose weights hold NaN or inf (a corrupt copy whose header is fine):
+    without this every answer is silently empty. One pass over the weights, on their devices; a
+    weight left on the ``meta`` device (offloaded) is not read."""
+    import torch
+
+    bad = [
+        name
+        for name, tensor in model.named_parameters()
+        if tensor.device.type != "meta"
+        and tensor.is_floating_point()
+        and not bool(torch.isfinite(tensor).all())
+    ]
+    if bad:
+        names = ", ".join(bad[:shown]) + (f" and {len(bad) - shown} more" if len(bad) > shown else "")
+        raise CorruptCheckpointError(
+            f"{argument}={path!r}: {len(bad)} weight tensor(s) hold NaN or inf ({names}); the checkpoint's "
+            "data is corrupt (re-download or re-convert it)"
+        )

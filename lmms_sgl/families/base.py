@@ -16,7 +16,7 @@ from PIL import Image
 from torch import nn
 
 from lmms_sgl.baselines.visionzip import VisionZipParts
-from lmms_sgl.checkpoints.integrity import CheckpointError, check_weights
+from lmms_sgl.checkpoints.integrity import CheckpointError, check_finite, check_weights
 from lmms_sgl.families.video import DEFAULT_NUM_FRAMES, Video, merge_encoded
 from lmms_sgl.method.cost import TransformerShape
 from lmms_sgl.method.transfer import BoxesUnavailable, TokenBoxes
@@ -176,6 +176,7 @@ class HFVisionLanguageFamily:
             max_memory=max_memory,
             attn_implementation={"text_config": text_attention, "vision_config": vision_attention},
         ).eval()
+        check_finite(model, str(path), argument)
         processor = self.load_processor(folder)
         processor.tokenizer.padding_side = "left"  # the method's batching assumes left padding
         return LoadedVLM(self, model, processor, str(path))

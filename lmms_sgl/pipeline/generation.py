@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass
 
 import torch
+from loguru import logger
+from transformers import LogitsProcessorList
 
 from lmms_sgl.families.base import LoadedVLM
 from lmms_sgl.method.early_exit import exit_score, should_exit
@@ -143,6 +145,35 @@ def guide_step(
     return [GuideScores(v, box, drafts) for v, box in zip(run.importance, boxes, strict=True)], exited
 
 
+class NonFiniteScores:
+    """A logits processor that notes, per sample, the first answer step whose next-token scores
+    hold NaN or +inf (corrupt weights or inputs; -inf is the other processors' own masking). Such an
+    answer is garbage, usually empty: the sample becomes a counted failure with the reason."""
+
+    def __init__(self, rows_per_sample: int):
+        self.rows_per_sample = rows_per_sample
+        self.first_step: dict[int, int] = {}
+        self.step = 0
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        broken = torch.isnan(scores).any(-1) | torch.isposinf(scores).any(-1)
+        for row in broken.nonzero().flatten().tolist():
+            self.first_step.setdefault(row // self.rows_per_sample, self.step)
+        self.step += 1
+        return scores
+
+    def mark(self, records: list[SampleRecord]) -> None:
+        for sample, step in self.first_step.items():
+            record = records[sample]
+            record.extra["failed"] = True
+            record.answer = ""
+            record.fallback = (
+                f"the large model's next-token scores are not finite (NaN or inf) from answer token "
+                f"{step + 1}: its weights or this sample's inputs hold non-finite values"
+            )
+            logger.error(f"{record.task}/{record.doc_id}: {record.fallback}")
+
+
 def large_step(
     large: LoadedVLM,
     planner: KeepPlanner,
@@ -161,11 +192,13 @@ def large_step(
     visual = large.visual_mask(inputs["input_ids"])
     extra = {"stop_strings": list(gen.until), "tokenizer": large.tokenizer} if gen.until else {}
     plan, use, drafted = None, None, None
+    watch = NonFiniteScores(gen.num_beams)
 
     def answer():
         nonlocal drafted
         if drafts is None:
-            return large.model.generate(**inputs, **gen.large_kwargs(), **extra)
+            processors = LogitsProcessorList([watch])
+            return large.model.generate(**inputs, **gen.large_kwargs(), **extra, logits_processor=processors)
         tokens = planner.settings.draft_tokens
         drafted = drafted_generate(large, inputs, drafts, gen.max_new_tokens, tokens, gen.until)
         return drafted.sequences
@@ -231,3 +264,4 @@ def large_step(
         if n_visual[b]:
             stages = [] if plan is None else planner.stages(b)  # no plan: every visual token kept
             record.token_ratio = staged_token_ratio(large.num_layers, n_visual[b], stages)
+    watch.mark(records)
