@@ -125,3 +125,23 @@ def test_non_finite_scores_make_a_counted_failure_for_that_sample_only(models_di
     assert records[0].answer == alone.answer and not records[0].extra.get("failed")
     assert records[1].extra.get("failed") and records[1].answer == ""
     assert "next-token scores are not finite (NaN or inf) from answer token 1" in records[1].fallback
+
+
+def test_an_unwritable_output_path_is_refused_before_loading(tmp_path, monkeypatch):
+    """A read-only file system (here /proc, read-only even for root): refused with the path; a
+    writable one is created and left alone."""
+    from lmms_sgl.lmms.output_check import check_output_path
+
+    with pytest.raises(ValueError, match=r"--output_path='/proc/lmms-sgl-results' cannot be written"):
+        check_output_path(["lmms-eval", "--output_path", "/proc/lmms-sgl-results"])
+    check_output_path(["lmms-eval", f"--output_path={tmp_path / 'new' / 'results'}"])
+    assert (tmp_path / "new" / "results").is_dir() and not list((tmp_path / "new" / "results").iterdir())
+    check_output_path(["lmms-eval", "--model", "x"])  # no output path: nothing to check
+
+    from lmms_sgl.families.base import HFVisionLanguageFamily
+    from lmms_sgl.lmms.sgl_llava import SGLLlava
+
+    monkeypatch.setattr(HFVisionLanguageFamily, "load", no_loading)
+    monkeypatch.setattr("sys.argv", ["lmms-eval", "--output_path", "/proc/lmms-sgl-results"])
+    with pytest.raises(ValueError, match=r"cannot be written"):
+        SGLLlava(pretrained="anything", method="large_only")

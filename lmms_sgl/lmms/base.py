@@ -28,6 +28,7 @@ from lmms_sgl.families.base import HFVisionLanguageFamily, Prompt
 from lmms_sgl.families.video import open_video, video_of
 from lmms_sgl.lmms import resumable
 from lmms_sgl.lmms.args import ModelArgs, check_schedule, parse_model_args, reject_repeated_arguments
+from lmms_sgl.lmms.output_check import check_output_path
 from lmms_sgl.method.importance import ATTENTION_NAME, recording_attention
 from lmms_sgl.pipeline import GenerationSettings, Sample, SampleRecord, SGLPipeline
 from lmms_sgl.reporting.stats import RunStats
@@ -66,6 +67,7 @@ class SGLModel(lmms):
     def __init__(self, **model_args) -> None:
         super().__init__()
         self.args: ModelArgs = parse_model_args(**model_args)
+        check_output_path()  # an unwritable --output_path fails now, not after the evaluation
         self.family = self.make_family()
         # Fail fast, before any weights load: configs, weight-file headers, the schedule.
         large_layers = self.family.check_checkpoint(self.args.pretrained, "pretrained")
