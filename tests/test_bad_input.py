@@ -145,3 +145,17 @@ def test_an_unwritable_output_path_is_refused_before_loading(tmp_path, monkeypat
     monkeypatch.setattr("sys.argv", ["lmms-eval", "--output_path", "/proc/lmms-sgl-results"])
     with pytest.raises(ValueError, match=r"cannot be written"):
         SGLLlava(pretrained="anything", method="large_only")
+
+
+def test_a_folder_without_tokenizer_files_is_named_before_loading(models_dir, tmp_path):
+    import shutil
+
+    from lmms_sgl.checkpoints.integrity import CheckpointError
+
+    shutil.copytree(models_dir / "llava-large", tmp_path / "no-tokenizer")
+    (tmp_path / "no-tokenizer" / "tokenizer.json").unlink()
+    with pytest.raises(
+        CheckpointError, match=r"guide=.*no-tokenizer.* has no tokenizer files \(none of tokenizer.json"
+    ):
+        LlavaFamily().check_checkpoint(str(tmp_path / "no-tokenizer"), "guide")
+    LlavaFamily().check_checkpoint(str(models_dir / "llava-large"), "guide")  # complete: accepted

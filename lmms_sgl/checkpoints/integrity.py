@@ -97,3 +97,21 @@ def check_finite(model, path: str, argument: str, shown: int = 5) -> None:
             f"{argument}={path!r}: {len(bad)} weight tensor(s) hold NaN or inf ({names}); the checkpoint's "
             "data is corrupt (re-download or re-convert it)"
         )
+
+
+# Any one of these is a tokenizer transformers can load (fast JSON, SentencePiece, BPE vocabulary).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tiktoken.model")
+
+
+def check_tokenizer_files(folder: str | Path, argument: str) -> None:
+    """A local checkpoint folder must hold a tokenizer; without one transformers fails only after
+    the weights have loaded, advising to install sentencepiece or tiktoken, and names neither the
+    argument nor the files. Hub ids are left to the hub cache."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(
+            f"{argument}={str(folder)!r} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); "
+            "copy them from the checkpoint's source next to config.json"
+        )

@@ -16,7 +16,7 @@ from PIL import Image
 from torch import nn
 
 from lmms_sgl.baselines.visionzip import VisionZipParts
-from lmms_sgl.checkpoints.integrity import CheckpointError, check_finite, check_weights
+from lmms_sgl.checkpoints.integrity import CheckpointError, check_finite, check_tokenizer_files, check_weights
 from lmms_sgl.families.video import DEFAULT_NUM_FRAMES, Video, merge_encoded
 from lmms_sgl.method.cost import TransformerShape
 from lmms_sgl.method.transfer import BoxesUnavailable, TokenBoxes
@@ -143,6 +143,7 @@ class HFVisionLanguageFamily:
                 f"model types {self.model_types} ({self.supported})"
             )
         check_weights(path, argument)
+        check_tokenizer_files(path, argument)
         return config.text_config.num_hidden_layers
 
     def _remote_code_message(self, argument: str, path: str) -> str:
