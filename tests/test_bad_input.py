@@ -159,3 +159,29 @@ def test_a_folder_without_tokenizer_files_is_named_before_loading(models_dir, tm
     ):
         LlavaFamily().check_checkpoint(str(tmp_path / "no-tokenizer"), "guide")
     LlavaFamily().check_checkpoint(str(models_dir / "llava-large"), "guide")  # complete: accepted
+
+
+def test_a_multiple_choice_task_on_the_chat_interface_asks_for_force_simple_before_loading(
+    tasks_dir, monkeypatch
+):
+    from lmms_sgl.families.base import HFVisionLanguageFamily
+    from lmms_sgl.lmms.sgl_llava import SGLLlavaChat
+    from lmms_sgl.lmms.task_kinds import check_chat_tasks
+
+    argv = [
+        "lmms-eval",
+        "--model",
+        "sgl_llava",
+        "--tasks",
+        "sgl_smoke,sgl_smoke_mc",
+        "--include_path",
+        str(tasks_dir),
+    ]
+    with pytest.raises(ValueError, match=r"\['sgl_smoke_mc'\] are multiple-choice .* add --force_simple"):
+        check_chat_tasks(argv)
+    check_chat_tasks([*argv, "--force_simple"])  # the simple interface takes it
+    check_chat_tasks(["lmms-eval", "--tasks", "sgl_smoke", "--include_path", str(tasks_dir)])  # generation
+    monkeypatch.setattr(HFVisionLanguageFamily, "load", no_loading)
+    monkeypatch.setattr("sys.argv", argv)
+    with pytest.raises(ValueError, match=r"add --force_simple"):
+        SGLLlavaChat(pretrained="anything", method="large_only")

@@ -19,6 +19,7 @@ from PIL import Image
 
 from lmms_sgl.families.base import Prompt
 from lmms_sgl.families.video import open_video, video_of
+from lmms_sgl.lmms.task_kinds import check_chat_tasks
 from lmms_sgl.pipeline import Sample
 
 
@@ -68,6 +69,10 @@ class ChatRequests:
     """Mixin over an :class:`~lmms_sgl.lmms.base.SGLModel`: lmms-eval's chat request layout."""
 
     is_simple = False
+
+    def __init__(self, **model_args) -> None:
+        check_chat_tasks()  # a multiple-choice task needs --force_simple: say so before loading
+        super().__init__(**model_args)
 
     @staticmethod
     def gen_kwargs(request: Instance) -> dict:
