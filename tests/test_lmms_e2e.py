@@ -13,7 +13,7 @@ from tests import helpers
 from tests.helpers import evaluate, raw_response, run_lmms_eval, samples_of
 
 pytestmark = pytest.mark.slow
-SGL_ARGS = "prune_layer=0.5,keep_ratio=0.2,max_tiles=6"
+SGL_ARGS = "prune_layer=0.5,keep_ratio=0.2"
 one_thread = pytest.fixture(scope="module", autouse=True)(helpers.one_thread)  # in-process runs too
 
 
@@ -30,6 +30,7 @@ def throughput(results: dict, scope: str, name: str):
 def test_sgl_model_end_to_end_with_wandb(tmp_path, models_dir, tasks_dir, model, family):
     out = tmp_path / "out"
     args = f"pretrained={models_dir / f'{family}-large'},guide={models_dir / f'{family}-guide'},{SGL_ARGS}"
+    args += ",max_tiles=6" if family == "internvl" else ""  # only InternVL tiles
     args += ",exit_threshold=0.00156"  # splits the random-weight guides' exit scores (about 0.0015-0.0018)
     results, done = run_lmms_eval(
         model,
@@ -113,7 +114,9 @@ def test_large_only_answers_equal_the_host_model(models_dir, tasks_dir, host, mo
         ",max_patches=12" if family == "internvl" else ""
     )
     theirs = evaluate(host, host_args, tasks, tasks_dir, 5)
-    ours_args = f"pretrained={large},method=large_only,dtype={dtype},max_tiles=12"
+    ours_args = f"pretrained={large},method=large_only,dtype={dtype}" + (
+        ",max_tiles=12" if family == "internvl" else ""  # only InternVL tiles
+    )
     ours = evaluate(model, ours_args, tasks, tasks_dir, 5, batch_size=2)
     for task in tasks.split(","):
         expected = [raw_response(row) for row in theirs["samples"][task]]
