@@ -34,9 +34,9 @@ def test_an_argument_given_twice_is_refused_before_loading(monkeypatch, arg_stri
 
 
 def test_the_argument_split_keeps_json_values_whole():
-    from lmms_sgl.lmms.args import top_level_items
+    from lmms_sgl.lmms.args import split_model_args
 
-    assert top_level_items('a=1,b={"x": 1, "y": [2, 3]},c="p,q"') == [
+    assert split_model_args('a=1,b={"x": 1, "y": [2, 3]},c="p,q"') == [
         "a=1",
         'b={"x": 1, "y": [2, 3]}',
         'c="p,q"',

@@ -14,6 +14,7 @@ from pathlib import Path
 from loguru import logger
 
 from lmms_sgl.calibration import CalibrationError
+from lmms_sgl.lmms.args import split_model_args
 
 SGL_MODELS = ("sgl_internvl2", "sgl_llava")
 
@@ -82,28 +83,6 @@ class Run:
         if value is None or value.lower() in ("none", "null", ""):
             return None
         return float(value)
-
-
-def split_model_args(model_args: str) -> list[str]:
-    """``k=v`` entries split on top-level commas (commas inside brackets or quotes stay)."""
-    parts, depth, quote, current = [], 0, None, []
-    for char in model_args:
-        if quote:
-            quote = None if char == quote else quote
-        elif char in "\"'":
-            quote = char
-        elif char in "[{(":
-            depth += 1
-        elif char in "]})":
-            depth -= 1
-        elif char == "," and depth == 0:
-            parts.append("".join(current))
-            current = []
-            continue
-        current.append(char)
-    if "".join(current).strip():
-        parts.append("".join(current))
-    return [p for p in parts if p.strip()]
 
 
 def with_exit_threshold(model_args: str, threshold: float) -> str:

@@ -258,7 +258,7 @@ def reject_repeated_arguments(arg_string: str) -> None:
     """Refuse ``--model_args`` that name an argument twice, with both values (lmms-eval's parser
     keeps the last one without a word)."""
     seen: dict[str, str] = {}
-    for item in top_level_items(arg_string):
+    for item in split_model_args(arg_string):
         name, _, value = item.partition("=")
         name = name.strip()
         if name in seen:
@@ -268,24 +268,24 @@ def reject_repeated_arguments(arg_string: str) -> None:
         seen[name] = value
 
 
-def top_level_items(arg_string: str) -> list[str]:
-    """``key=value`` items of ``--model_args``: split at commas outside quotes and brackets, as
-    lmms-eval splits them (JSON values may hold commas)."""
-    items, current, depth, quote = [], [], 0, None
-    for char in arg_string.strip():
+def split_model_args(model_args: str) -> list[str]:
+    """``k=v`` entries of ``--model_args`` split on top-level commas (commas inside brackets or
+    quotes stay), as lmms-eval splits them (JSON values may hold commas)."""
+    parts, depth, quote, current = [], 0, None, []
+    for char in model_args:
         if quote:
             quote = None if char == quote else quote
         elif char in "\"'":
             quote = char
-        elif char in "{[(":
+        elif char in "[{(":
             depth += 1
-        elif char in "}])":
+        elif char in "]})":
             depth -= 1
         elif char == "," and depth == 0:
-            items.append("".join(current))
+            parts.append("".join(current))
             current = []
             continue
         current.append(char)
-    if current:
-        items.append("".join(current))
-    return [item for item in items if item.strip()]
+    if "".join(current).strip():
+        parts.append("".join(current))
+    return [p.strip() for p in parts if p.strip()]
