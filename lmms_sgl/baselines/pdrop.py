@@ -52,7 +52,7 @@ from lmms_sgl.method.registry import (
     register,
     single_stage_reader,
 )
-from lmms_sgl.method.selection import KeepPlan, pack_positions
+from lmms_sgl.method.selection import KeepPlan, plan_from_scores
 from lmms_sgl.method.staged_pruning import StagedPruner
 from lmms_sgl.method.stages import layer_tokens
 
@@ -87,12 +87,12 @@ def stage_fraction(layers: list[int], num_layers: int, keep_ratio: float) -> flo
     return high
 
 
-def stage_counts(n_visual: int, fraction: float, stages: int) -> list[int]:
-    """Image tokens kept after each drop: ``int(N * fraction^s)`` of the original N, at least one
-    (the official cumulative ratios; 1.0 keeps all)."""
+def stage_count(n_visual: int, fraction: float, stage: int) -> int:
+    """Image tokens kept after drop ``stage`` (0-based): ``int(N * fraction^(stage + 1))`` of the
+    original N, at least one (the official cumulative ratios; 1.0 keeps all)."""
     if n_visual == 0:
-        return [0] * stages
-    return [max(1, min(n_visual, int(n_visual * fraction ** (s + 1)))) for s in range(stages)]
+        return 0
+    return max(1, min(n_visual, int(n_visual * fraction ** (stage + 1))))
 
 
 def rotary_function(attention: nn.Module):
@@ -186,19 +186,9 @@ class PDropPruner(StagedPruner):
             else:
                 slots = before.slot_of().gather(1, query_positions.long().to(device)[:, None])[:, 0]
             rows = light_attention(inputs, slots, real)
-            originals = visual_mask.sum(1).tolist()
-            kept = []
-            for b in range(visual.shape[0]):
-                positions = visual[b].nonzero().flatten()
-                count = stage_counts(int(originals[b]), self.fraction, stage + 1)[-1]
-                count = min(count, len(positions))
-                top = torch.topk(rows[b][positions].float(), count).indices
-                text = (real[b] & ~visual[b]).nonzero().flatten()
-                kept.append(torch.sort(torch.cat([text, positions[top]])).values)
-            index, valid = pack_positions(kept, length)
-            kept_visual = tuple(int((visual[b][index[b][valid[b]]]).sum()) for b in range(visual.shape[0]))
-            total = tuple(int(visual[b].sum()) for b in range(visual.shape[0]))
-            return KeepPlan(index, valid, length, kept_visual, total)
+            counts = [stage_count(int(n), self.fraction, stage) for n in visual_mask.sum(1).tolist()]
+            scores = [rows[b][visual[b]] for b in range(visual.shape[0])]
+            return plan_from_scores(scores, visual, real, self.fraction, counts)
 
         return plan
 
@@ -207,7 +197,6 @@ class PDropPruner(StagedPruner):
 class PDrop(KeepMethod):
     name = "pdrop"
     layers = AFTER_FIRST
-    summary = "progressive drops by the light attention of the last prompt token (PyramidDrop, CVPR 2025)"
 
     def make_pruner(self, large, settings, layer_k: int) -> PDropPruner:
         layers = drop_layers(large.num_layers, layer_k)

@@ -82,6 +82,7 @@ def plan_from_scores(
     visual_mask: torch.Tensor,
     attention_mask: torch.Tensor,
     keep_ratio: float,
+    counts: list[int] | None = None,
 ) -> KeepPlan:
     """Keep the top ``keep_count`` visual tokens of each sample by ``scores`` plus all real text tokens.
 
@@ -90,6 +91,8 @@ def plan_from_scores(
             keeps every visual token of that sample).
         visual_mask: ``[B, P]`` bool, visual-token positions.
         attention_mask: ``[B, P]``, 1 for real tokens, 0 for padding (which is dropped).
+        counts: per sample, how many visual tokens to keep instead of ``keep_count(n, keep_ratio)``
+            (PDrop counts from the original image, not from the tokens left), at most all of them.
     """
     kept, kept_visual, total_visual = [], [], []
     for b in range(visual_mask.shape[0]):
@@ -104,7 +107,7 @@ def plan_from_scores(
                 raise LayoutMismatchError(
                     f"sample {b}: {len(sample_scores)} importance scores for {n_visual} visual tokens"
                 )
-            k = keep_count(n_visual, keep_ratio)
+            k = keep_count(n_visual, keep_ratio) if counts is None else min(counts[b], n_visual)
             if k:
                 chosen = visual_positions[
                     torch.topk(sample_scores.float().to(visual_positions.device), k).indices
