@@ -12,20 +12,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-
-def output_path_of(argv: list[str]) -> str | None:
-    """``--output_path``'s value in ``argv`` (either form), or ``None``."""
-    for index, arg in enumerate(argv):
-        if arg == "--output_path" and index + 1 < len(argv):
-            return argv[index + 1]
-        if arg.startswith("--output_path="):
-            return arg.split("=", 1)[1]
-    return None
+from lmms_sgl.lmms.command_line import flag_value
 
 
 def check_output_path(argv: list[str] | None = None) -> None:
     """Raise when the ``--output_path`` of ``argv`` (default ``sys.argv``) cannot be written."""
-    value = output_path_of(sys.argv if argv is None else argv)
+    value = flag_value(sys.argv if argv is None else argv, "--output_path")
     if not value:
         return
     path = Path(value).expanduser()

@@ -15,16 +15,9 @@ import sys
 
 from loguru import logger
 
+from lmms_sgl.lmms.command_line import flag_value
+
 LOG_LIKELIHOOD = ("multiple_choice", "loglikelihood")
-
-
-def _value(argv: list[str], flag: str) -> str | None:
-    for index, arg in enumerate(argv):
-        if arg == flag and index + 1 < len(argv):
-            return argv[index + 1]
-        if arg.startswith(f"{flag}="):
-            return arg.split("=", 1)[1]
-    return None
 
 
 def output_types(names: list[str], include_path: str | None) -> dict[str, str]:
@@ -62,12 +55,12 @@ def output_types(names: list[str], include_path: str | None) -> dict[str, str]:
 def check_chat_tasks(argv: list[str] | None = None) -> None:
     """Refuse a chat model run on a multiple-choice task (``--force_simple`` missing)."""
     argv = sys.argv if argv is None else argv
-    tasks = _value(argv, "--tasks")
+    tasks = flag_value(argv, "--tasks")
     if not tasks or "--force_simple" in argv:
         return
     names = [name.strip() for name in tasks.split(",") if name.strip()]
     try:
-        kinds = output_types(names, _value(argv, "--include_path"))
+        kinds = output_types(names, flag_value(argv, "--include_path"))
     except Exception as error:  # noqa: BLE001 -- advisory: lmms-eval's own task loading reports real problems
         logger.warning(
             f"could not read the output types of --tasks {tasks} ({type(error).__name__}: {error})"

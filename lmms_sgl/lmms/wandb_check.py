@@ -21,20 +21,12 @@ from urllib.parse import urlparse
 
 from loguru import logger
 
+from lmms_sgl.lmms.command_line import flag_position
+
 DEFAULT_SERVER = "https://api.wandb.ai"
 OFFLINE_MODES = ("offline", "disabled", "dryrun")
 CONNECT_SECONDS = 3.0
 ANSWER_SECONDS = 5.0  # wandb.init retries a silent server for 90 s, then leaves the process hanging
-
-
-def _wandb_args_index(argv: list[str]) -> tuple[int, str] | None:
-    """Where ``--wandb_args`` sits in ``argv`` and its value (``--wandb_args v`` or ``--wandb_args=v``)."""
-    for index, arg in enumerate(argv):
-        if arg == "--wandb_args" and index + 1 < len(argv):
-            return index + 1, argv[index + 1]
-        if arg.startswith("--wandb_args="):
-            return index, arg.split("=", 1)[1]
-    return None
 
 
 def _parse(value: str) -> dict[str, str]:
@@ -91,7 +83,7 @@ def silent_server(server: str, timeout: float) -> str | None:
 def fall_back_to_offline(argv: list[str]) -> str | None:
     """Rewrite ``argv``'s ``--wandb_args`` to ``mode=offline`` when online W&B would fail or hang;
     return the warning given (``None`` when nothing changed)."""
-    found = _wandb_args_index(argv)
+    found = flag_position(argv, "--wandb_args")
     if found is None:
         return None
     index, value = found
