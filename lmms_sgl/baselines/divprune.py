@@ -150,7 +150,6 @@ def selection_flops(n_visual: int, kept: int, width: int) -> int:
 class DivPrune(KeepMethod):
     name = "divprune"
     layers = BEFORE_LM
-    summary = "max-min diverse projected visual tokens (DivPrune, CVPR 2025)"
 
     def arm(self, batch: PlanBatch, stack: ExitStack) -> MethodRun:
         tap = stack.enter_context(InputEmbeddingTap(batch.large.text_model).active())

@@ -52,7 +52,6 @@ class FastV(KeepMethod):
     name = "fastv"
     own_attention = True
     layers = AFTER_FIRST
-    summary = "the large model's own last-token attention at layer K-1"
 
     def arm(self, batch: PlanBatch, stack: ExitStack) -> MethodRun:
         recorder = fastv_recorder(batch.attention_mask, batch.layer_k, batch.query_rows)

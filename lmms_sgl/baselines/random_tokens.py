@@ -12,7 +12,6 @@ from lmms_sgl.method.selection import random_scores
 @register
 class RandomTokens(ScoredMethod):
     name = "random"
-    summary = "seeded random visual tokens"
 
     def token_scores(self, batch: PlanBatch) -> list[torch.Tensor | None]:
         keys = [sample.key for sample in batch.samples]

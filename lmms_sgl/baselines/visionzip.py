@@ -28,6 +28,9 @@ Deliberate differences, each needed by the families or the package:
   every other method of the package (needed for Qwen-VL's multimodal positions, and for SGL's own
   rule): a dominant token its own, a contextual token the slot and position of its target.
 * ``keep_ratio=1`` keeps every token untouched (the unpruned model), not [CLS] + all but one.
+* LLaVA-NeXT (the official ``llava_arch.py`` selects the base image and each crop on its own): each
+  crop's selection runs among the patches that survive unpadding (the official code scatters them
+  back into the padded grid) and newline tokens are not kept (its multi-crop path feeds none).
 
 Extensions of this package, where the official code has no counterpart (labelled as such in the
 README):
@@ -465,7 +468,6 @@ class VisionZip(KeepMethod):
     name = "visionzip"
     vision_attention = True
     layers = BEFORE_LM
-    summary = "dominant and merged contextual tokens by the vision tower's attention (VisionZip, CVPR 2025)"
 
     def check_checkpoint(self, family, path: str, argument: str) -> None:
         family.check_visionzip(path, argument)

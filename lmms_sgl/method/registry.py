@@ -6,8 +6,8 @@ attention, K = 0 only or K >= 1) and, per batch, installs its pruner and arms it
 Settings validation, model loading, the pipeline and the reports ask the method, never its name:
 adding a method touches its own module and :data:`BUILTIN` here, nothing else.
 
-The modules are imported on first look-up, so that the baselines (``lmms_sgl.baselines``) and SGL's
-own plan (``lmms_sgl.method.sgl``) may use the pipeline's records without an import cycle.
+The modules are imported on first look-up: they import this one (to subclass and register), so
+this one cannot import them.
 """
 
 from __future__ import annotations
@@ -81,8 +81,8 @@ class PlanBatch:
 
 @dataclass
 class MethodRun:
-    """What a method armed for one batch. After the forward, :meth:`stages` says what each sample's
-    layers saw and :attr:`selection_flops` what choosing its tokens cost beyond the forward.
+    """What a method armed for one batch. After the forward, :attr:`read_stages` says what each
+    sample's layers saw and :attr:`selection_flops` what choosing its tokens cost beyond the forward.
 
     Attributes:
         first_plan: the plan at the first pruned layer when it is known before the vision tower runs
@@ -109,7 +109,6 @@ class KeepMethod:
     vision_attention: ClassVar[bool] = False  # records the vision tower's attention
     layers: ClassVar[str] = ANY_LAYER
     plan_before_tower: ClassVar[bool] = False  # plan known before the vision tower: unit skipping
-    summary: ClassVar[str] = ""
 
     @property
     def uses_guide(self) -> bool:
@@ -176,14 +175,12 @@ class LargeOnly(KeepMethod):
     name = "large_only"
     prunes = False
     drafts = True
-    summary = "the large model unpruned, no guide (the reference)"
 
 
 class GuideOnly(KeepMethod):
     name = "guide_only"
     prunes = False
     answers_with_guide = True
-    summary = "always the guide's answer"
 
 
 _REGISTRY: dict[str, KeepMethod] = {}

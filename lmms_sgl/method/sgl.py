@@ -41,7 +41,6 @@ class SGL(ScoredMethod):
     name = "sgl"
     guided = True
     drafts = True
-    summary = "the guide's attention-based importance (the paper's SGP), optional exit (SEE)"
 
     def make_pruner(self, large, settings, layer_k: int):
         if settings.keep_units is not None and layer_k > 0:  # units from 0, tokens from K
