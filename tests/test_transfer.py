@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lmms_sgl.families import InternVLFamily, LlavaFamily, Prompt
+from lmms_sgl.families import InternVLFamily, LlavaFamily, Prompt, QwenVLFamily
 from lmms_sgl.lmms.args import parse_model_args
 from lmms_sgl.method.importance import ATTENTION_NAME
 from lmms_sgl.method.selection import keep_count, plan_from_scores
@@ -33,6 +33,7 @@ def loaded(models_dir):
         "llava": load(LlavaFamily(), "llava-guide"),
         "llava-ov": load(LlavaFamily(), "llava-ov-guide"),
         "llava-ov-1crop": load(LlavaFamily(max_crops=1), "llava-ov-guide"),
+        "qwen2-vl": load(QwenVLFamily(min_pixels=4 * 784, max_pixels=64 * 784), "qwen2-vl-guide"),
     }
 
 
@@ -57,7 +58,9 @@ def assert_tiles_once(boxes: TokenBoxes, image: int, view: int) -> tuple[float, 
     return x0, y0, x1, y1
 
 
-@pytest.mark.parametrize("name", ["internvl-1", "internvl-6", "llava", "llava-ov", "llava-ov-1crop"])
+@pytest.mark.parametrize(
+    "name", ["internvl-1", "internvl-6", "llava", "llava-ov", "llava-ov-1crop", "qwen2-vl"]
+)
 def test_boxes_cover_each_image_exactly_once_per_tile_set(loaded, name):
     model = loaded[name]
     images = [Image.new("RGB", size) for size in SIZES]
