@@ -829,3 +829,26 @@ def test_visionzip_recorded_attention_flops_match_the_flop_counter_without_cls(q
     """Qwen-VL: every row of each image of its own size is recorded."""
     seen, counted = recorded_attention_flops(qwen2_vl, qwen_prompts())
     assert seen == counted
+
+
+@pytest.mark.parametrize("method", ["divprune", "pdrop", "fastv", "random"])
+def test_priced_operating_point_equals_the_recorded_cost(large, method):
+    """The analytic price of an operating point (``lmms_sgl.costs.operating_point``, used to price the
+    study at the real pairs) equals what the pipeline recorded for the same requests: the same
+    stages, the same selection work, the same vision tower (read back from the record)."""
+    from lmms_sgl.costs.layout import ImageLayout, Unit
+    from lmms_sgl.costs.methods import Side, Workload
+    from lmms_sgl.costs.operating_point import OperatingPoint, PricedPair, point_flops
+
+    layer = SETTINGS.get(method, {"prune_layer": 0.3})["prune_layer"]
+    pipeline = SGLPipeline(large, None, SGLSettings(method=method, keep_ratio=0.2, prune_layer=layer))
+    shape = large.text_shape
+    for record in pipeline.generate(samples(), GEN)[:3]:
+        answer = max(record.output_tokens, 1)
+        vision = record.flops_large_alone - cost.generation_flops(shape, record.input_tokens, answer)
+        layout = ImageLayout((Unit("image", record.total_visual, vision),), "recorded", skippable=False)
+        side = Side("factory", shape, layout)
+        pair = PricedPair("factory", side, side, Workload(record.input_tokens - record.total_visual, answer))
+        priced = point_flops(pair, OperatingPoint(method, record.layer_k, 0.2))
+        assert priced == pytest.approx(record.flops, rel=1e-9)
+        assert point_flops(pair, OperatingPoint("large_only")) == pytest.approx(record.flops_large_alone)

@@ -156,9 +156,16 @@ class DivPrune(KeepMethod):
         source = divprune_plan_source(tap, batch.visual, batch.attention_mask, batch.settings.keep_ratio)
         stack.enter_context(batch.pruner.installed())
         batch.pruner.arm(source)
-        width = batch.large.text_shape.hidden
+        shape = batch.large.text_shape
 
         def flops(sample: int, prompt: int, n_visual: int, stages) -> float:
-            return selection_flops(n_visual, stages[0][1], width)
+            return self.planned_selection_flops(shape, prompt, n_visual, stages)
 
         return MethodRun(single_stage_reader(batch), selection_flops=flops)
+
+    def planned_stages(self, num_layers: int, layer_k: int, n_visual: int, keep_ratio: float):
+        return [(layer_k, divprune_count(n_visual, keep_ratio))]
+
+    def planned_selection_flops(self, shape, prompt: int, n_visual: int, stages) -> float:
+        """The Gram matrix of the input embeddings (width: the language model's hidden size)."""
+        return selection_flops(n_visual, stages[0][1], shape.hidden)

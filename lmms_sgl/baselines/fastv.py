@@ -59,9 +59,13 @@ class FastV(KeepMethod):
         stack.enter_context(recorder.active())
         stack.enter_context(batch.pruner.installed())
         batch.pruner.arm(source)
-        one_row = cost.recording_flops(replace(batch.large.text_shape, num_layers=1), 1, 1, 0)
+        shape = batch.large.text_shape
 
         def selection_flops(sample: int, prompt: int, n_visual: int, stages) -> float:
-            return one_row * prompt  # the recorded row: one query over the prompt's keys
+            return self.planned_selection_flops(shape, prompt, n_visual, stages)
 
         return MethodRun(single_stage_reader(batch), selection_flops=selection_flops)
+
+    def planned_selection_flops(self, shape, prompt: int, n_visual: int, stages) -> float:
+        """The recorded row: one query over the prompt's keys in layer K-1."""
+        return cost.recording_flops(replace(shape, num_layers=1), 1, 1, 0) * prompt

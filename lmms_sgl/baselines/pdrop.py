@@ -212,7 +212,16 @@ class PDrop(KeepMethod):
         shape = batch.large.text_shape
 
         def flops(sample: int, prompt: int, n_visual: int, stages) -> float:
-            seen = layer_tokens(shape.num_layers, prompt, n_visual, stages)
-            return sum(light_attention_flops(shape, seen[layer - 1]) for layer in pruner.layers)
+            return self.planned_selection_flops(shape, prompt, n_visual, stages)
 
         return MethodRun(single_stage_reader(batch), selection_flops=flops)
+
+    def planned_stages(self, num_layers: int, layer_k: int, n_visual: int, keep_ratio: float):
+        layers = drop_layers(num_layers, layer_k)
+        fraction = stage_fraction(layers, num_layers, keep_ratio)
+        return [(layer, stage_count(n_visual, fraction, s)) for s, layer in enumerate(layers)]
+
+    def planned_selection_flops(self, shape, prompt: int, n_visual: int, stages) -> float:
+        """Each drop's light attention over the tokens the layer before it saw."""
+        seen = layer_tokens(shape.num_layers, prompt, n_visual, stages)
+        return sum(light_attention_flops(shape, seen[layer - 1]) for layer, _ in stages)

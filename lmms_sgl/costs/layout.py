@@ -118,6 +118,17 @@ def llava_layout(config, crops: tuple[int, int] | None, argument: str = "--crops
     return ImageLayout(tuple(units), f"base + {columns}x{rows} crops, {total} visual tokens", skippable=True)
 
 
+def base_image_layout(config) -> ImageLayout:
+    """A LLaVA-NeXT / OneVision image as its base image alone (no crops: one unit, as a single-image
+    LLaVA-1.5 request); any other LLaVA checkpoint at its single crop."""
+    if config.model_type not in ANY_RESOLUTION:
+        return llava_layout(config, None)
+    vision = config.vision_config
+    side = vision.image_size // vision.patch_size
+    unit = Unit("base image", side * side, config_crop_flops(config), is_global=True)
+    return ImageLayout((unit,), f"base image only, {unit.tokens} visual tokens", skippable=False)
+
+
 def qwen_grid(config, width: int, height: int, min_pixels: int, max_pixels: int) -> tuple[int, int, int]:
     """The ``(frames, height, width)`` patch grid the Qwen-VL image processor gives an image."""
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize

@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from lmms_sgl.method.cost import TransformerShape
 from lmms_sgl.method.pruning import PlanSource, VisualTokenPruner
-from lmms_sgl.method.selection import KeepPlan, plan_from_scores
+from lmms_sgl.method.selection import KeepPlan, keep_count, plan_from_scores
 
 if TYPE_CHECKING:
     from lmms_sgl.method.settings import SGLSettings
@@ -132,6 +133,19 @@ class KeepMethod:
     def arm(self, batch: PlanBatch, stack: ExitStack) -> MethodRun:
         """Install ``batch.pruner`` (and any recorder or hook) on ``stack`` and arm it."""
         raise NotImplementedError
+
+    def planned_stages(
+        self, num_layers: int, layer_k: int, n_visual: int, keep_ratio: float
+    ) -> list[tuple[int, int]]:
+        """``[(layer, kept visual tokens), ...]`` this method gives ``n_visual`` tokens at (K, r),
+        known without running it: the analytic price of an operating point on another pair
+        (:mod:`lmms_sgl.costs.operating_point`). One stage of ``keep_count`` tokens by default."""
+        return [(layer_k, keep_count(n_visual, keep_ratio))]
+
+    def planned_selection_flops(self, shape: TransformerShape, prompt: int, n_visual: int, stages) -> float:
+        """The selection's own work beyond the forward (as :attr:`MethodRun.selection_flops` counts
+        it at run time) for a language model of ``shape``; none by default."""
+        return 0.0
 
 
 class ScoredMethod(KeepMethod):

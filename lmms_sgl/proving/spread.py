@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from loguru import logger
 
+from lmms_sgl.costs.operating_point import real_pair
 from lmms_sgl.method.cost import PAPER_PRESETS, prune_layer_index
+from lmms_sgl.proving.frontier import CostedRow, budget_goal, costed, exit_rows, mark_frontiers
 from lmms_sgl.proving.points import FAMILIES, TASK, Point, paired_gap, run_point, schedule, summarize
 from lmms_sgl.proving.study import TARGET_RATIOS, _num_layers, baseline_points
 
@@ -31,6 +34,9 @@ VALIDATION_TASK = "sgl_shapes_val"
 VALIDATION_RATIOS = (0.35, 0.09)
 RADII = (1, 2)
 SCHEDULE_K = {"K=0": 0, "K=1": 1}
+# Exit thresholds for the frontiers: these quantiles of the guide's exit scores on the validation
+# split (so about half, 30 % and 10 % of the questions exit), replayed on every guided test point.
+EXIT_QUANTILES = (0.5, 0.7, 0.9)
 
 
 def sgl_point(family: str, num_layers: int, ratio: float, name: str, radius: int | None, task: str) -> Point:
@@ -154,8 +160,154 @@ def goal_lines(rows: list[dict], radius: int) -> list[str]:
     ]
 
 
+def exit_thresholds(family: str, layers: int, radius: int, root: Path, work_dir: Path, batch_size: int):
+    """:data:`EXIT_QUANTILES` of the guide's exit scores on the validation split (the guide's score
+    does not depend on the large model's pruning, so any guided validation run gives the same)."""
+    point = sgl_point(family, layers, VALIDATION_RATIOS[0], "K=0", radius, VALIDATION_TASK)
+    scores = sorted(r["exit_score"] for r in run_point(point, root, work_dir, None, batch_size)["rows"])
+    return [scores[min(len(scores) - 1, int(q * len(scores)))] for q in EXIT_QUANTILES]
+
+
+def row_label(summary: dict) -> str:
+    if summary.get("prune_layer") is None:
+        return summary["method"]
+    return f"{label(summary)} {summary['schedule']} {100 * summary['target_ratio']:.0f} %"
+
+
+def frontier_rows(
+    family: str, rows: list[dict], radius: int, root: Path, work_dir: Path, batch_size: int
+) -> list[CostedRow]:
+    """Every test point, the guide alone, and each guided point at the validation's exit thresholds,
+    costed at the proving pair and priced at the family's real pair; frontiers marked."""
+    pair = real_pair(family)
+    layers = _num_layers(root / FAMILIES[family][1])
+    guide = measured(Point(family, "guide_only"), layers, root, work_dir, batch_size)
+    thresholds = exit_thresholds(family, layers, radius, root, work_dir, batch_size)
+    out = [costed(summary, row_label(summary), pair) for summary in [*rows, guide]]
+    for summary in rows:
+        if summary["method"] == "sgl":
+            point = Point(**{k: summary[k] for k in Point.__dataclass_fields__ if k in summary})
+            payload = run_point(point, root, work_dir, None, batch_size)
+            out += exit_rows(summary, payload, thresholds, row_label(summary), pair)
+    mark_frontiers(out)
+    return out
+
+
+def frontier_lines(family: str, rows: list[CostedRow]) -> list[str]:
+    """The two frontiers' points, and the goal on the real-pair frontier, per budget."""
+    pair = real_pair(family)
+    lines = [
+        f"### {family}: two frontiers",
+        "",
+        f"Priced at **{pair.label}** ({pair.large.layout.visual_tokens} visual tokens, "
+        f"{pair.work.prompt_tokens} prompt text tokens, {pair.work.answer_tokens} answer tokens; the guide "
+        f"alone costs {100 * next(r.real for r in rows if r.label == 'guide_only'):.1f} % of the large "
+        f"model there, against {100 * next(r.proving for r in rows if r.label == 'guide_only'):.1f} % on the "
+        "proving pair). Points on either frontier, cheapest first:",
+        "",
+        "| point | accuracy % | ± | exit % | FLOPs % of large, proving pair | on its frontier | "
+        "FLOPs % of large, real pair | on its frontier |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in sorted((r for r in rows if r.on_proving or r.on_real), key=lambda r: r.real):
+        lines.append(
+            f"| {row.label} | {100 * row.accuracy:.1f} | {100 * row.stderr:.1f} | "
+            f"{100 * row.exit_rate:.0f} | "
+            f"{100 * row.proving:.1f} | {'yes' if row.on_proving else ''} | {100 * row.real:.1f} | "
+            f"{'yes' if row.on_real else ''} |"
+        )
+    lines += [
+        "",
+        "Goal (issue 35): at every budget a guide-using point (selection and/or exit) is on the real-pair "
+        "frontier or within one paired standard error of it (the closest guided point per budget):",
+        "",
+        *budget_goal(rows, "real"),
+        "",
+        "The same on the proving pair's own FLOPs:",
+        "",
+        *budget_goal(rows, "proving"),
+        "",
+    ]
+    return lines
+
+
+def best_rule_lines(rows: list[dict], radius: int) -> list[str]:
+    """Goal: one guided rule is the best method, or within one paired standard error of the best, in
+    every cell (budget and schedule) where the baselines ran."""
+    spread = f"sgl spread r={radius}"
+    lines = []
+    for name in ("K=1", "preset"):
+        ratios = TARGET_RATIOS if name != "preset" else tuple(sorted(PAPER_PRESETS, reverse=True))
+        for ratio in ratios:
+            cell = [r for r in rows if r.get("target_ratio") == ratio and r.get("schedule") == name]
+            ours = next(r for r in cell if label(r) == spread)
+            best = max(cell, key=lambda r: r["accuracy"])
+            if best is ours or best["accuracy"] == ours["accuracy"]:
+                lines.append(
+                    f"- {name} {100 * ratio:.0f} %: {spread} is the best ({100 * ours['accuracy']:.1f} %)."
+                )
+                continue
+            gap, err, _ = paired_gap(best["scores"], ours["scores"])
+            within = gap <= err
+            lines.append(
+                f"- {name} {100 * ratio:.0f} %: best {label(best)} {100 * best['accuracy']:.1f} %, {spread} "
+                f"{100 * gap:.1f} ± {100 * err:.1f} points below: "
+                f"**{'within one s.e.' if within else 'not within one s.e.'}**."
+            )
+    return lines
+
+
+def plot_frontiers(frontiers: dict[str, list[CostedRow]], path: Path) -> None:
+    """Accuracy against FLOPs, one row per family: the proving pair's own, then priced at the real pair;
+    guided points coloured, frontiers drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(frontiers), 2, figsize=(12, 4.4 * len(frontiers)), squeeze=False)
+    for row_axes, (family, rows) in zip(axes, frontiers.items(), strict=True):
+        for ax, (cost, flag, title) in zip(
+            row_axes,
+            (("proving", "on_proving", "proving pair"), ("real", "on_real", real_pair(family).label)),
+            strict=True,
+        ):
+            for guided, colour, name in ((False, "grey", "no guide"), (True, "C0", "guide-using")):
+                chosen = [r for r in rows if r.guided == guided]
+                ax.scatter(
+                    [100 * getattr(r, cost) for r in chosen],
+                    [100 * r.accuracy for r in chosen],
+                    s=14,
+                    color=colour,
+                    label=name,
+                )
+            edge = sorted((r for r in rows if getattr(r, flag)), key=lambda r: getattr(r, cost))
+            ax.step(
+                [100 * getattr(r, cost) for r in edge],
+                [100 * r.accuracy for r in edge],
+                where="post",
+                color="C3",
+                label="frontier",
+            )
+            ax.set(
+                title=f"{family}: {title}",
+                xlabel="FLOPs (% of the large model alone)",
+                ylabel=f"exact match on {TASK} (%)",
+            )
+            ax.grid(alpha=0.3)
+            ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write(
-    out_dir: Path, radius: int, validation_rows: list[dict], tests: dict[str, list[dict]], command: str
+    out_dir: Path,
+    radius: int,
+    validation_rows: list[dict],
+    tests: dict[str, list[dict]],
+    frontiers: dict[str, list[CostedRow]],
+    command: str,
 ):
     lines = [
         "# Guided spread selection on the proving ground",
@@ -194,6 +346,16 @@ def write(
         lines += [f"## {family}: test split (`{TASK}`, {rows[0]['n']} questions)", ""]
         lines += test_tables(rows, radius)
         lines += ["", "Goals (issue 35) at 9 %:", "", *goal_lines(rows, radius), ""]
+        lines += [
+            "Goal (issue 35): the rule is the best method, or within one paired standard error of the best, "
+            "in every cell:",
+            "",
+            *best_rule_lines(rows, radius),
+            "",
+        ]
+        lines += frontier_lines(family, frontiers[family])
+    lines += ["![accuracy against FLOPs, proving and real pairs](spread_frontiers.png)", ""]
+    plot_frontiers(frontiers, out_dir / "spread_frontiers.png")
     path = out_dir / "spread.md"
     path.write_text("\n".join(lines) + "\n")
     strip = lambda rows: [{k: v for k, v in r.items() if k != "scores"} for r in rows]  # noqa: E731
@@ -202,6 +364,10 @@ def write(
         "radius": radius,
         "validation": strip(validation_rows),
         "test": {f: strip(rows) for f, rows in tests.items()},
+        "frontiers": {
+            f: [{k: v for k, v in asdict(r).items() if k != "scores"} for r in rows]
+            for f, rows in frontiers.items()
+        },
     }
     (out_dir / "spread.json").write_text(json.dumps(data, indent=1))
     return path
@@ -233,13 +399,15 @@ def main(argv: list[str] | None = None) -> None:
     radius, validation_rows = validation(root, args.work_dir, args.batch_size, args.families)
     if args.validation_only:
         return
-    tests = {}
+    tests, frontiers = {}, {}
     for family in args.families:
         layers = _num_layers(root / FAMILIES[family][1])
         points = test_points(family, layers, radius)
         tests[family] = [measured(p, layers, root, args.work_dir, args.batch_size) for p in points]
+        frontiers[family] = frontier_rows(family, tests[family], radius, root, args.work_dir, args.batch_size)
     families = "" if args.families == list(FAMILIES) else f" --families {' '.join(args.families)}"
-    path = write(args.out, radius, validation_rows, tests, f"python -m lmms_sgl.proving.spread{families}")
+    command = f"python -m lmms_sgl.proving.spread{families}"
+    path = write(args.out, radius, validation_rows, tests, frontiers, command)
     logger.info(f"wrote {path}")
 
 
