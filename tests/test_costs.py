@@ -1,5 +1,5 @@
 """lmms-sgl-cost: its numbers against torch's flop counter on tiny checkpoints of every layout, the
-README's real-pair table regenerated from the bundled configs, and its refusals of bad arguments."""
+real-pair table of docs/cost.md regenerated from the bundled configs, and its refusals of bad arguments."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from lmms_sgl.costs.layout import grid_crops, qwen_grid
 from lmms_sgl.costs.real_pairs import real_pairs_table
 from lmms_sgl.costs.sources import read_checkpoint
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+COST_PAGE = Path(__file__).resolve().parent.parent / "docs" / "cost.md"
 PROMPT, ANSWER = 9, 3
 
 
@@ -159,9 +159,9 @@ def test_unit_rows_encode_only_their_units(models_dir, tmp_path):
     assert exit_row["guide_flops"] == chosen["guide_flops"]
 
 
-def test_readme_real_pair_table_is_reproduced():
-    """The README's numbers are the bundled configs' numbers (regenerate: lmms-sgl-cost --real-pairs)."""
-    section = README.read_text().split("## What SGL saves on the real pairs", 1)[1]
+def test_docs_real_pair_table_is_reproduced():
+    """docs/cost.md's numbers are the bundled configs' numbers (regenerate: lmms-sgl-cost --real-pairs)."""
+    section = COST_PAGE.read_text().split("## What SGL saves on the real pairs", 1)[1]
     table = re.search(r"^\|.*?(?=\n\n)", section, flags=re.S | re.M).group(0)
     assert table == real_pairs_table()
 

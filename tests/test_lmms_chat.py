@@ -76,7 +76,8 @@ def real_tasks(tmp_path_factory):
 
 
 def normal(answer: str, host: str) -> str:
-    """lmms-eval's ``qwen2_vl`` cuts at its injected "\\n\\n" stop (we do not, see README); scoring strips."""
+    """lmms-eval's ``qwen2_vl`` cuts at its injected "\\n\\n" stop (we do not, see docs/how-it-works.md);
+    scoring strips."""
     return (answer.split("\n\n")[0] if host == "qwen2_vl" else answer).strip()
 
 

@@ -388,9 +388,9 @@ def test_large_only_answers_equal_lmms_eval_models(models_dir, arch):
     assert all(cut(a) for a in expected), "the comparison needs non-empty answers"
 
 
-def test_lmms_eval_qwen2_vl_re_encodes_every_image_as_jpeg_and_the_readme_says_so():
+def test_lmms_eval_qwen2_vl_re_encodes_every_image_as_jpeg_and_the_docs_say_so():
     """lmms-eval's ``qwen2_vl`` sends every PIL image through JPEG (quality 85), also one whose size
-    needs no resampling, so its pixels differ from the image's; the README must not restrict that
+    needs no resampling, so its pixels differ from the image's; docs/qwen-vl.md must not restrict that
     to resampled images."""
     import base64
     import io
@@ -408,9 +408,9 @@ def test_lmms_eval_qwen2_vl_re_encodes_every_image_as_jpeg_and_the_readme_says_s
     assert decoded.size == image.size
     changed = (torch.tensor(list(decoded.getdata())) != torch.tensor(list(image.getdata()))).any(1)
     assert changed.float().mean() > 0.5, "JPEG changes most pixels of a textured image"
-    readme = " ".join((Path(__file__).resolve().parent.parent / "README.md").read_text().split())
-    assert "for Qwen2-VL every image is re-encoded as JPEG at quality 85" in readme
-    assert "`qwen2_vl`, `qwen2_5_vl` and `qwen3_vl` on images whose size needs no resampling" not in readme
+    page = " ".join((Path(__file__).resolve().parent.parent / "docs" / "qwen-vl.md").read_text().split())
+    assert "for Qwen2-VL every image is re-encoded as JPEG at quality 85" in page
+    assert "`qwen2_vl`, `qwen2_5_vl` and `qwen3_vl` on images whose size needs no resampling" not in page
 
 
 # -- end to end through lmms-eval -------------------------------------------------------------------

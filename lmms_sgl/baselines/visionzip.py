@@ -32,8 +32,8 @@ Deliberate differences, each needed by the families or the package:
   crop's selection runs among the patches that survive unpadding (the official code scatters them
   back into the padded grid) and newline tokens are not kept (its multi-crop path feeds none).
 
-Extensions of this package, where the official code has no counterpart (labelled as such in the
-README):
+Extensions of this package, where the official code has no counterpart (labelled as such in
+docs/baselines.md):
 
 * InternVL: [CLS] at 0 as in CLIP; an LM token gathers the 2 x 2 patches of the pixel shuffle, its
   score is the attention summed over them, its key the mean of their keys, its feature the shuffled

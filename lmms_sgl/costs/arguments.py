@@ -1,7 +1,7 @@
 """Arguments of ``lmms-sgl-cost``: parsed and checked before any config is read.
 
 Every refusal names the argument, its value and what is allowed (exit code 2, as argparse's own
-errors). Shared by the command and by the README's real-pair table, which is built from argument
+errors). Shared by the command and by the real-pair table of docs/cost.md, which is built from argument
 lists so that it says exactly what a user would type.
 """
 
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--guide", help="bundled config name, local folder or cached hub id")
     parser.add_argument("--large", help="bundled config name, local folder or cached hub id")
     parser.add_argument(
-        "--real-pairs", action="store_true", help="print the README's table of the bundled real pairs"
+        "--real-pairs", action="store_true", help="print the table of the bundled real pairs (docs/cost.md)"
     )
     layout = parser.add_argument_group("image layout (one per family)")
     layout.add_argument("--tiles", type=int, help="InternVL: tiles (a thumbnail is added when > 1)")

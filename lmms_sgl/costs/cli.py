@@ -1,7 +1,7 @@
 """``lmms-sgl-cost``: the analytic FLOPs of each method for a guide / large pair, from config.json.
 
 Arguments are checked before any config is read (:mod:`.arguments`); ``--real-pairs`` prints the
-README's table of the bundled real pairs (:mod:`.real_pairs`).
+table of the bundled real pairs in docs/cost.md (:mod:`.real_pairs`).
 """
 
 from __future__ import annotations

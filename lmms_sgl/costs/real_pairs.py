@@ -1,6 +1,6 @@
-"""The README's table "What SGL saves on the real pairs": the bundled configs at fixed layouts.
+"""The table "What SGL saves on the real pairs" of docs/cost.md: the bundled configs at fixed layouts.
 
-A test regenerates it and compares with the README, so the published numbers cannot drift from the
+A test regenerates it and compares with docs/cost.md, so the published numbers cannot drift from the
 formulas.
 """
 

@@ -1,4 +1,4 @@
-"""Cost rows as a readable table, as JSON, and as the README's real-pair table."""
+"""Cost rows as a readable table, as JSON, and as the real-pair table of docs/cost.md."""
 
 from __future__ import annotations
 

@@ -133,7 +133,7 @@ def parse_model_args(
     num_frames=DEFAULT_NUM_FRAMES,
     **unknown,
 ) -> ModelArgs:
-    """Validate everything the SGL models accept; see the README's table for meanings and defaults."""
+    """Validate everything the SGL models accept; see docs/arguments.md for meanings and defaults."""
     if unknown:
         allowed = sorted(parse_model_args.__code__.co_varnames[: parse_model_args.__code__.co_argcount])
         raise ValueError(f"unknown model argument(s) {sorted(unknown)}; allowed: {allowed}")

@@ -5,7 +5,7 @@ only one lmms-eval sends log-likelihood / multiple-choice requests to); ``lmms_s
 it into the chat interface lmms-eval prefers. Simple prompts are built as lmms-eval's chat models
 build the auto-generated messages (one image entry per image, then the task text, through the
 checkpoint's chat template), so with ``method=large_only`` both paths equal lmms-eval's own models
-on tasks without messages of their own (see README).
+on tasks without messages of their own (see docs/arguments.md).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from lmms_sgl.method.selection import KeepPlan, keep_count, plan_from_scores
 if TYPE_CHECKING:
     from lmms_sgl.method.settings import SGLSettings
 
-# name -> module that registers it (in the order the README and errors list them)
+# name -> module that registers it (in the order docs/arguments.md and errors list them)
 BUILTIN = {
     "sgl": "lmms_sgl.method.sgl",
     "fastv": "lmms_sgl.baselines.fastv",

@@ -51,7 +51,7 @@ class SampleRecord:
     large_seconds: float = 0.0
     output_tokens: int = 0
     # prompt tokens (text + visual, unpadded) given to the model that answered; pruning shows in
-    # kept_visual / token_ratio, not here (lmms-eval's input_tokens, see README)
+    # kept_visual / token_ratio, not here (lmms-eval's input_tokens, see docs/reporting.md)
     input_tokens: int = 0
     fallback: str | None = None
     extra: dict = field(default_factory=dict)
