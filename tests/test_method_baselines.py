@@ -78,6 +78,41 @@ def greedy_max_min(features: torch.Tensor, count: int) -> list[int]:
 
 
 @pytest.mark.parametrize("family", ["llava", "internvl"])
+def test_divprune_at_layer_k_keeps_the_max_min_set_of_the_hidden_states_entering_it(models_dir, family):
+    """The project's extension, DivPrune from layer K >= 1: the official rule on the hidden states that
+    enter layer K, read independently with ``output_hidden_states`` (entry K), alone and in a batch;
+    at keep ratio 1 the unpruned model."""
+    from lmms_sgl.baselines.divprune import hidden_state_plan_source
+
+    model, processor = load(models_dir / f"{family}-large")
+    text_model = model.model.language_model
+    layer_k = 2
+
+    def run(inputs):
+        visual = inputs.input_ids == model.config.image_token_id
+        with torch.no_grad():
+            hidden = model(**inputs, output_hidden_states=True).hidden_states[layer_k]
+        expected = [official_divprune(hidden[b][visual[b]], RATIO) for b in range(visual.shape[0])]
+        pruner = VisualTokenPruner(text_model, layer_k)
+        with pruner.installed():
+            pruner.arm(hidden_state_plan_source(pruner, visual, inputs.attention_mask, RATIO))
+            greedy(model, inputs, 2)
+            plan = pruner.plan
+        assert visual_sets(plan, visual) == expected
+        return visual_sets(plan, visual)
+
+    together, alone = alone_and_batched(processor, run, noise_batch)
+    assert together == alone and all(len(s) for s in together)
+    inputs = noise_batch(processor)
+    visual = inputs.input_ids == model.config.image_token_id
+    reference = greedy(model, inputs, 3)
+    pruner = VisualTokenPruner(text_model, layer_k)
+    with pruner.installed():
+        pruner.arm(hidden_state_plan_source(pruner, visual, inputs.attention_mask, 1.0))
+        assert torch.equal(greedy(model, inputs, 3), reference)
+
+
+@pytest.mark.parametrize("family", ["llava", "internvl"])
 def test_divprune_keeps_the_greedy_max_min_set_alone_and_in_a_batch(models_dir, family):
     model, processor = load(models_dir / f"{family}-large")
     text_model = model.model.language_model
@@ -534,9 +569,9 @@ def test_pipeline_batch_equals_one_by_one_and_costs_less(large, method):
 # -- bad input -----------------------------------------------------------------------------------
 def test_methods_reject_settings_they_cannot_honour():
     with pytest.raises(
-        ValueError, match=r"method='divprune' prunes before the language model.*prune_layer=0.2"
+        ValueError, match=r"method='visionzip' prunes before the language model.*prune_layer=0.2"
     ):
-        SGLSettings(method="divprune", prune_layer=0.2)
+        SGLSettings(method="visionzip", prune_layer=0.2)
     with pytest.raises(ValueError, match=r"method='pdrop' ranks at layer K-1 and needs K >= 1"):
         SGLSettings(method="pdrop", prune_layer=0.0).layer_k(12)
     from lmms_sgl.lmms.args import parse_model_args
@@ -831,8 +866,10 @@ def test_visionzip_recorded_attention_flops_match_the_flop_counter_without_cls(q
     assert seen == counted
 
 
-@pytest.mark.parametrize("method", ["divprune", "pdrop", "fastv", "random"])
-def test_priced_operating_point_equals_the_recorded_cost(large, method):
+@pytest.mark.parametrize(
+    "method,layer", [("divprune", 0.0), ("divprune", 0.3), ("pdrop", 0.3), ("fastv", 0.3), ("random", 0.3)]
+)
+def test_priced_operating_point_equals_the_recorded_cost(large, method, layer):
     """The analytic price of an operating point (``lmms_sgl.costs.operating_point``, used to price the
     study at the real pairs) equals what the pipeline recorded for the same requests: the same
     stages, the same selection work, the same vision tower (read back from the record)."""
@@ -840,7 +877,6 @@ def test_priced_operating_point_equals_the_recorded_cost(large, method):
     from lmms_sgl.costs.methods import Side, Workload
     from lmms_sgl.costs.operating_point import OperatingPoint, PricedPair, point_flops
 
-    layer = SETTINGS.get(method, {"prune_layer": 0.3})["prune_layer"]
     pipeline = SGLPipeline(large, None, SGLSettings(method=method, keep_ratio=0.2, prune_layer=layer))
     shape = large.text_shape
     for record in pipeline.generate(samples(), GEN)[:3]:

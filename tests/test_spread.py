@@ -174,7 +174,7 @@ def kept_sets(records) -> list[tuple]:
 def test_spread_radius_zero_equals_topk_through_the_pipeline(pair):
     guide, large = pair
     common = {"method": "sgl", "prune_layer": 0.0, "keep_ratio": 0.1}
-    topk = SGLPipeline(large, guide, SGLSettings(**common)).generate(samples(), GEN)
+    topk = SGLPipeline(large, guide, SGLSettings(selection="topk", **common)).generate(samples(), GEN)
     zero = SGLPipeline(large, guide, SGLSettings(selection="spread", spread_radius=0, **common)).generate(
         samples(), GEN
     )
@@ -204,7 +204,7 @@ def test_spread_batch_equals_alone_and_ratio_one_is_unpruned(pair, prune_layer, 
     alone = [pipeline.generate([s], GEN)[0] for s in samples()]
     assert in_batch and in_batch == chosen
     assert answers(together) == answers(alone)
-    assert all(r.extra.get("selection") == "spread r=1" for r in together if r.total_visual)
+    assert all(r.extra.get("selection") == "spread r=2" for r in together if r.total_visual)
     assert all(r.flops == pytest.approx(a.flops) for r, a in zip(together, alone, strict=True))
     full = SGLPipeline(
         large, guide, SGLSettings(method="sgl", prune_layer=prune_layer, keep_ratio=1.0, selection="spread")
@@ -225,15 +225,18 @@ def test_spread_keeps_unit_selection_and_unit_skipping_working(pair):
         SGLSettings(method="sgl", prune_layer=0.5, keep_ratio=0.3, keep_units=2, selection="spread"),
     ).generate(samples()[:1], GEN)[0]
     assert units.fallback is None and units.extra["units_kept"] >= 2
-    assert units.extra["selection"] == "spread r=1"
+    assert units.extra["selection"] == "spread r=2"
 
 
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"selection": "nms"}, r"selection='nms' is not one of \('topk', 'spread'\)"),
+        ({"selection": "nms"}, r"selection='nms' is not one of \('auto', 'topk', 'spread'\)"),
         ({"selection": "spread", "spread_radius": -1}, r"spread_radius=-1 .*>= 0"),
-        ({"spread_radius": 2}, r"spread_radius=2 applies to selection='spread'"),
+        (
+            {"selection": "topk", "spread_radius": 2},
+            r"spread_radius=2 applies to spreading; selection='topk'",
+        ),
         ({"method": "fastv", "selection": "spread"}, r"selection='spread' spreads the guide's importance"),
     ],
 )
@@ -241,3 +244,22 @@ def test_bad_selection_arguments_fail_before_loading(kwargs, message):
     args = {"pretrained": "big", "guide": "small", **kwargs}
     with pytest.raises(ValueError, match=message):
         parse_model_args(**args)
+
+
+def test_auto_selection_spreads_only_at_small_keep_ratios(pair):
+    """``selection=auto`` (the default) is spread up to ``AUTO_SPREAD_MAX_KEEP`` and top-k above: the
+    same keep sets as the explicit rules, and the resolved rule in the settings."""
+    from lmms_sgl.method.spread import AUTO_SPREAD_MAX_KEEP
+
+    assert SGLSettings(keep_ratio=AUTO_SPREAD_MAX_KEEP).token_selection == "spread"
+    assert SGLSettings(keep_ratio=0.2).token_selection == "topk"
+    assert SGLSettings(keep_ratio=0.05, selection="topk").token_selection == "topk"
+    assert SGLSettings(method="fastv", keep_ratio=0.05, prune_layer=0.5).selection == "auto"  # no guide: fine
+    guide, large = pair
+    for keep, rule in ((0.08, "spread"), (0.3, "topk")):
+        common = {"method": "sgl", "prune_layer": 0.0, "keep_ratio": keep}
+        auto = SGLPipeline(large, guide, SGLSettings(**common)).generate(samples(), GEN)
+        explicit = SGLPipeline(large, guide, SGLSettings(selection=rule, **common)).generate(samples(), GEN)
+        assert [(r.kept_visual, r.answer, r.extra.get("selection")) for r in auto] == [
+            (r.kept_visual, r.answer, r.extra.get("selection")) for r in explicit
+        ]

@@ -11,14 +11,16 @@ chooses ``int(round(ratio * N))`` tokens greedily for max-min cosine distance ``
 * every next token is the remaining one farthest from the already chosen set
   (``argmax_{i not in S} min_{j in S} d(i, j)``), ties to the first index (``torch.argmax``).
 
-Pruning happens before the first decoder layer (K = 0), jointly over a sample's visual tokens.
-Deliberate differences: the kept tokens keep their original positions, as everywhere in this
-package (the official code renumbers them through ``generate``'s cumulative mask; kept positions
-are needed for Qwen-VL's multimodal RoPE and are SGL's own rule); at least one token is kept
-where the rounded count is 0; the official code prunes the first image of the first sample only,
-this one every sample of a batch. The selection costs one Gram matrix, 2 N^2 d FLOPs per sample
-(:func:`selection_flops`); the greedy loop's comparisons are not matrix products and are not
-counted, like softmax elsewhere.
+Pruning happens before the first decoder layer (K = 0), jointly over a sample's visual tokens. The
+project's extension, on request (``prune_layer > 0``): the same choice at layer K >= 1 among the
+hidden states entering layer K, so DivPrune can share a schedule with SGL and the study can tell
+what the layer does from what the rule does. Deliberate differences: the kept tokens keep their
+original positions, as everywhere in this package (the official code renumbers them through
+``generate``'s cumulative mask; kept positions are needed for Qwen-VL's multimodal RoPE and are
+SGL's own rule); at least one token is kept where the rounded count is 0; the official code prunes
+the first image of the first sample only, this one every sample of a batch. The selection costs one
+Gram matrix, 2 N^2 d FLOPs per sample (:func:`selection_flops`); the greedy loop's comparisons are
+not matrix products and are not counted, like softmax elsewhere.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 from torch import nn
 
 from lmms_sgl.method.registry import (
-    BEFORE_LM,
+    FROM_ZERO,
     KeepMethod,
     MethodRun,
     PlanBatch,
@@ -146,14 +148,33 @@ def selection_flops(n_visual: int, kept: int, width: int) -> int:
     return 0 if kept >= n_visual else 2 * n_visual * n_visual * width
 
 
+def hidden_state_plan_source(
+    pruner, visual_mask: torch.Tensor, attention_mask: torch.Tensor, keep_ratio: float
+) -> Callable[[], KeepPlan]:
+    """K >= 1: the plan, computed when layer K starts, from the hidden states entering it."""
+
+    def plan() -> KeepPlan:
+        inputs = pruner.inputs_at_k
+        if inputs is None:
+            raise RuntimeError(f"DivPrune: layer {pruner.layer_k}'s inputs were not seen")
+        hidden = inputs.hidden
+        return divprune_plan(hidden, visual_mask.to(hidden.device), attention_mask, keep_ratio)
+
+    return plan
+
+
 @register
 class DivPrune(KeepMethod):
     name = "divprune"
-    layers = BEFORE_LM
+    layers = FROM_ZERO
 
     def arm(self, batch: PlanBatch, stack: ExitStack) -> MethodRun:
-        tap = stack.enter_context(InputEmbeddingTap(batch.large.text_model).active())
-        source = divprune_plan_source(tap, batch.visual, batch.attention_mask, batch.settings.keep_ratio)
+        keep = batch.settings.keep_ratio
+        if batch.layer_k == 0:
+            tap = stack.enter_context(InputEmbeddingTap(batch.large.text_model).active())
+            source = divprune_plan_source(tap, batch.visual, batch.attention_mask, keep)
+        else:
+            source = hidden_state_plan_source(batch.pruner, batch.visual, batch.attention_mask, keep)
         stack.enter_context(batch.pruner.installed())
         batch.pruner.arm(source)
         shape = batch.large.text_shape

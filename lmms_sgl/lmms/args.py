@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 from lmms_sgl.families.qwen_pixels import MODES as PREPROCESSING
 from lmms_sgl.families.video import DEFAULT_NUM_FRAMES
 from lmms_sgl.method.importance import PRECISIONS
-from lmms_sgl.method.registry import BEFORE_LM, METHODS, method_named, methods_where
+from lmms_sgl.method.registry import METHODS, method_named, methods_where
 from lmms_sgl.method.settings import DRAFT_SOURCES, SGLSettings
 from lmms_sgl.method.spread import SELECTIONS
 
@@ -126,7 +126,7 @@ def parse_model_args(
     keep_global_view=None,
     draft=None,
     draft_tokens=4,
-    selection="topk",
+    selection="auto",
     spread_radius=None,
     batch_size=1,
     max_batch_size=None,
@@ -157,10 +157,10 @@ def parse_model_args(
     }
     radius = as_int("spread_radius", spread_radius, minimum=0, allow_none=True)
     if radius is not None:
-        if settings_kwargs["selection"] != "spread":
+        if settings_kwargs["selection"] == "topk":
             raise ValueError(
-                f"spread_radius={radius} applies to selection='spread'; selection={selection!r} "
-                f"(give selection=spread with it; allowed selections: {SELECTIONS})"
+                f"spread_radius={radius} applies to spreading; selection={selection!r} never spreads "
+                f"(give selection=spread or auto with it; allowed selections: {SELECTIONS})"
             )
         settings_kwargs["spread_radius"] = radius
     skip = as_bool("skip_units", skip_units, allow_none=True)
@@ -195,7 +195,7 @@ def parse_model_args(
         defaults = SGLSettings()
         if units is not None:  # unit selection alone: every token of the kept units, from layer 0
             defaults = SGLSettings(prune_layer=0.0, keep_ratio=1.0)
-        default_layer = 0.0 if method_named(method).layers == BEFORE_LM else defaults.prune_layer
+        default_layer = 0.0 if method_named(method).zero_by_default else defaults.prune_layer
         settings = SGLSettings(
             prune_layer=default_layer if _none(prune_layer) else as_float("prune_layer", prune_layer),
             keep_ratio=defaults.keep_ratio if _none(keep_ratio) else as_float("keep_ratio", keep_ratio),

@@ -343,6 +343,7 @@ class SGLModel(lmms):
                 "pretrained": self.args.pretrained,
                 "guide": self.args.guide,
                 "layer_k": self.pipeline.layer_k,
+                "token_selection": self.args.settings.token_selection,  # selection=auto resolved
                 "large_layers": self.pipeline.large.num_layers,
             }
             report_to_wandb(config, summary, records)

@@ -40,8 +40,9 @@ BUILTIN = {
 }
 METHODS = tuple(BUILTIN)
 
-# Which layers a method can prune from.
-ANY_LAYER, BEFORE_LM, AFTER_FIRST = "any", "before_lm", "after_first"
+# Which layers a method can prune from: any K; K = 0 only; K >= 1 (it ranks at layer K-1); K = 0 by
+# default (its authors' setting) and any K on request.
+ANY_LAYER, BEFORE_LM, AFTER_FIRST, FROM_ZERO = "any", "before_lm", "after_first", "from_zero"
 
 
 @dataclass
@@ -110,6 +111,12 @@ class KeepMethod:
     vision_attention: ClassVar[bool] = False  # records the vision tower's attention
     layers: ClassVar[str] = ANY_LAYER
     plan_before_tower: ClassVar[bool] = False  # plan known before the vision tower: unit skipping
+
+    @property
+    def zero_by_default(self) -> bool:
+        """Prunes before the language model unless told otherwise (``prune_layer`` defaults to 0, a
+        ``token_ratio`` preset means that ratio from layer 0)."""
+        return self.layers in (BEFORE_LM, FROM_ZERO)
 
     @property
     def uses_guide(self) -> bool:

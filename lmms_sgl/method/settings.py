@@ -9,7 +9,7 @@ from lmms_sgl.method import registry
 from lmms_sgl.method.cost import PAPER_PRESETS, prune_layer_index, token_ratio
 from lmms_sgl.method.importance import PRECISIONS
 from lmms_sgl.method.registry import KeepMethod, method_named
-from lmms_sgl.method.spread import SELECTIONS
+from lmms_sgl.method.spread import DEFAULT_RADIUS, SELECTIONS, resolve_selection
 
 DRAFT_SOURCES = ("guide",)  # who drafts for the large model's speculative decoding
 
@@ -54,10 +54,12 @@ class SGLSettings:
             (``prune_layer``) only the top ``keep_ratio`` of those tokens by the same importance
             (two stages when K > 0). ``None``: token selection.
         keep_global_view: with ``keep_units``, the thumbnail / base image is kept besides the N.
-        selection: how the guide's importance chooses tokens: ``topk`` (the paper's rule) or
-            ``spread`` (the most important tokens spread over the image, :mod:`.spread`).
-        spread_radius: ``selection=spread``: neighbours within this many cells are suppressed
-            (shrinking to 0, top-k, when the budget cannot be filled otherwise).
+        selection: how the guide's importance chooses tokens: ``topk`` (the paper's rule),
+            ``spread`` (the most important tokens spread over the image, :mod:`.spread`) or
+            ``auto``: spread at keep ratios up to ``AUTO_SPREAD_MAX_KEEP`` (the 9 % preset), top-k
+            above (both chosen on the validation split; :attr:`token_selection` is the one used).
+        spread_radius: spreading: neighbours within this many cells are suppressed (shrinking to
+            0, top-k, when the budget cannot be filled otherwise).
     """
 
     method: str = "sgl"
@@ -72,8 +74,8 @@ class SGLSettings:
     keep_global_view: bool = True
     draft: str | None = None
     draft_tokens: int = 4
-    selection: str = "topk"
-    spread_radius: int = 1
+    selection: str = "auto"
+    spread_radius: int = DEFAULT_RADIUS
 
     def __post_init__(self) -> None:
         method = method_named(self.method)  # an unknown name lists the valid ones
@@ -107,7 +109,7 @@ class SGLSettings:
                 )
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection={self.selection!r} is not one of {SELECTIONS}")
-        if self.selection != "topk" and not method.guided:
+        if self.selection == "spread" and not method.guided:
             raise ValueError(
                 f"selection={self.selection!r} spreads the guide's importance; method={self.method!r} "
                 f"has none (allowed with {_named(_guided())})"
@@ -157,7 +159,7 @@ class SGLSettings:
         """The paper's presets: 0.64 / 0.35 / 0.09 -> (prune_layer, keep_ratio) (0.4, 0.4) / (0.2, 0.2) /
         (0.05, 0.05)."""
         prune_layer, keep_ratio = cls.preset(token_ratio_preset)
-        if method_named(kwargs.get("method", "sgl")).layers == registry.BEFORE_LM:  # K = 0: the ratio itself
+        if method_named(kwargs.get("method", "sgl")).zero_by_default:  # K = 0: the ratio itself
             return cls(prune_layer=0.0, keep_ratio=token_ratio_preset, **kwargs)
         return cls(prune_layer=prune_layer, keep_ratio=keep_ratio, **kwargs)
 
@@ -165,6 +167,11 @@ class SGLSettings:
     def keep_method(self) -> KeepMethod:
         """The registered method object (:mod:`lmms_sgl.method.registry`)."""
         return method_named(self.method)
+
+    @property
+    def token_selection(self) -> str:
+        """``topk`` or ``spread``: the selection rule at this keep ratio (``auto`` resolved)."""
+        return resolve_selection(self.selection, self.keep_ratio)
 
     @property
     def prunes(self) -> bool:

@@ -50,7 +50,7 @@ class SGL(ScoredMethod):
     def plan_source(self, batch: PlanBatch) -> KeepPlan | list[KeepPlan]:
         per_sample, boxes = self.mapped_scores(batch)
         settings = batch.settings
-        spread = settings.selection == "spread"
+        spread = settings.token_selection == "spread"
         if settings.keep_units is None and not spread:
             return plan_from_scores(per_sample, batch.visual, batch.attention_mask, settings.keep_ratio)
         if settings.keep_units is None:
@@ -143,7 +143,7 @@ def unit_masks(
 
 def within(scores, allowed: torch.Tensor, boxes, record: SampleRecord, settings) -> torch.Tensor:
     """``keep_ratio`` of the ``allowed`` tokens by the configured selection rule."""
-    if settings.selection == "spread":
+    if settings.token_selection == "spread":
         return spread_mask(scores, boxes, allowed, record, settings)
     return top_within(scores, allowed, settings.keep_ratio)
 

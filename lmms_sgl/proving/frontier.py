@@ -8,8 +8,9 @@ on a frontier when no point costs as little or less and scores higher.
 Mapping a point to the real pair keeps what the user asked for: the budget and the schedule. The
 ``K=0`` and ``K=1`` schedules keep their K and solve the keep ratio for the same layer-averaged budget
 on the real model's depth (:func:`lmms_sgl.proving.points.schedule`); the paper's presets keep their
-``(prune_layer, keep_ratio)``; DivPrune and VisionZip prune before the language model at the
-schedule's layer-averaged ratio, as in the study (:func:`lmms_sgl.proving.study.baseline_points`).
+``(prune_layer, keep_ratio)``; points that pruned before the language model (DivPrune and VisionZip
+by default) do so at the schedule's layer-averaged ratio, as in the study
+(:func:`lmms_sgl.proving.study.baseline_points`).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def real_operating_point(summary: dict, real_layers: int, exit_rate: float = 0.0
     if summary.get("prune_layer") is None:
         return OperatingPoint(method, exit_rate=exit_rate)
     layer_k, keep = real_schedule(summary, real_layers)
-    if method_named(method).layers == BEFORE_LM:
+    if summary["prune_layer"] == 0.0 or method_named(method).layers == BEFORE_LM:  # before the LM
         return OperatingPoint(method, 0, token_ratio(layer_k, real_layers, keep))
     return OperatingPoint(method, layer_k, keep, exit_rate)
 

@@ -77,6 +77,10 @@ class Point:
         args = [f"pretrained={root / large}", f"method={self.method}"]
         if method_named(self.method).uses_guide:
             args.append(f"guide={root / guide}")
+        if method_named(self.method).guided:  # explicit: the default (auto) depends on the ratio
+            args.append(f"selection={self.selection}")
+            if self.spread_radius is not None:
+                args.append(f"spread_radius={self.spread_radius}")
         if self.prune_layer is not None:
             args += [f"prune_layer={self.prune_layer:.6f}", f"keep_ratio={self.keep_ratio:.6f}"]
         if self.exit_threshold is not None:
@@ -91,10 +95,6 @@ class Point:
             args.append(f"keep_units={self.keep_units}")
             if not self.keep_global_view:
                 args.append("keep_global_view=false")
-        if self.selection != "topk":
-            args.append(f"selection={self.selection}")
-            if self.spread_radius is not None:
-                args.append(f"spread_radius={self.spread_radius}")
         return ",".join(args)
 
 

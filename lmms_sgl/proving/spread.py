@@ -26,12 +26,13 @@ from loguru import logger
 
 from lmms_sgl.costs.operating_point import real_pair
 from lmms_sgl.method.cost import PAPER_PRESETS, prune_layer_index
+from lmms_sgl.method.registry import method_named
 from lmms_sgl.proving.frontier import CostedRow, budget_goal, costed, exit_rows, mark_frontiers
 from lmms_sgl.proving.points import FAMILIES, TASK, Point, paired_gap, run_point, schedule, summarize
 from lmms_sgl.proving.study import TARGET_RATIOS, _num_layers, baseline_points
 
 VALIDATION_TASK = "sgl_shapes_val"
-VALIDATION_RATIOS = (0.35, 0.09)
+VALIDATION_RATIOS = (0.35, 0.2, 0.09)
 RADII = (1, 2)
 SCHEDULE_K = {"K=0": 0, "K=1": 1}
 # Exit thresholds for the frontiers: these quantiles of the guide's exit scores on the validation
@@ -58,8 +59,15 @@ def measured(point: Point, layers: int, root: Path, work_dir: Path, batch_size: 
 
 
 def label(summary: dict) -> str:
-    rule = "topk" if summary.get("selection", "topk") == "topk" else f"spread r={summary['spread_radius']}"
-    return f"{summary['method']} {rule}" if summary["method"] == "sgl" else summary["method"]
+    """``sgl topk``, ``sgl spread r=2``, a baseline's name, or ``divprune at K`` for DivPrune moved to
+    the schedule's layer K (the project's extension)."""
+    method = summary["method"]
+    if method == "sgl":
+        rule = summary.get("selection", "topk")
+        return f"sgl {rule}" if rule != "spread" else f"sgl spread r={summary['spread_radius']}"
+    if method_named(method).zero_by_default and summary.get("prune_layer"):
+        return f"{method} at K"
+    return method
 
 
 def validation(root: Path, work_dir: Path, batch_size: int, families: list[str]) -> tuple[int, list[dict]]:
@@ -90,6 +98,8 @@ def test_points(family: str, layers: int, radius: int) -> list[Point]:
             out += [sgl_point(family, layers, ratio, name, r, TASK) for r in (None, radius)]
         prune_layer, keep = schedule(ratio, layers)
         out += baseline_points(family, layers, ratio, prune_layer, keep, "K=1")
+        # DivPrune on the same schedule as SGL (hidden states entering layer 1): the rule, not the layer
+        out.append(Point(family, "divprune", prune_layer, keep, target_ratio=ratio, schedule="K=1"))
     for ratio in sorted(PAPER_PRESETS, reverse=True):
         out += [sgl_point(family, layers, ratio, "preset", r, TASK) for r in (None, radius)]
         prune_layer, keep = PAPER_PRESETS[ratio]
@@ -147,7 +157,7 @@ def goal_lines(rows: list[dict], radius: int) -> list[str]:
     spread = f"sgl spread r={radius}"
     nine = [r for r in rows if r.get("target_ratio") == 0.09 and r.get("schedule") in ("K=0", "K=1")]
     ours = max((r for r in nine if label(r) == spread), key=lambda r: r["accuracy"])
-    divprune = next(r for r in nine if r["method"] == "divprune")
+    divprune = next(r for r in nine if label(r) == "divprune")  # its authors' setting: K = 0
     gap, err, _ = paired_gap(ours["scores"], divprune["scores"])
     kept = ours["accuracy"] / large["accuracy"]
     return [

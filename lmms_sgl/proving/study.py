@@ -19,7 +19,7 @@ from pathlib import Path
 from loguru import logger
 
 from lmms_sgl.method.cost import PAPER_PRESETS, prune_layer_index, token_ratio
-from lmms_sgl.method.registry import BEFORE_LM, methods_where
+from lmms_sgl.method.registry import methods_where
 from lmms_sgl.proving.points import (
     FAMILIES,
     TASK,
@@ -81,7 +81,7 @@ def baseline_points(
     before = token_ratio(layer_k, num_layers, keep)
     out = [
         Point(family, m, 0.0, before, target_ratio=ratio, schedule=schedule_name)
-        for m in methods_where(lambda m: m.layers == BEFORE_LM)
+        for m in methods_where(lambda m: m.zero_by_default)
     ]
     if layer_k >= 1:
         out.append(Point(family, "pdrop", prune_layer, keep, target_ratio=ratio, schedule=schedule_name))
