@@ -255,3 +255,35 @@ def test_spread_study_points_parse_and_report_its_goals(tmp_path):
     assert "94.4 %" in goals[1] and "**met**" in goals[1]
     table = "\n".join(spread.test_tables(rows, 2))
     assert "| K=0 | 9 | sgl topk | 0 | 70.0 |" in table and "+15.0 ± 3.6" in table
+
+
+def test_auto_switch_is_read_off_the_validation_cells():
+    """``selection=auto``'s switch: the largest keep ratio up to which spreading gains or ties on
+    validation, and the next validated one; the report says whether the shipped constant agrees."""
+    from lmms_sgl.proving import spread
+
+    def cell(keep, topk, spreads, schedule="K=0"):
+        base = {
+            "family": "llava",
+            "method": "sgl",
+            "keep_ratio": keep,
+            "schedule": schedule,
+            "target_ratio": keep,
+        }
+        return [
+            {**base, "accuracy": topk},
+            {**base, "selection": "spread", "spread_radius": 2, "accuracy": spreads},
+        ]
+
+    rows = [
+        *cell(0.007, 0.4, 0.4, "K=1"),
+        *cell(0.09, 0.6, 0.8),
+        *cell(0.2, 0.8, 0.81),
+        *cell(0.35, 0.85, 0.84),
+    ]
+    gains, last, following = spread.auto_switch(rows, 2)
+    assert [keep for keep, _ in gains] == [0.007, 0.09, 0.2, 0.35]
+    assert (last, following) == (0.2, 0.35)
+    assert "**disagrees**" in spread.auto_lines(rows, 2)[0]  # the shipped 0.1 is below 0.2
+    rows = [*cell(0.09, 0.6, 0.8), *cell(0.2, 0.8, 0.79)]
+    assert spread.auto_switch(rows, 2)[1:] == (0.09, 0.2) and "**agrees**" in spread.auto_lines(rows, 2)[0]

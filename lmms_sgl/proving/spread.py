@@ -27,6 +27,7 @@ from loguru import logger
 from lmms_sgl.costs.operating_point import real_pair
 from lmms_sgl.method.cost import PAPER_PRESETS, prune_layer_index
 from lmms_sgl.method.registry import method_named
+from lmms_sgl.method.spread import AUTO_SPREAD_MAX_KEEP
 from lmms_sgl.proving.frontier import CostedRow, budget_goal, costed, exit_rows, mark_frontiers
 from lmms_sgl.proving.points import FAMILIES, TASK, Point, paired_gap, run_point, schedule, summarize
 from lmms_sgl.proving.study import TARGET_RATIOS, _num_layers, baseline_points
@@ -88,6 +89,52 @@ def validation(root: Path, work_dir: Path, batch_size: int, families: list[str])
     chosen = max(RADII, key=lambda radius: (means[radius], -radius))
     logger.info(f"validation: mean accuracy by radius {means}; chosen radius {chosen}")
     return chosen, rows
+
+
+def auto_switch(validation_rows: list[dict], radius: int) -> tuple[list[tuple[float, float]], float, float]:
+    """Where ``selection=auto`` should stop spreading, from the validation cells alone.
+
+    Per cell (ratio and schedule, so one keep ratio from layer K), the spread rule's accuracy minus
+    top-k's, averaged over the families. Returns the cells ``(keep ratio, gain)`` by keep ratio, the
+    largest keep ratio up to which every cell gains or ties (and that one gains), and the next
+    validated keep ratio (the switch lies between the two)."""
+    cells: dict[tuple, dict[str, list[float]]] = {}
+    for r in validation_rows:
+        rule = label(r)
+        if rule in ("sgl topk", f"sgl spread r={radius}"):
+            key = (round(r["keep_ratio"], 4), r["schedule"], r["target_ratio"])
+            cells.setdefault(key, {}).setdefault(rule, []).append(r["accuracy"])
+    gains = sorted(
+        (
+            key[0],
+            sum(c[f"sgl spread r={radius}"]) / len(c[f"sgl spread r={radius}"])
+            - sum(c["sgl topk"]) / len(c["sgl topk"]),
+        )
+        for key, c in cells.items()
+    )
+    last, following = 0.0, 1.0
+    for index, (keep, gain) in enumerate(gains):
+        if gain < 0:
+            following = keep
+            break
+        if gain > 0:
+            last = keep
+            following = gains[index + 1][0] if index + 1 < len(gains) else 1.0
+    return gains, last, following
+
+
+def auto_lines(validation_rows: list[dict], radius: int) -> list[str]:
+    """The validation's case for ``selection=auto`` and whether the shipped switch agrees."""
+    gains, last, following = auto_switch(validation_rows, radius)
+    agrees = last <= AUTO_SPREAD_MAX_KEEP < following
+    return [
+        f"Spread r={radius} minus top-k by keep ratio from layer K (mean over the families): "
+        + ", ".join(f"{keep:.3f}: {100 * gain:+.1f}" for keep, gain in gains)
+        + f" points. Spreading gains or ties up to keep ratio {last:.3f} and not beyond the next validated "
+        f"one, {following:.3f}: `selection=auto` (the default) spreads at keep ratios up to "
+        f"{AUTO_SPREAD_MAX_KEEP} (`AUTO_SPREAD_MAX_KEEP`), which "
+        + ("**agrees**." if agrees else "**disagrees**: change the constant."),
+    ]
 
 
 def test_points(family: str, layers: int, radius: int) -> list[Point]:
@@ -350,6 +397,8 @@ def write(
         + f"{100 * sum(topk) / max(1, len(topk)):.2f} %, "
         + ", ".join(f"spread r={r} {100 * m:.2f} %" for r, m in means.items())
         + f". Chosen before any test run: radius {radius} (the best mean; the rule was fixed in advance).",
+        "",
+        *auto_lines(validation_rows, radius),
         "",
     ]
     for family, rows in tests.items():
