@@ -263,3 +263,26 @@ def test_auto_selection_spreads_only_at_small_keep_ratios(pair):
         assert [(r.kept_visual, r.answer, r.extra.get("selection")) for r in auto] == [
             (r.kept_visual, r.answer, r.extra.get("selection")) for r in explicit
         ]
+
+
+def test_spread_without_token_boxes_is_topk_noted_per_sample_and_said_once():
+    """Videos (no token boxes): top-k, noted in every sample's record, one warning per reason."""
+    from loguru import logger
+
+    from lmms_sgl.method.sgl import spread_mask
+    from lmms_sgl.method.transfer import BoxesUnavailable
+    from lmms_sgl.pipeline.records import SampleRecord
+
+    messages: list[str] = []
+    sink = logger.add(lambda m: messages.append(str(m)), level="WARNING")
+    try:
+        scores = torch.tensor([0.1, 0.9, 0.5, 0.3])
+        records = [SampleRecord(task="t", doc_id=i) for i in range(2)]
+        reason = BoxesUnavailable("a video's frames (test)")
+        settings = SGLSettings(keep_ratio=0.5, selection="spread")
+        masks = [spread_mask(scores, reason, None, record, settings) for record in records]
+    finally:
+        logger.remove(sink)
+    assert all(mask.tolist() == [False, True, True, False] for mask in masks)  # top-k
+    assert all("spread impossible: a video's frames (test)" in r.extra["selection"] for r in records)
+    assert sum("spread impossible" in m for m in messages) == 1

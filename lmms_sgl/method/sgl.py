@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from loguru import logger
 
+from lmms_sgl.method.once import warn_once
 from lmms_sgl.method.registry import PlanBatch, ScoredMethod, register
 from lmms_sgl.method.selection import KeepPlan, keep_count, plan_from_scores
 from lmms_sgl.method.spread import spread_select
@@ -106,7 +107,11 @@ def spread_mask(
     if not isinstance(boxes, TokenBoxes) or len(boxes) != len(scores):
         reason = boxes if isinstance(boxes, BoxesUnavailable) else "token boxes do not match the scores"
         record.extra["selection"] = f"topk (spread impossible: {reason})"
-        logger.warning(f"{record.task}/{record.doc_id}: {record.extra['selection']}")
+        warn_once(
+            f"spread:{reason}",
+            f"{record.task}/{record.doc_id}: {record.extra['selection']} (said once; every such sample's "
+            "record notes it)",
+        )
         return top_within(scores, allowed, settings.keep_ratio)
     count = keep_count(int(allowed.sum()), settings.keep_ratio)
     mask = torch.zeros(len(scores), dtype=torch.bool)
