@@ -39,6 +39,9 @@ SCHEDULE_K = {"K=0": 0, "K=1": 1}
 # Exit thresholds for the frontiers: these quantiles of the guide's exit scores on the validation
 # split (so about half, 30 % and 10 % of the questions exit), replayed on every guided test point.
 EXIT_QUANTILES = (0.5, 0.7, 0.9)
+# DivPrune moved to SGL's K = 1 schedule (hidden states entering layer 1) at the middle budgets, where
+# the schedule keeps enough tokens to compare rules (at 9 % it keeps 1 of 256).
+DIVPRUNE_AT_K_RATIOS = (0.35, 0.2)
 
 
 def sgl_point(family: str, num_layers: int, ratio: float, name: str, radius: int | None, task: str) -> Point:
@@ -145,8 +148,8 @@ def test_points(family: str, layers: int, radius: int) -> list[Point]:
             out += [sgl_point(family, layers, ratio, name, r, TASK) for r in (None, radius)]
         prune_layer, keep = schedule(ratio, layers)
         out += baseline_points(family, layers, ratio, prune_layer, keep, "K=1")
-        # DivPrune on the same schedule as SGL (hidden states entering layer 1): the rule, not the layer
-        out.append(Point(family, "divprune", prune_layer, keep, target_ratio=ratio, schedule="K=1"))
+        if ratio in DIVPRUNE_AT_K_RATIOS:  # DivPrune on SGL's schedule: the rule, not the layer
+            out.append(Point(family, "divprune", prune_layer, keep, target_ratio=ratio, schedule="K=1"))
     for ratio in sorted(PAPER_PRESETS, reverse=True):
         out += [sgl_point(family, layers, ratio, "preset", r, TASK) for r in (None, radius)]
         prune_layer, keep = PAPER_PRESETS[ratio]
