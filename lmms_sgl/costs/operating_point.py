@@ -83,7 +83,9 @@ def point_flops(pair: PricedPair, point: OperatingPoint) -> float:
     """Expected FLOPs of one request at ``point`` on ``pair``."""
     method = method_named(point.method)
     if point.exit_rate and not method.uses_guide:
-        raise ValueError(f"exit_rate={point.exit_rate}: only a method that runs the guide exits; method={point.method!r}")
+        raise ValueError(
+            f"exit_rate={point.exit_rate}: only a method that runs the guide exits; method={point.method!r}"
+        )
     large, work = pair.large, pair.work
     n_visual = large.layout.visual_tokens
     prompt = work.prompt_tokens + n_visual
