@@ -287,7 +287,9 @@ def test_the_resolution_benchmark_reports_its_target_honestly(tmp_path):
             "token_ratio": 0.09,
         }
 
-    for low, verdict in ((0.40, "(not met in time"), (0.30, "(met in time")):
+    # judged on the measured time and on the real pair's FLOPs (0.60x for this operating point on
+    # InternVL2-2B -> 26B), so a time ratio under the target on the benchmark pair is not enough
+    for low in (0.40, 0.30):
         results = {
             "new_tokens": 10,
             "rounds": 5,
@@ -300,7 +302,8 @@ def test_the_resolution_benchmark_reports_its_target_honestly(tmp_path):
         out = tmp_path / "benchmarks.md"
         bench.insert_section(out, bench.section(results, "cmd"))
         text = out.read_text()
-        assert f"measured {low:.2f}x in time and 0.20x in FLOPs {verdict}" in text
+        assert f"measured {low:.2f}x in time and 0.20x in FLOPs on this pair" in text
+        assert "the same operating point costs 0.60x in FLOPs" in text and "**not met**" in text
         assert text.count(bench.START) == 1
 
 

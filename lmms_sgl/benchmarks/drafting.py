@@ -22,7 +22,18 @@ import torch
 from loguru import logger
 from PIL import Image
 
-from lmms_sgl.benchmarks.common import FULL, IMAGES, QUESTION, SMOKE, interleaved, load_pair
+from lmms_sgl.benchmarks.common import (
+    FULL,
+    IMAGES,
+    QUESTION,
+    SMOKE,
+    Setup,
+    add_setup_arguments,
+    interleaved,
+    load_pair,
+    setup_from,
+    synchronize,
+)
 from lmms_sgl.benchmarks.report import drafting_section
 from lmms_sgl.factory.scripted_pairs import script_pair
 from lmms_sgl.families import Prompt
@@ -38,6 +49,7 @@ def bench_drafting(
     rounds: int,
     draft_tokens: int = 4,
     agreements: tuple[float, ...] = AGREEMENTS,
+    setup: Setup | None = None,
 ) -> list[dict]:
     rows = []
     sample = Sample("bench", 0, Prompt(QUESTION, [Image.new("RGB", IMAGES[256], (90, 140, 200))]))
@@ -45,7 +57,7 @@ def bench_drafting(
     for agreement in agreements:
         draws = random.Random(int(agreement * 100))
         pattern = [draws.random() < agreement for _ in range(new_tokens + 1)]
-        guide, large = load_pair(specs)
+        guide, large = load_pair(specs, setup)
         script_pair(
             (guide.model, guide.processor), (large.model, large.processor), new_tokens, pattern.__getitem__
         )
@@ -57,8 +69,10 @@ def bench_drafting(
         }
 
         def run(pipeline: SGLPipeline):
+            synchronize()
             start = time.perf_counter()
             record = pipeline.generate([sample], gen)[0]
+            synchronize()
             return time.perf_counter() - start, record
 
         measured = interleaved({name: (lambda p=p: run(p)) for name, p in pipelines.items()}, rounds)
@@ -76,6 +90,8 @@ def bench_drafting(
                 "acceptance_rate": stats["accepted"] / max(stats["drafted"], 1),
                 "large_forwards_per_token_plain": 1.0,
                 "large_forwards_per_token_drafted": stats["large_forwards"] / record.output_tokens,
+                # the guide's drafting forwards inside the large step (after its own answer)
+                "guide_forwards_per_token": stats["guide_forwards"] / record.output_tokens,
                 "large_seconds_plain": large_plain,
                 "large_seconds_drafted": large_drafted,
                 "large_ratio": large_drafted / large_plain,
@@ -105,16 +121,19 @@ def main(argv: list[str] | None = None) -> None:
         default=list(AGREEMENTS),
         help="rows to measure (others already in the report are kept)",
     )
+    add_setup_arguments(parser)
     args = parser.parse_args(argv)
     if any(not 0 <= a <= 1 for a in args.agreements):
         parser.error(f"--agreements {args.agreements}: each must lie in [0, 1]")
+    setup = setup_from(parser, args)
     torch.set_num_threads(2)
     specs, tokens, rounds = (SMOKE, 32, 1) if args.smoke else (FULL, 256, args.rounds)
+    specs = setup.specs(specs)
     raw = args.out.with_suffix(".json")
     results = json.loads(raw.read_text()) if raw.exists() else None
     if results is None:
         raise SystemExit(f"{raw} is missing: run lmms-sgl-benchmark first, then this row")
-    rows = bench_drafting(specs, tokens, rounds, agreements=tuple(args.agreements))
+    rows = bench_drafting(specs, tokens, rounds, agreements=tuple(args.agreements), setup=setup)
     kept = {row["agreement"]: row for row in results.get("drafting", [])}  # rows measured earlier
     kept.update({row["agreement"]: row for row in rows})
     rows = [kept[a] for a in sorted(kept)]
@@ -122,12 +141,13 @@ def main(argv: list[str] | None = None) -> None:
     command = (
         "python -m lmms_sgl.benchmarks.drafting"
         + (" --smoke" if args.smoke else f" --rounds {args.rounds}")
+        + (f" {setup.arguments()}" if setup.arguments() else "")
         + f" --agreements {' '.join(f'{a:g}' for a in args.agreements)} --out {args.out}"
     )
     results["drafting_command"] = command
     from lmms_sgl.benchmarks.report import write_report
 
-    write_report(results, args.out, f"lmms-sgl-benchmark --out {args.out}")
+    write_report(results, args.out, results.get("command") or f"lmms-sgl-benchmark --out {args.out}")
     print("\n".join(drafting_section(rows, command)))
 
 

@@ -8,6 +8,12 @@ visual tokens (one tile) and 1792 (six tiles plus a thumbnail).
 
     lmms-sgl-benchmark --out reports/benchmarks.md          # full run (about 10-15 minutes here)
     lmms-sgl-benchmark --smoke --out /tmp/bench.md          # tiny sizes, seconds (used by a test)
+    lmms-sgl-benchmark --real-dims --device cuda --dtype bfloat16 --out bench.md   # the real pair's sizes
+    lmms-sgl-benchmark --render --out reports/benchmarks.md # the report from the saved JSON files
+
+Every goal is judged on the same operating point priced on InternVL2-2B -> 26B as well
+(:mod:`.real_pair`): this pair's language models are dominated by attention at these lengths, the
+real ones are not, so a goal met here may not be met there.
 
 How it measures:
 * configurations are run round-robin (after a warm-up round) and medians are taken, so drift of
@@ -21,6 +27,7 @@ How it measures:
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from dataclasses import dataclass
@@ -35,6 +42,8 @@ from lmms_sgl.benchmarks.common import (
     IMAGES,
     QUESTION,
     SMOKE,
+    Setup,
+    add_setup_arguments,
     generate,
     inputs_for,
     interleaved,
@@ -44,9 +53,11 @@ from lmms_sgl.benchmarks.common import (
     prefill_and_decode,
     seconds,
     set_text_attention,
+    setup_from,
+    synchronize,
+    text_shape,
     weight_bytes,
 )
-from lmms_sgl.factory.specs import ModelSpec
 from lmms_sgl.families import LoadedVLM, Prompt
 from lmms_sgl.method import cost
 from lmms_sgl.method.guide import captured_prompt_embeddings
@@ -55,20 +66,6 @@ from lmms_sgl.method.pruning import VisualTokenPruner
 from lmms_sgl.method.selection import plan_from_scores, random_scores
 from lmms_sgl.method.settings import PAPER_PRESETS, SGLSettings
 from lmms_sgl.pipeline import GenerationSettings, Sample, SGLPipeline
-
-
-def text_shape(spec: ModelSpec) -> cost.TransformerShape:
-    t = spec.text
-    return cost.TransformerShape(
-        t.num_hidden_layers,
-        t.hidden_size,
-        t.num_attention_heads,
-        t.num_key_value_heads,
-        t.hidden_size // t.num_attention_heads,
-        t.intermediate_size,
-        True,
-        600,
-    )
 
 
 # -- 1. importance recording overhead ---------------------------------------------------------
@@ -93,7 +90,7 @@ def bench_recording(guide: LoadedVLM, n_visual: int, new_tokens: int, rounds: in
         set_text_attention(guide, "eager")
         out = generate(model, inputs, new_tokens, output_attentions=True, return_dict_in_generate=True)
         first_row = int(rows[0].nonzero()[0])
-        total = torch.zeros(visual.shape, dtype=torch.float32)
+        total = torch.zeros(visual.shape, dtype=torch.float32, device=visual.device)
         for step, per_layer in enumerate(out.attentions[: new_tokens - 1]):
             for attn in per_layer:
                 heads = attn.sum(1)  # [B, q, kv]
@@ -102,7 +99,10 @@ def bench_recording(guide: LoadedVLM, n_visual: int, new_tokens: int, rounds: in
     variants = {"plain_sdpa": plain, "recording": recording, "eager_output_attentions": eager_peer}
     times = interleaved({name: (lambda fn=fn: seconds(fn)) for name, fn in variants.items()}, rounds)
     result = {
-        name: {"seconds": statistics.median(times[name]), "peak_mb": peak_tensor_memory(fn) / 2**20}
+        name: {
+            "seconds": statistics.median(times[name]),
+            "peak_mb": peak_tensor_memory(fn, guide.device) / 2**20,
+        }
         for name, fn in variants.items()
     }
     set_text_attention(guide, ATTENTION_NAME)
@@ -222,8 +222,10 @@ def bench_end_to_end(
 
     def run(pipeline: SGLPipeline, attention: str):
         set_text_attention(large, attention)
+        synchronize()
         start = time.perf_counter()
         record = pipeline.generate([sample], gen)[0]
+        synchronize()
         return time.perf_counter() - start, record
 
     measured = interleaved({name: (lambda p=p, a=a: run(p, a)) for name, (p, a) in configs.items()}, rounds)
@@ -232,7 +234,9 @@ def bench_end_to_end(
         method, _, preset = name.partition("/")
         record = measured[name][-1][1]
         set_text_attention(large, attention)
-        activations = peak_tensor_memory(lambda pipeline=pipeline: pipeline.generate([sample], gen))
+        activations = peak_tensor_memory(
+            lambda pipeline=pipeline: pipeline.generate([sample], gen), large.device
+        )
         weights = weight_bytes(large.model, guide.model if pipeline.guide is not None else None)
         rows.append(
             {
@@ -246,6 +250,7 @@ def bench_end_to_end(
                 "guide_flops": record.extra.get("guide_flops", 0.0),
                 "flops_large_alone": record.flops_large_alone,
                 "token_ratio": record.token_ratio,
+                "prompt_text_tokens": record.input_tokens - record.total_visual,
                 "weights_mb": weights / 2**20,
                 "activation_peak_mb": activations / 2**20,
                 "footprint_mb": (weights + activations) / 2**20,
@@ -263,12 +268,14 @@ class Plan:
     rounds: int
 
 
-def run_all(plan: Plan) -> dict:
+def run_all(plan: Plan, setup: Setup | None = None) -> dict:
     specs = SMOKE if plan.specs_name == "smoke" else FULL
+    specs = setup.specs(specs) if setup is not None else specs
     torch.set_num_threads(2)
-    guide, large = load_pair(specs)
+    guide, large = load_pair(specs, setup)
     results: dict = {
         "machine": machine(),
+        **({"setup": setup.as_dict()} if setup is not None else {}),
         "plan": plan.__dict__,
         "recording": {},
         "pruning": {},
@@ -282,7 +289,7 @@ def run_all(plan: Plan) -> dict:
     from lmms_sgl.benchmarks.drafting import bench_drafting
 
     tokens, rounds = (32, 1) if plan.specs_name == "smoke" else (256, 3)
-    results["drafting"] = bench_drafting(specs, tokens, rounds)
+    results["drafting"] = bench_drafting(specs, tokens, rounds, setup=setup)
     results["guide_to_large_flops"] = {
         n: cost.generation_flops(text_shape(specs["guide"]), n + 20, plan.new_tokens)
         / cost.generation_flops(text_shape(specs["large"]), n + 20, plan.new_tokens)
@@ -295,14 +302,30 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("reports/benchmarks.md"))
     parser.add_argument("--smoke", action="store_true", help="tiny models, one round (seconds)")
+    parser.add_argument(
+        "--render",
+        action="store_true",
+        help="rewrite the report from the saved JSON next to --out (every section; no measuring)",
+    )
+    add_setup_arguments(parser)
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
-    plan = Plan("smoke", (256,), 4, 1) if args.smoke else Plan("full", (256, 1792), 10, 5)
-    results = run_all(plan)
     from lmms_sgl.benchmarks.report import write_report
 
-    command = "lmms-sgl-benchmark" + (" --smoke" if args.smoke else "") + f" --out {args.out}"
-    write_report(results, args.out, command)
+    if args.render:
+        raw = args.out.with_suffix(".json")
+        if not raw.exists():
+            parser.error(f"--render: {raw} is missing; measure first (lmms-sgl-benchmark --out {args.out})")
+        results = json.loads(raw.read_text())
+        write_report(results, args.out, results.get("command") or f"lmms-sgl-benchmark --out {args.out}")
+        print(args.out)
+        return
+    setup = setup_from(parser, args)
+    torch.set_num_threads(2)
+    plan = Plan("smoke", (256,), 4, 1) if args.smoke else Plan("full", (256, 1792), 10, 5)
+    results = run_all(plan, setup)
+    options = " ".join(part for part in ("--smoke" if args.smoke else "", setup.arguments()) if part)
+    results["command"] = "lmms-sgl-benchmark" + (f" {options}" if options else "") + f" --out {args.out}"
+    write_report(results, args.out, results["command"])
     print(args.out)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from lmms_sgl.benchmarks.common import Setup, add_setup_arguments, device_name, setup_from, synchronize
 from lmms_sgl.factory import build as factory
 from lmms_sgl.families import InternVLFamily, LlavaFamily, Prompt, QwenVLFamily
 from lmms_sgl.families.video import open_video
@@ -55,7 +56,7 @@ METHODS = {
 }
 
 
-def run(models: Path, clips: int) -> list[str]:
+def run(models: Path, clips: int, setup: Setup | None = None) -> list[str]:
     rows = [
         "| pair | frames | method | visual tokens (kept / all, mean) | frames encoded"
         " | FLOPs ratio | time ratio |"
@@ -66,7 +67,8 @@ def run(models: Path, clips: int) -> list[str]:
     for name, (family_class, kwargs, frames) in PAIRS.items():
         family = family_class(**kwargs)
         family.num_frames = frames
-        load = {"dtype": torch.float32, "device_map": "cpu"}
+        device, dtype = (str(setup.device), setup.dtype) if setup is not None else ("cpu", torch.float32)
+        load = {"dtype": dtype, "device_map": device}
         large = family.load(str(models / f"{name}-large"), text_attention="sdpa", **load)
         guide = family.load(str(models / f"{name}-guide"), text_attention=ATTENTION_NAME, **load)
         samples = [
@@ -75,8 +77,10 @@ def run(models: Path, clips: int) -> list[str]:
         ]
         baseline = None
         for label, settings in METHODS.items():
+            synchronize()
             start = time.perf_counter()
             records = [SGLPipeline(large, guide, settings).generate([s], gen)[0] for s in samples]
+            synchronize()
             seconds = time.perf_counter() - start
             baseline = baseline or seconds
             kept = sum(r.kept_visual for r in records) / len(records)
@@ -95,18 +99,28 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("reports/video_benchmark.md"))
     parser.add_argument("--clips", type=int, default=8)
+    add_setup_arguments(parser)
     args = parser.parse_args(argv)
+    if args.real_dims:
+        parser.error(
+            "--real-dims: the video benchmark runs the factory's Qwen2.5-VL, LLaVA-OneVision and InternVL "
+            "pairs; allowed here: --device and --dtype (the image benchmarks take --real-dims)"
+        )
+    setup = setup_from(parser, args)
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as folder:
         built = factory.build_all(Path(folder), [f"{n}-{r}" for n in PAIRS for r in ("guide", "large")])
         for name, positions in WIDE_POSITIONS.items():
             for role in ("guide", "large"):
                 widen_positions(built[f"{name}-{role}"], positions)
-        rows = run(Path(folder), args.clips)
-    command = f"python -m lmms_sgl.benchmarks.video --clips {args.clips} --out reports/video_benchmark.md"
+        rows = run(Path(folder), args.clips, setup)
+    options = f" {setup.arguments()}" if setup.arguments() else ""
+    command = (
+        f"python -m lmms_sgl.benchmarks.video --clips {args.clips}{options} --out reports/video_benchmark.md"
+    )
     text = "\n".join(
         [
-            "# Video benchmark (tiny factory pairs, fp32, CPU)",
+            f"# Video benchmark (tiny factory pairs, {setup.dtype_name}, {device_name(setup.device)})",
             "",
             f"`{command}` ({args.clips} `sgl_video` clips, one at a time, 8 new tokens). Ratios against the",
             "large model alone in the same run; the tiny models' time says little about real pairs.",

@@ -308,14 +308,17 @@ def build_config(spec: ModelSpec, tokenizer):
     )
 
 
-def build_model(spec: ModelSpec):
-    """Return ``(model, processor)`` for a spec; weights depend only on ``spec.seed``."""
+def build_model(spec: ModelSpec, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """Return ``(model, processor)`` for a spec; weights depend only on ``spec.seed`` (and, off the
+    CPU, on the device's random generator). The weights are created on ``device`` in ``dtype``
+    directly, so a model too large for host memory can be built on a GPU."""
     from transformers import AutoModelForImageTextToText
 
     processor = build_processor(spec)
     config = build_config(spec, processor.tokenizer)
     torch.manual_seed(spec.seed)
-    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    with torch.device(device):
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
     model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     return model.eval(), processor

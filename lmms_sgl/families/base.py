@@ -107,6 +107,42 @@ class HFVisionLanguageFamily:
     def __init__(self, max_tiles: int | None = None):
         self.max_tiles = max_tiles
 
+    # the large model's image-layout arguments (``max_tiles``, ``min_pixels`` / ``max_pixels``):
+    # what :meth:`at_layout` may change for the FLOPs reference
+    layout_arguments: tuple[str, ...] = ()
+
+    def layout_key(self) -> tuple:
+        """What decides the large model's layout of an image (two instances with equal keys build
+        the same visual tokens for every request)."""
+        return tuple(getattr(self, name) for name in self.layout_arguments)
+
+    def at_layout(self, **layout) -> HFVisionLanguageFamily:
+        """This family with the large model's layout arguments set to ``layout`` (a missing or
+        ``None`` one: the family's default), everything else as here: the layout that
+        ``flops_reference`` prices the large model alone at. Returns ``self`` when the layout is
+        the same."""
+        unknown = sorted(k for k, v in layout.items() if v is not None and k not in self.layout_arguments)
+        if unknown:
+            allowed = ", ".join(self.layout_arguments) or "none"
+            raise ValueError(
+                f"{', '.join(f'{k}={layout[k]!r}' for k in unknown)}: the {self.name} family's layout "
+                f"arguments are: {allowed}"
+            )
+        family = self._at_layout({name: layout.get(name) for name in self.layout_arguments})
+        return self if family.layout_key() == self.layout_key() else family
+
+    def _at_layout(self, layout: dict) -> HFVisionLanguageFamily:
+        return self
+
+    def check_reference(self, path: str) -> None:
+        """Refuse, before any weights load, a reference layout the checkpoint cannot take (its
+        arguments are named ``reference_<argument>`` in messages)."""
+
+    def view(self, loaded: LoadedVLM) -> LoadedVLM:
+        """``loaded`` (its weights, config and tokenizer) seen through this family's layout, for
+        pricing without a forward (a family whose layout lives in the processor gives its own)."""
+        return LoadedVLM(self, loaded.model, loaded.processor, loaded.path)
+
     def for_guide(self, **layout) -> HFVisionLanguageFamily:
         """The family instance that serves the guide: this one, unless the guide gets its own
         image layout (``guide_max_tiles`` / ``guide_max_crops``, validated by the family)."""

@@ -81,6 +81,16 @@ class InternVLFamily(HFVisionLanguageFamily):
         family.large_is_original = self.large_is_original
         return family
 
+    layout_arguments = ("max_tiles",)
+
+    def layout_key(self) -> tuple:
+        return (self.tiles,)  # max_tiles=None and the default tile count are one layout
+
+    def _at_layout(self, layout: dict) -> InternVLFamily:
+        family = InternVLFamily(max_tiles=layout["max_tiles"])
+        family.large_is_original, family.num_frames = self.large_is_original, self.num_frames
+        return family
+
     def check_checkpoint(self, path: str, argument: str) -> int:
         original = read_original_config(path, argument)  # None: not the original layout
         if original is None:

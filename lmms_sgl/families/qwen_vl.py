@@ -131,7 +131,30 @@ class QwenVLFamily(HFVisionLanguageFamily):
         self.preprocessing = preprocessing
         self.large_architecture: str | None = None  # set by check_checkpoint("pretrained")
 
+    layout_arguments = ("min_pixels", "max_pixels")
+
+    def _at_layout(self, layout: dict) -> QwenVLFamily:
+        family = QwenVLFamily(None, layout["min_pixels"], layout["max_pixels"], self.preprocessing)
+        family.large_architecture, family.num_frames = self.large_architecture, self.num_frames
+        return family
+
+    def view(self, loaded: LoadedVLM) -> LoadedVLM:
+        """The bounds live in the processor: a processor of the same checkpoint with this
+        instance's bounds (the weights are shared)."""
+        processor = self.load_processor(self.resolve(loaded.path, "pretrained"))
+        processor.tokenizer.padding_side = "left"
+        return LoadedVLM(self, loaded.model, processor, loaded.path)
+
     # -- checks ----------------------------------------------------------------------------
+    def check_reference(self, path: str) -> None:
+        """The reference layout's pixel bounds against the checkpoint (before any weights load)."""
+        from transformers import AutoConfig
+
+        vision = AutoConfig.from_pretrained(path).vision_config
+        self.check_pixel_bounds(
+            vision.patch_size, vision.spatial_merge_size, f"pretrained={path!r}", "reference_"
+        )
+
     def check_checkpoint(self, path: str, argument: str) -> int:
         """The base checks, then the pixel bounds against this checkpoint's merged patch (from its
         config, before any weights load)."""
@@ -153,7 +176,7 @@ class QwenVLFamily(HFVisionLanguageFamily):
                 )
         return layers
 
-    def check_pixel_bounds(self, patch: int, merge: int, checkpoint: str) -> None:
+    def check_pixel_bounds(self, patch: int, merge: int, checkpoint: str, prefix: str = "") -> None:
         """``min_pixels`` / ``max_pixels`` must not be below one merged patch, (patch x merge)^2
         pixels: the processor never makes an image smaller, so a lower ``max_pixels`` silently turns
         every image into a single visual token and a lower ``min_pixels`` means nothing."""
@@ -167,8 +190,9 @@ class QwenVLFamily(HFVisionLanguageFamily):
             value = getattr(self, name)
             if value is not None and value < minimum:
                 raise ValueError(
-                    f"{name}={value} is below one merged patch of {checkpoint}: {side} x {side} = {minimum} "
-                    f"pixels (patch {patch} x merge {merge}), so {effect}; allowed: {name} >= {minimum}"
+                    f"{prefix}{name}={value} is below one merged patch of {checkpoint}: {side} x {side} = "
+                    f"{minimum} pixels (patch {patch} x merge {merge}), so {effect}; "
+                    f"allowed: {prefix}{name} >= {minimum}"
                 )
 
     # -- loading and prompting -------------------------------------------------------------

@@ -17,6 +17,9 @@ from lmms_sgl.method.settings import DRAFT_SOURCES, SGLSettings
 from lmms_sgl.method.spread import SELECTIONS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# flops_reference: the layout flops_ratio_reference prices the large model alone at
+FLOPS_REFERENCES = ("default", "run")
+REFERENCE_LAYOUT = ("reference_max_tiles", "reference_min_pixels", "reference_max_pixels")
 LARGE_ATTENTION = ("sdpa", "eager")
 
 
@@ -89,6 +92,16 @@ class ModelArgs:
     guide_max_crops: int | None = None
     skip_units_asked: bool = False  # skip_units=true given explicitly (checked against the schedule)
     num_frames: int = DEFAULT_NUM_FRAMES  # frames sampled per video, guide and large alike
+    flops_reference: str = "default"
+    reference_max_tiles: int | None = None
+    reference_min_pixels: int | None = None
+    reference_max_pixels: int | None = None
+
+    @property
+    def reference_layout(self) -> dict:
+        """The large model's layout arguments of the FLOPs reference (``flops_reference=default``;
+        ``None``: the family's default), by the family's own argument names."""
+        return {name.removeprefix("reference_"): getattr(self, name) for name in REFERENCE_LAYOUT}
 
     @property
     def guide_layout(self) -> dict:
@@ -131,6 +144,10 @@ def parse_model_args(
     batch_size=1,
     max_batch_size=None,
     num_frames=DEFAULT_NUM_FRAMES,
+    flops_reference="default",
+    reference_max_tiles=None,
+    reference_min_pixels=None,
+    reference_max_pixels=None,
     **unknown,
 ) -> ModelArgs:
     """Validate everything the SGL models accept; see docs/arguments.md for meanings and defaults."""
@@ -221,6 +238,26 @@ def parse_model_args(
             f"min_pixels={pixels['min_pixels']} must be <= max_pixels={pixels['max_pixels']} "
             "(the image area range of Qwen-VL's dynamic resolution)"
         )
+    reference = {
+        "flops_reference": as_choice("flops_reference", flops_reference, FLOPS_REFERENCES),
+        "reference_max_tiles": as_int("reference_max_tiles", reference_max_tiles, minimum=1, allow_none=True),
+        "reference_min_pixels": as_int(
+            "reference_min_pixels", reference_min_pixels, minimum=1, allow_none=True
+        ),
+        "reference_max_pixels": as_int(
+            "reference_max_pixels", reference_max_pixels, minimum=1, allow_none=True
+        ),
+    }
+    given = [name for name in REFERENCE_LAYOUT if reference[name] is not None]
+    if given and reference["flops_reference"] == "run":
+        raise ValueError(
+            f"{', '.join(f'{n}={reference[n]}' for n in given)} sets the reference layout of "
+            "flops_reference=default; flops_reference='run' prices the run's own layout "
+            f"(allowed flops_reference values: {FLOPS_REFERENCES})"
+        )
+    low, high = reference["reference_min_pixels"], reference["reference_max_pixels"]
+    if low is not None and high is not None and low > high:
+        raise ValueError(f"reference_min_pixels={low} must be <= reference_max_pixels={high}")
     batch = str(batch_size).strip()
     if batch.startswith("auto"):
         raise ValueError(f"batch_size={batch_size!r}: automatic batch sizes are not supported; give a number")
@@ -239,6 +276,7 @@ def parse_model_args(
         **guide_layout,
         skip_units_asked=bool(skip),
         num_frames=as_int("num_frames", num_frames, minimum=1),
+        **reference,
     )
 
 

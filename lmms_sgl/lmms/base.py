@@ -75,6 +75,8 @@ class SGLModel(lmms):
         self.guide_family = self.family.for_guide(**self.args.guide_layout)
         for family in {id(f): f for f in (self.family, self.guide_family)}.values():
             family.num_frames = self.args.num_frames  # the guide sees the same frames
+        # The large model's family at the FLOPs reference layout (None: the run's own layout).
+        self.reference_family = self.make_reference_family()
         if self.args.guide is not None:
             self.guide_family.check_checkpoint(self.args.guide, "guide")
         check_schedule(self.args, large_layers)
@@ -110,7 +112,8 @@ class SGLModel(lmms):
                 ),
                 argument="guide",
             )
-        self.pipeline = SGLPipeline(large, guide, settings)
+        reference = None if self.reference_family is None else self.reference_family.view(large)
+        self.pipeline = SGLPipeline(large, guide, settings, reference=reference)
         self._records: list[dict] = []
         self._seconds = 0.0
         self.uncovered = 0  # answers served by --use_cache without our record
@@ -132,6 +135,33 @@ class SGLModel(lmms):
                 "checkpoint's image_grid_pinpoints, and guide_max_crops limits the guide's)"
             )
         return self.family_class(max_tiles=self.args.max_tiles)
+
+    def reference_layout_text(self) -> str:
+        """The reference layout's arguments (``None``: the processor's default)."""
+        family = self.reference_family or self.family
+        pairs = zip(family.layout_arguments, family.layout_key(), strict=True)
+        return ", ".join(f"{name}={value}" for name, value in pairs) or "the checkpoint's own"
+
+    def make_reference_family(self) -> HFVisionLanguageFamily | None:
+        """The large model's family at the layout ``flops_ratio_reference`` prices it alone at
+        (``flops_reference=default``: the family's defaults, with any ``reference_*`` layout argument
+        given), or ``None`` when that layout is the run's own."""
+        if self.args.flops_reference == "run":
+            return None
+        layout = {name: value for name, value in self.args.reference_layout.items() if value is not None}
+        foreign = sorted(set(layout) - set(self.family.layout_arguments))
+        if foreign:
+            takes = ", ".join(f"reference_{name}" for name in self.family.layout_arguments)
+            takes = takes or "none (its large model has one layout, the checkpoint's own)"
+            raise ValueError(
+                f"{', '.join(f'reference_{name}={layout[name]}' for name in foreign)}: "
+                f"{type(self).__name__}'s reference layout arguments are {takes}"
+            )
+        reference = self.family.at_layout(**layout)
+        if reference is self.family:
+            return None
+        reference.check_reference(self.args.pretrained)
+        return reference
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
@@ -345,6 +375,8 @@ class SGLModel(lmms):
                 "layer_k": self.pipeline.layer_k,
                 "token_selection": self.args.settings.token_selection,  # selection=auto resolved
                 "large_layers": self.pipeline.large.num_layers,
+                "flops_reference": self.args.flops_reference,
+                "flops_reference_layout": self.reference_layout_text(),
             }
             report_to_wandb(config, summary, records)
         self.pipeline = None

@@ -69,6 +69,12 @@ def pruned_large_flops(
     return vision + staged_generation_flops(large.text_shape, prompt, n_visual, answer, stages) + selection
 
 
+def priced_answer(record: SampleRecord) -> int:
+    """The answer length the large model alone is priced with: its own answer, or for a sample the
+    guide answered, the guide's (at least one token)."""
+    return record.output_tokens if record.reached_large else max(record.output_tokens, 1)
+
+
 def reference_cost(large: LoadedVLM, samples: list[Sample], records: list[SampleRecord]) -> None:
     """FLOPs the unpruned large model would have spent on exited samples (same answer length)."""
     if not samples:
@@ -77,7 +83,27 @@ def reference_cost(large: LoadedVLM, samples: list[Sample], records: list[Sample
     n_visual, real, vision = layout(large, inputs, samples)
     for b, record in enumerate(records):
         record.total_visual = n_visual[b]
-        record.flops_large_alone = large_alone_flops(large, vision[b], real[b], max(record.output_tokens, 1))
+        record.flops_large_alone = large_alone_flops(large, vision[b], real[b], priced_answer(record))
+
+
+def reference_layout_cost(
+    reference: LoadedVLM | None, samples: list[Sample], records: list[SampleRecord]
+) -> None:
+    """``flops_reference`` of generated samples: the unpruned large model at the reference layout
+    (``reference``: the large model seen through the reference family; ``None``: the run's own
+    layout, so it is ``flops_large_alone``), on the same prompts, with the same answer lengths. No
+    forward: the processor builds the reference batch, the analytic formulas price it."""
+    priced = [(s, r) for s, r in zip(samples, records, strict=True) if not r.extra.get("failed")]
+    for record in records:
+        record.flops_reference = (
+            record.flops_large_alone if reference is None or record.extra.get("failed") else None
+        )
+    if reference is None or not priced:
+        return
+    inputs = reference.family.build_batch(reference, [s.prompt for s, _ in priced])
+    n_visual, real, vision = layout(reference, inputs, [s for s, _ in priced])
+    for b, (_, record) in enumerate(priced):
+        record.flops_reference = large_alone_flops(reference, vision[b], real[b], priced_answer(record))
 
 
 def large_prefill_flops(large: LoadedVLM, sample: Sample, continuation_tokens: int) -> float:

@@ -38,17 +38,44 @@ from lmms_sgl.pipeline.records import GuideScores, Sample, SampleRecord
 class SGLPipeline:
     """Guide, prune, maybe exit, for batches of samples sharing generation settings."""
 
-    def __init__(self, large: LoadedVLM, guide: LoadedVLM | None, settings: SGLSettings):
+    def __init__(
+        self,
+        large: LoadedVLM,
+        guide: LoadedVLM | None,
+        settings: SGLSettings,
+        reference: LoadedVLM | None = None,
+    ):
+        """``reference``: the large model at the layout ``flops_reference`` prices it alone at
+        (``None``: the run's own layout)."""
         if settings.needs_guide and guide is None:
             raise ValueError(f"method={settings.method!r} (draft={settings.draft!r}) needs a guide model")
         if settings.draft is not None:
             check_shared_tokenizer(large, guide)
-        self.large, self.guide, self.settings = large, guide, settings
+        self.large, self.guide, self.settings, self.reference = large, guide, settings, reference
         self.planner = KeepPlanner(large, settings)
         self.layer_k, self.pruner = self.planner.layer_k, self.planner.pruner
 
     # -- generation ------------------------------------------------------------------------
     def generate(self, samples: list[Sample], gen: GenerationSettings) -> list[SampleRecord]:
+        records = self._generate(samples, gen)
+        self._price_reference(samples, records)
+        return records
+
+    def _price_reference(self, samples: list[Sample], records: list[SampleRecord]) -> None:
+        """``flops_reference`` of every record (batch, else one by one); a sample whose reference
+        batch cannot be built keeps ``None`` and says why (its answer is not affected)."""
+        try:
+            accounting.reference_layout_cost(self.reference, samples, records)
+        except Exception as error:  # noqa: BLE001 -- pricing must never lose an answer
+            if len(samples) > 1:
+                for sample, record in zip(samples, records, strict=True):
+                    self._price_reference([sample], [record])
+                return
+            reason = f"{type(error).__name__}: {error}"
+            records[0].extra["flops_reference_failed"] = reason
+            logger.warning(f"{samples[0].task}/{samples[0].doc_id}: no flops_reference ({reason})")
+
+    def _generate(self, samples: list[Sample], gen: GenerationSettings) -> list[SampleRecord]:
         try:
             return self._generate_batch(samples, gen)
         except Exception as error:  # noqa: BLE001 -- isolate the failing sample, never lose the batch
@@ -56,7 +83,7 @@ class SGLPipeline:
                 logger.warning(
                     f"batch of {len(samples)} failed ({type(error).__name__}: {error}); retrying one by one"
                 )
-                return [record for sample in samples for record in self.generate([sample], gen)]
+                return [record for sample in samples for record in self._generate([sample], gen)]
             reason = f"{type(error).__name__}: {error}"
             logger.warning(
                 f"{samples[0].task}/{samples[0].doc_id}: SGL path failed ({reason}); unpruned large model"
@@ -142,7 +169,7 @@ class SGLPipeline:
         """
         continuation = continuation.lstrip()
         try:
-            return self._loglikelihood(sample, continuation, self.settings.prunes)
+            result, record = self._loglikelihood(sample, continuation, self.settings.prunes)
         except Exception as error:  # noqa: BLE001 -- fall back, counted in the statistics
             if not self.settings.prunes:
                 raise
@@ -150,7 +177,22 @@ class SGLPipeline:
             logger.warning(f"{sample.task}/{sample.doc_id}: SGL log-likelihood failed ({reason}); unpruned")
             result, record = self._loglikelihood(sample, continuation, prune=False)
             record.fallback = reason
-            return result, record
+        self._price_reference_scoring(sample, continuation, record)
+        return result, record
+
+    def _price_reference_scoring(self, sample: Sample, continuation: str, record: SampleRecord) -> None:
+        """``flops_reference`` of a log-likelihood request: the unpruned large model scoring the
+        same continuation after the prompt built at the reference layout."""
+        if self.reference is None:
+            record.flops_reference = record.flops_large_alone
+            return
+        try:
+            tokens = len(self.large.tokenizer(continuation, add_special_tokens=False).input_ids)
+            record.flops_reference = accounting.large_prefill_flops(self.reference, sample, tokens)
+        except Exception as error:  # noqa: BLE001 -- pricing must never lose a score
+            reason = f"{type(error).__name__}: {error}"
+            record.extra["flops_reference_failed"] = reason
+            logger.warning(f"{sample.task}/{sample.doc_id}: no flops_reference ({reason})")
 
     def _loglikelihood(self, sample: Sample, continuation: str, prune: bool):
         scorer = self.guide if self.planner.method.answers_with_guide else self.large

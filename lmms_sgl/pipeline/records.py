@@ -47,6 +47,9 @@ class SampleRecord:
     vision_units_encoded: int | None = None  # of which its vision tower encoded (unit skipping)
     flops: float = 0.0
     flops_large_alone: float = 0.0
+    # the unpruned large model at the reference layout (flops_reference), same answer length;
+    # equals flops_large_alone when that layout is the run's own; None: not priced
+    flops_reference: float | None = None
     guide_seconds: float = 0.0
     large_seconds: float = 0.0
     output_tokens: int = 0

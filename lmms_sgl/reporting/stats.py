@@ -11,6 +11,10 @@ merge of ranks equals a single-process run over the same samples.
 * ``exit_rate`` / ``large_call_rate``: share of samples answered by the guide / by the large model.
 * ``flops_ratio``: pipeline FLOPs (guide, consistency pass, pruned large model) over the FLOPs of
   the unpruned large model alone on the same samples.
+* ``flops_ratio_reference``: the same pipeline FLOPs over the unpruned large model alone at the
+  reference layout (``flops_reference``: by default the large model's own default layout, so a
+  downsampled run, e.g. ``max_tiles=1``, is placed against the full layout), over the samples that
+  have a reference figure; equal to ``flops_ratio`` when the run's layout is the reference.
 * ``guide_seconds`` / ``large_seconds``: wall-clock seconds spent in each model (batch time split
   evenly over the batch's samples).
 * ``fallbacks``: samples that left the SGL path (layout mismatch, errors); ``failed``: samples
@@ -42,6 +46,8 @@ class Totals:
     units_encoded: int = 0
     flops: float = 0.0
     flops_large_alone: float = 0.0
+    flops_at_reference: float = 0.0  # pipeline FLOPs of the samples priced at the reference layout
+    flops_reference: float = 0.0
     guide_seconds: float = 0.0
     large_seconds: float = 0.0
     output_tokens: int = 0
@@ -67,6 +73,9 @@ class Totals:
             self.units_encoded += record["vision_units_encoded"]
         self.flops += record["flops"]
         self.flops_large_alone += record["flops_large_alone"]
+        if record.get("flops_reference") is not None:  # records of older versions have none
+            self.flops_at_reference += record["flops"]
+            self.flops_reference += record["flops_reference"]
         self.guide_seconds += record["guide_seconds"]
         self.large_seconds += record["large_seconds"]
         self.output_tokens += record["output_tokens"]
@@ -94,6 +103,10 @@ class Totals:
             "flops_ratio": self.flops / self.flops_large_alone if self.flops_large_alone else None,
             "tflops": self.flops / 1e12,
             "tflops_large_alone": self.flops_large_alone / 1e12,
+            "flops_ratio_reference": (
+                self.flops_at_reference / self.flops_reference if self.flops_reference else None
+            ),
+            "tflops_reference": self.flops_reference / 1e12,
             "guide_seconds": self.guide_seconds,
             "large_seconds": self.large_seconds,
             "fallbacks": self.fallbacks,
@@ -158,6 +171,7 @@ def format_table(summary: dict) -> str:
         "exit_rate",
         "large_call_rate",
         "flops_ratio",
+        "flops_ratio_reference",
         "guide_seconds",
         "large_seconds",
         "fallbacks",

@@ -26,6 +26,8 @@ SAMPLE_COLUMNS = (
     "kept_visual",
     "total_visual",
     "flops",
+    "flops_large_alone",
+    "flops_reference",
     "fallback",
 )
 
