@@ -343,3 +343,58 @@ def test_wandb_summary_table(monkeypatch):
     columns, data = logged["sweep/gqa"]
     assert data == [[row.get(c) for c in columns]] and "label" in columns
     assert re.search("label", " ".join(columns))
+
+
+def test_unwritable_output_path_fails_before_any_model_loads(tmp_path, capsys, no_evaluation):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    grid = _grid(tmp_path / "grid.yaml", {"methods": ["sgl"], "ratios": [0.35]})
+    assert _sweep(blocker / "out", grid) == 2
+    assert "--output_path" in capsys.readouterr().err
+
+
+def test_paired_references_and_frontier():
+    """Which SGL point each row is compared with, and the frontier on recorded FLOPs."""
+    from lmms_sgl.sweep.report import mark_frontier, paired
+    from lmms_sgl.sweep.run import Row
+
+    def row(label, method, ratio, value, flops, scores, **extra):
+        args, layout = extra.pop("args", f"x,method={method}"), extra.pop("layout", {})
+        replayed = extra.pop("replayed", False)
+        return Row(
+            "t", label, method, ratio, None, layout, None, replayed, "m", value, 0.1, 4, None,
+            0.0, 1.0, flops, None, args, "", scores=scores,
+        )  # fmt: skip
+
+    sgl = row("sgl 35 %", "sgl", "35 %", 0.75, 0.5, {"0": 1.0, "1": 1.0, "2": 1.0, "3": 0.0})
+    sgl_tiles = row(
+        "sgl 35 % max_tiles=2",
+        "sgl",
+        "35 %",
+        0.5,
+        0.6,
+        {},
+        layout={"max_tiles": 2},
+        args="x,method=sgl,max_tiles=2",
+    )
+    fastv = row("fastv 35 %", "fastv", "35 %", 0.25, 0.4, {"0": 0.0, "1": 1.0, "2": 0.0, "3": 0.0})
+    large = row("large_only", "large_only", "", 1.0, 1.0, {"0": 1.0, "1": 1.0, "2": 1.0, "3": 1.0})
+    exits = row(
+        "sgl 35 %, exit >= 0.9", "sgl", "35 %", 0.5, 0.3, {"0": 1.0, "1": 0.0, "2": 1.0, "3": 0.0},
+        replayed=True, args="x,method=sgl,exit_threshold=0.9",
+    )  # fmt: skip
+    rows = [sgl, sgl_tiles, fastv, large, exits]
+    pairs = {(p["label"], p["against"]): p for p in paired(rows)}
+    assert set(pairs) == {
+        ("fastv 35 %", "sgl 35 %"),
+        ("large_only", "sgl 35 %"),
+        ("large_only", "sgl 35 % max_tiles=2"),
+        ("sgl 35 %, exit >= 0.9", "sgl 35 %"),
+    }
+    d = [-1.0, 0.0, -1.0, 0.0]
+    assert pairs[("fastv 35 %", "sgl 35 %")]["difference"] == pytest.approx(statistics.mean(d))
+    assert pairs[("fastv 35 %", "sgl 35 %")]["stderr"] == pytest.approx(statistics.stdev(d) / 2)
+    assert pairs[("large_only", "sgl 35 % max_tiles=2")]["stderr"] is None  # no per-question scores
+    mark_frontier(rows)
+    # by cost: exits (0.3, 0.5), fastv (0.4, 0.25: worse), sgl (0.5, 0.75), tiles (0.6, 0.5: worse), large
+    assert [r.label for r in rows if r.on_frontier] == ["sgl 35 %", "large_only", "sgl 35 %, exit >= 0.9"]

@@ -79,6 +79,7 @@ def command_text(argv: list[str]) -> str:
 
 
 def sweep(args: argparse.Namespace, argv: list[str]) -> Path:
+    from lmms_sgl.lmms.output_check import check_output_path
     from lmms_sgl.sweep import grid as grids
     from lmms_sgl.sweep import report
     from lmms_sgl.sweep.run import Settings, check_tasks, run_sweep
@@ -105,6 +106,10 @@ def sweep(args: argparse.Namespace, argv: list[str]) -> Path:
     )
     grid = grids.build(args.grid, args.model, args.model_args, args.batch_size)  # before any model loads
     check_tasks(settings)
+    try:  # an unwritable --output_path fails now, not after the first evaluation
+        check_output_path(["--output_path", str(args.output_path)])
+    except ValueError as error:
+        raise SweepError(str(error)) from None
     for label, why in grid.skipped:
         logger.warning(f"grid point {label} skipped: {why}")
     logger.info(f"sweep: {len(grid.points)} points x {len(tasks)} task(s) in {args.output_path}")

@@ -21,12 +21,11 @@ import hashlib
 import json
 import math
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-
-from loguru import logger
 
 from lmms_sgl.calibration.runs import _read_rows, _results_file
 from lmms_sgl.lmms.args import split_model_args
@@ -140,7 +139,12 @@ def evaluate(settings: Settings, model_args: str, folder: Path) -> None:
         tracker.save_results_samples(task_name=task, samples=samples[task])
 
 
-def run_point(settings: Settings, point: SweepPoint) -> Evaluated:
+def say(message: str) -> None:
+    """Progress on stderr (lmms-eval resets loguru's level to its ``verbosity`` at every evaluation)."""
+    print(f"lmms-sgl-sweep: {message}", file=sys.stderr, flush=True)
+
+
+def run_point(settings: Settings, point: SweepPoint, place: str = "") -> Evaluated:
     """The point's evaluation: from its folder when finished, else evaluated now."""
     model_args = point_model_args(settings.model_args, point)
     key = point_key(settings.model, model_args, settings.tasks, settings.limit, settings.batch_size)
@@ -148,12 +152,12 @@ def run_point(settings: Settings, point: SweepPoint) -> Evaluated:
     marker = folder / "point.json"
     if marker.exists():
         done = json.loads(marker.read_text())
-        logger.info(f"sweep point {point.label}: finished earlier ({folder})")
+        say(f"point {place}{point.label}: finished earlier ({folder})")
         return Evaluated(point, model_args, folder, done["seconds"], True)
     if folder.exists():  # interrupted: lmms-eval's partial output is not reused
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    logger.info(f"sweep point {point.label}: --model {settings.model} --model_args {model_args}")
+    say(f"point {place}{point.label}: --model {settings.model} --model_args {model_args}")
     start = time.perf_counter()
     evaluate(settings, model_args, folder)
     seconds = time.perf_counter() - start
@@ -394,8 +398,8 @@ def check_tasks(settings: Settings) -> None:
 def run_sweep(settings: Settings, grid, metric: str | None) -> tuple[list[Row], list[str], list[Evaluated]]:
     """Every point (resuming at the first unfinished one), then the exit replays."""
     evaluated, rows = [], []
-    for point in grid.points:
-        evaluated.append(run_point(settings, point))
+    for number, point in enumerate(grid.points, 1):
+        evaluated.append(run_point(settings, point, f"{number}/{len(grid.points)} "))
         rows += measured_rows(evaluated[-1], metric)  # a bad --metric stops after the first point
     metrics = {r.task: r.metric for r in rows}
     notes: list[str] = []
