@@ -398,3 +398,43 @@ def test_paired_references_and_frontier():
     mark_frontier(rows)
     # by cost: exits (0.3, 0.5), fastv (0.4, 0.25: worse), sgl (0.5, 0.75), tiles (0.6, 0.5: worse), large
     assert [r.label for r in rows if r.on_frontier] == ["sgl 35 %", "large_only", "sgl 35 %, exit >= 0.9"]
+
+
+@pytest.mark.slow
+def test_killed_sweep_resumes_at_the_first_unfinished_point(tmp_path, monkeypatch):
+    """SIGKILL once the first point is cached; the rerun evaluates only the second."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    grid = _grid(tmp_path / "grid.yaml", {"methods": ["sgl", "fastv"], "ratios": [0.35]})
+    out = tmp_path / "out"
+    args = ["--model", "sgl_internvl2", "--model_args", ARGS, "--tasks", "sgl_shapes"]
+    args += ["--include_path", str(ROOT / "tasks"), "--limit", "2", "--batch_size", "2"]
+    args += ["--output_path", str(out), "--grid", str(grid)]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lmms_sgl.sweep.cli", *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while not list(out.glob("points/*/point.json")):
+            assert process.poll() is None, "the sweep ended before the first point was cached"
+            assert time.monotonic() < deadline, "no point cached in 10 minutes"
+            time.sleep(0.1)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    assert [p.parent.name.split("-")[0] for p in out.glob("points/*/point.json")] == ["sgl_35"]
+    spy = Spy(monkeypatch)
+    assert main(args) == 0
+    assert spy.calls == [f"{ARGS},method=fastv,token_ratio=0.35"]
+    assert [r["label"] for r in json.loads((out / "sweep.json").read_text())["rows"]] == [
+        "sgl 35 %",
+        "fastv 35 %",
+    ]
