@@ -438,3 +438,32 @@ def test_killed_sweep_resumes_at_the_first_unfinished_point(tmp_path, monkeypatc
         "sgl 35 %",
         "fastv 35 %",
     ]
+
+
+@pytest.mark.slow
+def test_qwen_sweep_with_a_multiple_choice_task(models_dir, tmp_path):
+    """sgl_qwen2_vl (factory checkpoints) on a generation and a multiple-choice task with
+    --force_simple: both measured, the exit replayed on the generation task only (MC never exits)."""
+    pixels = f"min_pixels={4 * 32 * 32},max_pixels={16 * 32 * 32}"
+    args = f"pretrained={models_dir / 'qwen2.5-vl-large'},guide={models_dir / 'qwen2.5-vl-guide'},{pixels}"
+    spec = {"methods": ["sgl"], "ratios": [{"prune_layer": 0.5, "keep_ratio": 0.2}], "exit_thresholds": [0.0]}
+    out = tmp_path / "out"
+    code = main(
+        ["--model", "sgl_qwen2_vl", "--model_args", args, "--tasks", "sgl_smoke,sgl_smoke_mc", "--limit", "2"]
+        + ["--include_path", str(ROOT / "tasks"), "--output_path", str(out), "--force_simple"]
+        + ["--grid", str(_grid(tmp_path / "grid.yaml", spec))]
+    )
+    assert code == 0
+    data = json.loads((out / "sweep.json").read_text())
+    rows = {(r["task"], r["label"]): r for r in data["rows"]}
+    label = "sgl K at 0.5, keep 0.2"
+    assert set(rows) == {
+        ("sgl_smoke", label),
+        ("sgl_smoke_mc", label),
+        ("sgl_smoke", f"{label}, exit >= 0"),
+    }
+    assert rows[("sgl_smoke_mc", label)]["metric"] == "acc"
+    assert (
+        rows[("sgl_smoke", f"{label}, exit >= 0")]["exit_rate"] == 1.0
+    )  # threshold 0: the guide answers all
+    assert any("sgl_smoke_mc" in note and "never exit" in note for note in data["notes"])

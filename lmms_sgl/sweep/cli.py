@@ -63,6 +63,11 @@ def parser() -> argparse.ArgumentParser:
         help="lmms-eval's bootstrap for standard errors (default 0: the closed form of mean metrics)",
     )
     p.add_argument(
+        "--force_simple",
+        action="store_true",
+        help="as lmms-eval's: the simple model interface (multiple-choice tasks need it)",
+    )
+    p.add_argument(
         "--price-at",
         choices=PRICED,
         default=None,
@@ -103,6 +108,7 @@ def sweep(args: argparse.Namespace, argv: list[str]) -> Path:
         batch_size=args.batch_size,
         output_path=args.output_path,
         bootstrap_iters=args.bootstrap_iters,
+        force_simple=args.force_simple,
     )
     grid = grids.build(args.grid, args.model, args.model_args, args.batch_size)  # before any model loads
     check_tasks(settings)

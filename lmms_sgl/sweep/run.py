@@ -55,7 +55,9 @@ def checkpoint_identity(source: str) -> dict:
     return {"hub": source, "snapshot": Path(found).parent.name if isinstance(found, str) else None}
 
 
-def point_key(model: str, model_args: str, tasks: list[str], limit, batch_size: int) -> str:
+def point_key(
+    model: str, model_args: str, tasks: list[str], limit, batch_size: int, force_simple: bool = False
+) -> str:
     entries = split_model_args(model_args)
     values = dict(e.partition("=")[::2] for e in entries)
     identity = {
@@ -64,6 +66,7 @@ def point_key(model: str, model_args: str, tasks: list[str], limit, batch_size: 
         "tasks": sorted(tasks),
         "limit": limit,
         "batch_size": batch_size,
+        "force_simple": force_simple,
         "versions": [metadata.version("lmms-eval"), metadata.version("lmms-sgl")],
         "checkpoints": [
             checkpoint_identity(values[k].strip()) for k in ("pretrained", "guide") if k in values
@@ -108,6 +111,7 @@ class Settings:
     batch_size: int
     output_path: Path
     bootstrap_iters: int = 0
+    force_simple: bool = False  # lmms-eval's --force_simple (multiple choice reaches simple models only)
 
 
 def evaluate(settings: Settings, model_args: str, folder: Path) -> None:
@@ -127,6 +131,7 @@ def evaluate(settings: Settings, model_args: str, folder: Path) -> None:
         limit=settings.limit,
         log_samples=True,
         bootstrap_iters=settings.bootstrap_iters,
+        force_simple=settings.force_simple,
         task_manager=task_manager(settings.include_paths, settings.tasks, settings.model),
         evaluation_tracker=tracker,
         verbosity="WARNING",
@@ -147,7 +152,9 @@ def say(message: str) -> None:
 def run_point(settings: Settings, point: SweepPoint, place: str = "") -> Evaluated:
     """The point's evaluation: from its folder when finished, else evaluated now."""
     model_args = point_model_args(settings.model_args, point)
-    key = point_key(settings.model, model_args, settings.tasks, settings.limit, settings.batch_size)
+    key = point_key(
+        settings.model, model_args, settings.tasks, settings.limit, settings.batch_size, settings.force_simple
+    )
     folder = settings.output_path / "points" / f"{_slug(point.label)}-{key}"
     marker = folder / "point.json"
     if marker.exists():
