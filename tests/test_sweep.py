@@ -1,6 +1,7 @@
 """``lmms-sgl-sweep``: a point's figures are a plain lmms-eval evaluation's, a replayed exit threshold
-equals a real run at it, paired standard errors equal a reference, an interrupted sweep evaluates
-only its missing points, and a bad grid fails before any model loads.
+equals a real run at it, paired standard errors equal a reference, an interrupted sweep (a point's
+marker deleted, or the process killed with SIGKILL) evaluates only its missing points, a bad grid
+fails before any model loads, and sgl_qwen2_vl sweeps a generation and a multiple-choice task.
 
 One sweep is shared by the module: the shipped trained InternVL pair on 3 documents of
 ``sgl_shapes``, SGL and FastV at the 64 % and 35 % presets (4 evaluations), then the same grid with
