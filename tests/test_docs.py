@@ -336,7 +336,7 @@ def test_examples_are_found():
     readme = {(e.program, e.path.name) for e in EXAMPLES if e.path.name == "README.md"}
     assert ("lmms-eval", "README.md") in readme
     assert ("lmms-sgl-convert", "README.md") in readme
-    assert {e.program for e in OUR_COMMANDS} >= {"lmms-sgl-cost", "lmms-sgl-calibrate"}
+    assert {e.program for e in OUR_COMMANDS} >= {"lmms-sgl-cost", "lmms-sgl-calibrate", "lmms-sgl-sweep"}
     assert any("accelerate" in e.text for e in LMMS_EVAL)
     assert any("--config" in e.argv for e in LMMS_EVAL)
 

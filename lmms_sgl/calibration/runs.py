@@ -15,8 +15,9 @@ from loguru import logger
 
 from lmms_sgl.calibration import CalibrationError
 from lmms_sgl.lmms.args import split_model_args
+from lmms_sgl.lmms.registry import MODELS
 
-SGL_MODELS = ("sgl_internvl2", "sgl_llava")
+SGL_MODELS = tuple(MODELS)  # sgl_internvl2, sgl_llava, sgl_qwen2_vl: the same per-sample records
 
 
 @dataclass

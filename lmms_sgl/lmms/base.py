@@ -66,23 +66,7 @@ class SGLModel(lmms):
 
     def __init__(self, **model_args) -> None:
         super().__init__()
-        self.args: ModelArgs = parse_model_args(**model_args)
-        check_output_path()  # an unwritable --output_path fails now, not after the evaluation
-        self.family = self.make_family()
-        # Fail fast, before any weights load: configs, weight-file headers, the schedule.
-        large_layers = self.family.check_checkpoint(self.args.pretrained, "pretrained")
-        # The guide's own family instance: its layout may differ (guide_max_tiles / guide_max_crops).
-        self.guide_family = self.family.for_guide(**self.args.guide_layout)
-        for family in {id(f): f for f in (self.family, self.guide_family)}.values():
-            family.num_frames = self.args.num_frames  # the guide sees the same frames
-        # The large model's family at the FLOPs reference layout (None: the run's own layout).
-        self.reference_family = self.make_reference_family()
-        if self.args.guide is not None:
-            self.guide_family.check_checkpoint(self.args.guide, "guide")
-        check_schedule(self.args, large_layers)
-        if self.args.settings.keep_units is not None:
-            self.family.check_unit_selection(self.args.pretrained)
-        self.args.settings.keep_method.check_checkpoint(self.family, self.args.pretrained, "pretrained")
+        self.check_arguments(model_args, before_checkpoints=check_output_path)
         self.accelerator = Accelerator()
         self._rank = self.accelerator.process_index
         self._world_size = self.accelerator.num_processes
@@ -118,6 +102,32 @@ class SGLModel(lmms):
         self._seconds = 0.0
         self.uncovered = 0  # answers served by --use_cache without our record
         resumable.install()
+
+    def check_arguments(self, model_args: dict, before_checkpoints=None) -> int:
+        """Everything checked before any weights load (arguments, the family's own, the checkpoints'
+        configs and weight-file headers, the schedule, the FLOPs reference layout); sets ``args``,
+        ``family``, ``guide_family`` and ``reference_family`` and returns the large model's layer
+        count. ``lmms-sgl-sweep`` calls it on an instance made without ``__init__`` to validate a
+        whole grid before the first evaluation."""
+        self.args: ModelArgs = parse_model_args(**model_args)
+        if before_checkpoints is not None:
+            before_checkpoints()  # an unwritable --output_path fails now, not after the evaluation
+        self.family = self.make_family()
+        # Fail fast, before any weights load: configs, weight-file headers, the schedule.
+        large_layers = self.family.check_checkpoint(self.args.pretrained, "pretrained")
+        # The guide's own family instance: its layout may differ (guide_max_tiles / guide_max_crops).
+        self.guide_family = self.family.for_guide(**self.args.guide_layout)
+        for family in {id(f): f for f in (self.family, self.guide_family)}.values():
+            family.num_frames = self.args.num_frames  # the guide sees the same frames
+        # The large model's family at the FLOPs reference layout (None: the run's own layout).
+        self.reference_family = self.make_reference_family()
+        if self.args.guide is not None:
+            self.guide_family.check_checkpoint(self.args.guide, "guide")
+        check_schedule(self.args, large_layers)
+        if self.args.settings.keep_units is not None:
+            self.family.check_unit_selection(self.args.pretrained)
+        self.args.settings.keep_method.check_checkpoint(self.family, self.args.pretrained, "pretrained")
+        return large_layers
 
     def make_family(self) -> HFVisionLanguageFamily:
         """The family adapter for these model args (a model whose family takes more options, such
