@@ -257,33 +257,30 @@ def test_spread_study_points_parse_and_report_its_goals(tmp_path):
     assert "| K=0 | 9 | sgl topk | 0 | 70.0 |" in table and "+15.0 ± 3.6" in table
 
 
-def test_auto_switch_is_read_off_the_validation_cells():
-    """``selection=auto``'s switch: the largest keep ratio up to which spreading gains or ties on
-    validation, and the next validated one; the report says whether the shipped constant agrees."""
+def test_auto_rule_is_scored_on_the_validation_cells():
+    """``selection=auto``'s candidate rules are scored cell by cell (the spread run where a rule
+    spreads, the top-k run elsewhere); the report says whether the shipped rule is the best."""
     from lmms_sgl.proving import spread
 
-    def cell(keep, topk, spreads, schedule="K=0"):
-        base = {
-            "family": "llava",
-            "method": "sgl",
-            "keep_ratio": keep,
-            "schedule": schedule,
-            "target_ratio": keep,
-        }
+    def cell(layer_k, keep, topk, spreads):
+        base = {"family": "llava", "method": "sgl", "layer_k": layer_k, "keep_ratio": keep}
+        base |= {"schedule": f"K={layer_k}", "target_ratio": keep}
         return [
             {**base, "accuracy": topk},
             {**base, "selection": "spread", "spread_radius": 2, "accuracy": spreads},
         ]
 
     rows = [
-        *cell(0.007, 0.4, 0.4, "K=1"),
-        *cell(0.09, 0.6, 0.8),
-        *cell(0.2, 0.8, 0.81),
-        *cell(0.35, 0.85, 0.84),
+        *cell(0, 0.09, 0.6, 0.8),
+        *cell(0, 0.35, 0.8, 0.82),
+        *cell(1, 0.05, 0.5, 0.6),
+        *cell(1, 0.3, 0.9, 0.8),
     ]
-    gains, last, following = spread.auto_switch(rows, 2)
-    assert [keep for keep, _ in gains] == [0.007, 0.09, 0.2, 0.35]
-    assert (last, following) == (0.2, 0.35)
-    assert "**disagrees**" in spread.auto_lines(rows, 2)[0]  # the shipped 0.1 is below 0.2
-    rows = [*cell(0.09, 0.6, 0.8), *cell(0.2, 0.8, 0.79)]
-    assert spread.auto_switch(rows, 2)[1:] == (0.09, 0.2) and "**agrees**" in spread.auto_lines(rows, 2)[0]
+    scores = spread.auto_scores(rows, 2)
+    assert scores["always top-k (the paper)"] == pytest.approx((0.6 + 0.8 + 0.5 + 0.9) / 4)
+    assert scores["spread from layer 0"] == pytest.approx((0.8 + 0.82 + 0.5 + 0.9) / 4)
+    shipped = next(name for name in scores if name.startswith("shipped"))
+    assert scores[shipped] == pytest.approx((0.8 + 0.82 + 0.6 + 0.9) / 4) == max(scores.values())
+    assert "**the best**" in spread.auto_lines(rows, 2)[-1]
+    rows = [*cell(0, 0.35, 0.9, 0.5)]  # spreading from layer 0 loses here: the shipped rule is not the best
+    assert "**not the best**" in spread.auto_lines(rows, 2)[-1]

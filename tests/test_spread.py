@@ -246,18 +246,19 @@ def test_bad_selection_arguments_fail_before_loading(kwargs, message):
         parse_model_args(**args)
 
 
-def test_auto_selection_spreads_only_at_small_keep_ratios(pair):
-    """``selection=auto`` (the default) is spread up to ``AUTO_SPREAD_MAX_KEEP`` and top-k above: the
-    same keep sets as the explicit rules, and the resolved rule in the settings."""
+def test_auto_selection_spreads_from_layer_zero_or_at_small_keep_ratios(pair):
+    """``selection=auto`` (the default) spreads from layer 0 or up to ``AUTO_SPREAD_MAX_KEEP``, top-k
+    otherwise: the same keep sets as the explicit rules, and the resolved rule in the settings."""
     from lmms_sgl.method.spread import AUTO_SPREAD_MAX_KEEP
 
-    assert SGLSettings(keep_ratio=AUTO_SPREAD_MAX_KEEP).token_selection == "spread"
-    assert SGLSettings(keep_ratio=0.2).token_selection == "topk"
-    assert SGLSettings(keep_ratio=0.05, selection="topk").token_selection == "topk"
+    assert SGLSettings(keep_ratio=AUTO_SPREAD_MAX_KEEP).token_selection(2) == "spread"
+    assert SGLSettings(keep_ratio=0.35).token_selection(0) == "spread"  # from layer 0: spread
+    assert SGLSettings(keep_ratio=0.2).token_selection(1) == "topk"
+    assert SGLSettings(keep_ratio=0.05, selection="topk").token_selection(0) == "topk"
     assert SGLSettings(method="fastv", keep_ratio=0.05, prune_layer=0.5).selection == "auto"  # no guide: fine
     guide, large = pair
-    for keep, rule in ((0.08, "spread"), (0.3, "topk")):
-        common = {"method": "sgl", "prune_layer": 0.0, "keep_ratio": keep}
+    for layer, keep, rule in ((0.5, 0.08, "spread"), (0.0, 0.3, "spread"), (0.5, 0.3, "topk")):
+        common = {"method": "sgl", "prune_layer": layer, "keep_ratio": keep}
         auto = SGLPipeline(large, guide, SGLSettings(**common)).generate(samples(), GEN)
         explicit = SGLPipeline(large, guide, SGLSettings(selection=rule, **common)).generate(samples(), GEN)
         assert [(r.kept_visual, r.answer, r.extra.get("selection")) for r in auto] == [

@@ -383,7 +383,7 @@ class SGLModel(lmms):
                 "pretrained": self.args.pretrained,
                 "guide": self.args.guide,
                 "layer_k": self.pipeline.layer_k,
-                "token_selection": self.args.settings.token_selection,  # selection=auto resolved
+                "token_selection": self.args.settings.token_selection(self.pipeline.layer_k),  # auto resolved
                 "large_layers": self.pipeline.large.num_layers,
                 "flops_reference": self.args.flops_reference,
                 "flops_reference_layout": self.reference_layout_text(),

@@ -56,8 +56,8 @@ class SGLSettings:
         keep_global_view: with ``keep_units``, the thumbnail / base image is kept besides the N.
         selection: how the guide's importance chooses tokens: ``topk`` (the paper's rule),
             ``spread`` (the most important tokens spread over the image, :mod:`.spread`) or
-            ``auto``: spread at keep ratios up to ``AUTO_SPREAD_MAX_KEEP`` (the 9 % preset), top-k
-            above (both chosen on the validation split; :attr:`token_selection` is the one used).
+            ``auto``: spread when pruning from layer 0 or keeping at most ``AUTO_SPREAD_MAX_KEEP``,
+            top-k otherwise (chosen on the validation split; :meth:`token_selection` resolves it).
         spread_radius: spreading: neighbours within this many cells are suppressed (shrinking to
             0, top-k, when the budget cannot be filled otherwise).
     """
@@ -168,10 +168,9 @@ class SGLSettings:
         """The registered method object (:mod:`lmms_sgl.method.registry`)."""
         return method_named(self.method)
 
-    @property
-    def token_selection(self) -> str:
-        """``topk`` or ``spread``: the selection rule at this keep ratio (``auto`` resolved)."""
-        return resolve_selection(self.selection, self.keep_ratio)
+    def token_selection(self, layer_k: int) -> str:
+        """``topk`` or ``spread``: the selection rule from layer ``layer_k`` (``auto`` resolved)."""
+        return resolve_selection(self.selection, self.keep_ratio, layer_k)
 
     @property
     def prunes(self) -> bool:

@@ -51,7 +51,8 @@ class SGL(ScoredMethod):
     def plan_source(self, batch: PlanBatch) -> KeepPlan | list[KeepPlan]:
         per_sample, boxes = self.mapped_scores(batch)
         settings = batch.settings
-        spread = settings.token_selection == "spread"
+        rule = settings.token_selection(batch.layer_k)
+        spread = rule == "spread"
         if settings.keep_units is None and not spread:
             return plan_from_scores(per_sample, batch.visual, batch.attention_mask, settings.keep_ratio)
         if settings.keep_units is None:
@@ -61,7 +62,7 @@ class SGL(ScoredMethod):
             ]
             return plan_from_masks(inner, batch.visual, batch.attention_mask)
         pairs = [
-            unit_masks(scores, units, sample_boxes, record, settings)
+            unit_masks(scores, units, sample_boxes, record, settings, rule)
             for scores, units, sample_boxes, record in zip(
                 per_sample, batch.units, boxes, batch.records, strict=True
             )
@@ -126,6 +127,7 @@ def unit_masks(
     boxes: TokenBoxes | BoxesUnavailable | None,
     record: SampleRecord,
     settings,
+    rule: str,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The visual tokens unit selection keeps for one sample: those of the chosen units (seen from
     layer 0) and ``keep_ratio`` of them chosen by the selection rule (seen from layer K); ``None``:
@@ -136,19 +138,19 @@ def unit_masks(
     if isinstance(units, UnitsUnavailable):
         record.fallback = f"unit selection impossible ({units}); token selection instead"
         logger.warning(f"{record.task}/{record.doc_id}: {record.fallback}")
-        return None, within(scores, everything, boxes, record, settings)
+        return None, within(scores, everything, boxes, record, settings, rule)
     chosen = choose_units(units, scores, settings.keep_units, settings.keep_global_view)
     record.extra["units_kept"] = int(chosen.sum())
     record.extra["global_views_kept"] = int((chosen & units.global_view).sum())
     if bool(chosen.all()):  # one unit, or N covers them all: a counted no-op
         record.extra["unit_selection_noop"] = True
     in_units = unit_keep_mask(units, chosen)
-    return in_units, within(scores, in_units, boxes, record, settings)
+    return in_units, within(scores, in_units, boxes, record, settings, rule)
 
 
-def within(scores, allowed: torch.Tensor, boxes, record: SampleRecord, settings) -> torch.Tensor:
-    """``keep_ratio`` of the ``allowed`` tokens by the configured selection rule."""
-    if settings.token_selection == "spread":
+def within(scores, allowed: torch.Tensor, boxes, record: SampleRecord, settings, rule: str) -> torch.Tensor:
+    """``keep_ratio`` of the ``allowed`` tokens by ``rule`` (``topk`` or ``spread``)."""
+    if rule == "spread":
         return spread_mask(scores, boxes, allowed, record, settings)
     return top_within(scores, allowed, settings.keep_ratio)
 
