@@ -21,7 +21,7 @@ from torch import nn
 
 from lmms_sgl.families.base import LoadedVLM
 from lmms_sgl.method import cost
-from lmms_sgl.method.drafting import DecodeState, DraftStats, GuideDrafter, speculative_decode
+from lmms_sgl.method.drafting import DecodeState, DraftSchedule, GuideDrafter, speculative_decode
 from lmms_sgl.method.guide import GuideRun, _shortest_prefix_with_stop, answer_lengths
 from lmms_sgl.pipeline import accounting
 from lmms_sgl.pipeline.records import Sample, SampleRecord
@@ -158,7 +158,7 @@ def draft_only_step(
 @dataclass
 class DraftedRun:
     sequences: torch.Tensor  # [B, P + S]: prompt then answer, padded with the pad id
-    stats: list[DraftStats]
+    stats: list[DraftSchedule]
     large: DecodeState
     guide: DecodeState
 
@@ -227,6 +227,12 @@ def record_drafting(
         "large_forwards": 1 + stats.forwards,
         "guide_forwards": len(run.guide.forwards[row]),
         "guide_drafting_flops": drafting,
+        # the adaptive policy (lmms_sgl.method.drafting.DraftSchedule)
+        "rounds": stats.rounds,
+        "longest_draft": stats.longest,
+        "draft_length": stats.length,
+        "pauses": stats.pauses,
+        "paused_steps": stats.paused_steps,
     }
     return vision + prefill + verify
 
