@@ -239,7 +239,7 @@ def test_drafted_flops_equal_the_flop_counter(scripted):
     guide, large = (FAMILIES[family]().load(str(f), text_attention="eager", **LOAD) for f in folders)
     sample = samples(4)[3]  # no image: the text models' forwards only
     record = SampleRecord("t", 3)
-    drafts = draft_only_step(guide, [sample], [record], 30, ())
+    drafts = draft_only_step(guide, [sample], [record])
     inputs = large.family.build_batch(large, [sample.prompt])
     with FlopCounterMode(display=False) as counter:
         drafted = drafted_generate(large, inputs, drafts, 30, 4, ())
@@ -313,6 +313,25 @@ def long_pairs(tmp_path_factory):
 LONG = GenerationSettings.from_gen_kwargs({"max_new_tokens": 120})
 
 
+def test_never_agreeing_guide_pauses_and_the_large_model_decodes_plainly(long_pairs):
+    guide, large, chain = long_pairs["never-agrees"]
+    (plain,) = run(large, guide, LONG, 1, method="large_only")
+    with fed_tokens(large) as large_calls, fed_tokens(guide) as guide_calls:
+        (drafted,) = run(large, guide, LONG, 1, method="large_only", draft="guide", draft_tokens=4)
+    assert_same_answers([drafted], [plain])
+    stats, generated = drafted.extra["drafting"], drafted.output_tokens
+    assert generated == len(chain) and stats["accepted"] == 0
+    verification = large_calls[1:]  # after the prefill: one forward per answer token, as plain decoding
+    assert len(large_calls) == stats["large_forwards"] == generated
+    # two missed rounds (4 then 3 drafts), then plain steps and one-draft retries only; a fixed draft
+    # length would feed 5 tokens per answer token
+    assert verification[:2] == [5, 4] and set(verification[2:]) == {1, 2}
+    assert sum(verification) / len(verification) <= 1.15
+    assert stats["pauses"] >= 3 and stats["rounds"] == 2 + stats["pauses"] - 1  # retries failed
+    assert stats["paused_steps"] == len(verification) - stats["rounds"] == verification.count(1)
+    assert len(guide_calls) == 1 + stats["drafted"] == 1 + 4 + 3 + stats["pauses"] - 1  # prefill + drafts
+
+
 def test_always_agreeing_guide_drafts_longer_rounds(long_pairs):
     guide, large, chain = long_pairs["always-agrees"]
     (plain,) = run(large, guide, LONG, 1, method="large_only")
@@ -324,6 +343,23 @@ def test_always_agreeing_guide_drafts_longer_rounds(long_pairs):
     assert stats["longest_draft"] == 8 and stats["pauses"] == 0 and stats["accepted"] == stats["drafted"]
     fixed = 1 + -(-(len(chain) - 1) // 5)  # what 4 drafts per round would take
     assert stats["large_forwards"] == len(large_calls) < fixed - 5
+
+
+@pytest.mark.parametrize("pattern", ["never-agrees", "agrees-then-diverges"])
+def test_pipeline_flops_of_lazy_drafting_equal_the_flop_counter(scripted, pattern):
+    """``large_only`` + ``draft=guide`` end to end (the guide's prefill, its drafts on demand, pauses):
+    the record's FLOPs are exactly what the counter saw (text-only sample, eager attention)."""
+    family, pairs = scripted
+    folders = pairs[pattern][3]
+    guide, large = (FAMILIES[family]().load(str(f), text_attention="eager", **LOAD) for f in folders)
+    pipeline = SGLPipeline(large, guide, SGLSettings(method="large_only", draft="guide"))
+    gen = GenerationSettings.from_gen_kwargs({"max_new_tokens": 30})
+    with FlopCounterMode(display=False) as counter:
+        (record,) = pipeline.generate([samples(4)[3]], gen)
+    assert record.fallback is None and record.extra["drafting"]["rounds"] > 0
+    if pattern == "never-agrees":
+        assert record.extra["drafting"]["pauses"] > 0
+    assert counter.get_total_flops() == record.flops
 
 
 # -- arguments, tokenizers, statistics -----------------------------------------------------------------
