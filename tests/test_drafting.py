@@ -111,7 +111,7 @@ def test_drafting_with_early_exit_equals_plain_with_early_exit(trained_pair):
     guide, large = trained_pair
     gen = GenerationSettings.from_gen_kwargs({"max_new_tokens": 8})
     common = {"method": "sgl", "prune_layer": 0.5, "keep_ratio": 0.35}
-    scores = sorted(r.exit_score for r in run(large, guide, gen, **common))
+    scores = sorted(r.exit_score for r in run(large, guide, gen, **common, record_exit_score=True))
     threshold = (scores[1] + scores[2]) / 2  # two of the four samples exit
     plain = run(large, guide, gen, **common, exit_threshold=threshold)
     drafted = run(large, guide, gen, **common, exit_threshold=threshold, draft="guide")
