@@ -24,5 +24,6 @@ def test_benchmark_smoke_writes_every_section(tmp_path):
     assert {"large_only", "sgl", "fastv"} <= methods
     sgl = [row for row in results["end_to_end"] if row["method"] == "sgl"]
     assert all(0 < row["guide_flops"] < row["flops"] for row in sgl)
+    assert all(row["consistency_flops"] > 0 and row["consistency_seconds"] > 0 for row in sgl)  # exits only
     unpruned = results["pruning"]["256"][0] if "256" in results["pruning"] else results["pruning"][256][0]
     assert unpruned["prefill_ideal_speedup"] == 1.0

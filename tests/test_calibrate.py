@@ -68,7 +68,7 @@ def _run(tasks_dir: Path, out: Path, model_args: str) -> Path:
 def runs(tmp_path_factory, tasks_dir):
     """The no-exit run, its calibration for a 40 % exit rate, and a real run at that threshold."""
     base = tmp_path_factory.mktemp("calibrate")
-    no_exit = _run(tasks_dir, base / "no_exit", ARGS)
+    no_exit = _run(tasks_dir, base / "no_exit", f"{ARGS},record_exit_score=true")
     calibration = base / "val.json"
     code = main(
         [
@@ -129,6 +129,7 @@ def test_cli_recommends_each_target_and_writes_json_and_plot(runs, tasks_dir, tm
     assert abs(chosen["exit_rate"] - 0.4) == min(abs(p["exit_rate"] - 0.4) for p in curve)
     assert data["model_args_fragment"] == f"exit_threshold={chosen['threshold']!r}"
     assert data["model_args"].endswith(data["model_args_fragment"]) and "pretrained=" in data["model_args"]
+    assert "record_exit_score" not in data["model_args"]  # a threshold computes the score anyway
     assert (runs["base"] / "val.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     deciles = [p for p in data["table"] if p["threshold"] not in (None, 0.0, chosen["threshold"])]
     assert 1 <= len(deciles) <= 9
@@ -279,6 +280,34 @@ def test_choice_rules_and_fractional_metrics():
     # 0.6 alone would be within 10 points, but 0.9 on the way there is not: no exit.
     assert choose(points, Target(max_drop=10), 100).threshold is None
     assert choose(points, Target(flops_budget=0.3), 100).threshold == 0.6
+
+
+def test_a_run_without_exit_scores_is_refused_naming_record_exit_score(runs, tmp_path, capsys):
+    """A no-exit run made without record_exit_score skipped the consistency pass: nothing to replay."""
+    skipped = tmp_path / "skipped"
+    _copy_run(runs["no_exit"], skipped)
+    for log in skipped.rglob("*_samples_*.jsonl"):
+        rows = [json.loads(line) for line in log.read_text().splitlines()]
+        for row in rows:
+            record = row["token_counts"][0]["sgl"]
+            record.update(exit_score=None, consistency=None)
+            record["extra"]["exit_score_skipped"] = "no exit_threshold"
+        log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out.json"
+    _fails([*INCLUDE, str(skipped), "--json", str(out)], capsys, "no exit scores", "record_exit_score=true")
+    assert not out.exists()
+
+
+def test_no_exit_leaves_out_the_consistency_pass_of_the_recorded_run():
+    """The calibrated run paid the consistency pass for its scores; a run without a threshold skips
+    it, so only the "no exit" point leaves it out."""
+    samples = [
+        ReplaySample(i, score, False, True, 1.0, 1.0, 10.0, 3.0, 20.0, 20.0, consistency_flops=1.0)
+        for i, score in enumerate((0.9, 0.3))
+    ]
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    never, half = sweep(samples, [None, 0.5], mean)
+    assert never.tflops * 1e12 == pytest.approx(2 * 9.0) and half.tflops * 1e12 == pytest.approx(3.0 + 10.0)
 
 
 # -- LLM-judged tasks --------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ cache after a rejection equals one that never saw the rejected tokens, FLOPs equ
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lmms_sgl.factory.scripted_pairs import save_pair
 from lmms_sgl.families import InternVLFamily, LlavaFamily, LoadedVLM, Prompt, QwenVLFamily
-from lmms_sgl.method.drafting import DecodeState
+from lmms_sgl.method.drafting import (
+    LONGEST_PAUSE,
+    MISSES_TO_PAUSE,
+    PAUSE_STEPS,
+    START_DRAFT,
+    DecodeState,
+    DraftSchedule,
+)
 from lmms_sgl.method.importance import ATTENTION_NAME
 from lmms_sgl.method.pruning import VisualTokenPruner
 from lmms_sgl.method.selection import plan_from_scores, random_scores
@@ -103,7 +111,7 @@ def test_drafting_with_early_exit_equals_plain_with_early_exit(trained_pair):
     guide, large = trained_pair
     gen = GenerationSettings.from_gen_kwargs({"max_new_tokens": 8})
     common = {"method": "sgl", "prune_layer": 0.5, "keep_ratio": 0.35}
-    scores = sorted(r.exit_score for r in run(large, guide, gen, **common))
+    scores = sorted(r.exit_score for r in run(large, guide, gen, **common, record_exit_score=True))
     threshold = (scores[1] + scores[2]) / 2  # two of the four samples exit
     plain = run(large, guide, gen, **common, exit_threshold=threshold)
     drafted = run(large, guide, gen, **common, exit_threshold=threshold, draft="guide")
@@ -231,7 +239,7 @@ def test_drafted_flops_equal_the_flop_counter(scripted):
     guide, large = (FAMILIES[family]().load(str(f), text_attention="eager", **LOAD) for f in folders)
     sample = samples(4)[3]  # no image: the text models' forwards only
     record = SampleRecord("t", 3)
-    drafts = draft_only_step(guide, [sample], [record], 30, ())
+    drafts = draft_only_step(guide, [sample], [record])
     inputs = large.family.build_batch(large, [sample.prompt])
     with FlopCounterMode(display=False) as counter:
         drafted = drafted_generate(large, inputs, drafts, 30, 4, ())
@@ -240,6 +248,118 @@ def test_drafted_flops_equal_the_flop_counter(scripted):
     stats = drafted.stats[0]
     assert stats.accepted < stats.drafted and drafted.guide.forwards[0], "rejections and guide drafting"
     assert counter.get_total_flops() == large_flops + record.extra["drafting"]["guide_drafting_flops"]
+
+
+# -- the adaptive policy: draft length and pauses -------------------------------------------------------
+def test_schedule_grows_shrinks_pauses_and_backs_off():
+    assert DraftSchedule(2).wanted == 2 and START_DRAFT == 4 and MISSES_TO_PAUSE == 2
+    schedule = DraftSchedule(8)
+    lengths = []
+    for _ in range(3):  # all accepted: grows by 2 up to draft_tokens
+        lengths.append(schedule.wanted)
+        schedule.update(schedule.wanted, schedule.wanted)
+    assert lengths == [4, 6, 8] and schedule.wanted == 8
+    schedule.update(8, 3)  # a rejection shrinks by 1
+    schedule.update(7, 0)  # a miss (nothing accepted)
+    assert schedule.wanted == 6 and schedule.pauses == 0
+    schedule.update(6, 0)  # the second miss in a row pauses drafting
+    assert schedule.pauses == 1
+    pause = PAUSE_STEPS
+    for _ in range(5):  # failed retries double the pause, up to LONGEST_PAUSE
+        for _ in range(pause):
+            assert schedule.wanted == 0
+            schedule.update(0, 0)
+        assert schedule.wanted == 1  # the retry: one draft
+        schedule.update(1, 0)
+        pause = min(2 * pause, LONGEST_PAUSE)
+        assert schedule.pause_left == pause
+    assert pause == LONGEST_PAUSE and schedule.pauses == 6
+    for _ in range(pause):
+        schedule.update(0, 0)
+    schedule.update(1, 1)  # a retry that accepts resumes drafting from 1, growing
+    assert schedule.wanted == 3 and schedule.pause_length == PAUSE_STEPS and not schedule.pause_left
+    assert schedule.rounds == 6 + 5 + 1 and schedule.drafted == 4 + 6 + 8 + 8 + 7 + 6 + 5 + 1
+    assert schedule.accepted == 4 + 6 + 8 + 3 + 1 and schedule.longest == 8
+    assert schedule.paused_steps == 8 + 16 + 32 + 64 + 64 + 64
+
+
+@contextmanager
+def fed_tokens(loaded):
+    """New tokens per call of a model's text model, in call order."""
+    calls = []
+
+    def grab(module, args, kwargs):
+        embeds = kwargs.get("inputs_embeds")
+        calls.append((embeds if embeds is not None else kwargs["input_ids"]).shape[1])
+
+    handle = loaded.text_model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+@pytest.fixture(scope="module")
+def long_pairs(tmp_path_factory):
+    """InternVL scripted pairs with a 96-token answer (+ EOS): long enough for several pauses."""
+    out = tmp_path_factory.mktemp("long-scripted")
+    pairs = {}
+    for name in ("never-agrees", "always-agrees"):
+        guide, large, chain = save_pair("internvl", out / name, 96, PATTERNS[name])
+        pairs[name] = (*load_pair("internvl", guide, large), chain)
+    return pairs
+
+
+LONG = GenerationSettings.from_gen_kwargs({"max_new_tokens": 120})
+
+
+def test_never_agreeing_guide_pauses_and_the_large_model_decodes_plainly(long_pairs):
+    guide, large, chain = long_pairs["never-agrees"]
+    (plain,) = run(large, guide, LONG, 1, method="large_only")
+    with fed_tokens(large) as large_calls, fed_tokens(guide) as guide_calls:
+        (drafted,) = run(large, guide, LONG, 1, method="large_only", draft="guide", draft_tokens=4)
+    assert_same_answers([drafted], [plain])
+    stats, generated = drafted.extra["drafting"], drafted.output_tokens
+    assert generated == len(chain) and stats["accepted"] == 0
+    verification = large_calls[1:]  # after the prefill: one forward per answer token, as plain decoding
+    assert len(large_calls) == stats["large_forwards"] == generated
+    # two missed rounds (4 then 3 drafts), then plain steps and one-draft retries only; a fixed draft
+    # length would feed 5 tokens per answer token
+    assert verification[:2] == [5, 4] and set(verification[2:]) == {1, 2}
+    assert sum(verification) / len(verification) <= 1.15
+    assert stats["pauses"] >= 3 and stats["rounds"] == 2 + stats["pauses"] - 1  # retries failed
+    assert stats["paused_steps"] == len(verification) - stats["rounds"] == verification.count(1)
+    assert len(guide_calls) == 1 + stats["drafted"] == 1 + 4 + 3 + stats["pauses"] - 1  # prefill + drafts
+
+
+def test_always_agreeing_guide_drafts_longer_rounds(long_pairs):
+    guide, large, chain = long_pairs["always-agrees"]
+    (plain,) = run(large, guide, LONG, 1, method="large_only")
+    with fed_tokens(large) as large_calls:
+        (drafted,) = run(large, guide, LONG, 1, method="large_only", draft="guide", draft_tokens=8)
+    assert_same_answers([drafted], [plain])
+    stats = drafted.extra["drafting"]
+    assert large_calls[1:4] == [5, 7, 9] and max(large_calls[1:]) == 9  # 4, 6, 8 drafts, capped at 8
+    assert stats["longest_draft"] == 8 and stats["pauses"] == 0 and stats["accepted"] == stats["drafted"]
+    fixed = 1 + -(-(len(chain) - 1) // 5)  # what 4 drafts per round would take
+    assert stats["large_forwards"] == len(large_calls) < fixed - 5
+
+
+@pytest.mark.parametrize("pattern", ["never-agrees", "agrees-then-diverges"])
+def test_pipeline_flops_of_lazy_drafting_equal_the_flop_counter(scripted, pattern):
+    """``large_only`` + ``draft=guide`` end to end (the guide's prefill, its drafts on demand, pauses):
+    the record's FLOPs are exactly what the counter saw (text-only sample, eager attention)."""
+    family, pairs = scripted
+    folders = pairs[pattern][3]
+    guide, large = (FAMILIES[family]().load(str(f), text_attention="eager", **LOAD) for f in folders)
+    pipeline = SGLPipeline(large, guide, SGLSettings(method="large_only", draft="guide"))
+    gen = GenerationSettings.from_gen_kwargs({"max_new_tokens": 30})
+    with FlopCounterMode(display=False) as counter:
+        (record,) = pipeline.generate([samples(4)[3]], gen)
+    assert record.fallback is None and record.extra["drafting"]["rounds"] > 0
+    if pattern == "never-agrees":
+        assert record.extra["drafting"]["pauses"] > 0
+    assert counter.get_total_flops() == record.flops
 
 
 # -- arguments, tokenizers, statistics -----------------------------------------------------------------

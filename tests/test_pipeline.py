@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 from PIL import Image
@@ -78,10 +80,65 @@ def test_records_describe_what_happened(pair):
         assert record.reached_large and not record.exited and record.fallback is None
         assert record.kept_visual == max(1, int(record.total_visual * 0.2))
         assert record.token_ratio == pytest.approx((2 + 2 * record.kept_visual / record.total_visual) / 4)
-        assert 0 < record.confidence <= 1 and 0 <= record.consistency <= 1
+        assert 0 < record.confidence <= 1 and record.consistency is None and record.exit_score is None
+        assert "record_exit_score=true" in record.extra["exit_score_skipped"]  # no threshold: not computed
         assert record.flops > 0 and record.flops_large_alone > 0
     text_only = records[3]
     assert text_only.total_visual == 0 and text_only.token_ratio is None and text_only.answer is not None
+
+
+@contextmanager
+def forward_calls(loaded):
+    """Counts the calls of a model's text model."""
+    calls = []
+    handle = loaded.text_model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+def test_consistency_pass_runs_only_when_something_reads_it(pair):
+    """No exit_threshold: the guide makes no consistency forward and its FLOPs leave it out; with a
+    threshold (which exits nothing here) or record_exit_score it makes one forward for the batch,
+    its exit scores are recorded and its FLOPs are exactly the pass's."""
+    guide, large = pair
+    common = {"method": "sgl", "prune_layer": 0.5, "keep_ratio": 0.2}
+    runs = {}
+    for name, extra in (
+        ("skipped", {}),
+        ("threshold", {"exit_threshold": 1.0}),
+        ("recorded", {"record_exit_score": True}),
+    ):
+        with forward_calls(guide) as calls:
+            records = SGLPipeline(large, guide, SGLSettings(**common, **extra)).generate(samples(), GEN)
+        runs[name] = (len(calls), records)
+    skipped_calls, skipped = runs["skipped"]
+    assert all(r.exit_score is None and r.consistency is None and not r.exited for r in skipped)
+    assert all("consistency_flops" not in r.extra and r.extra["exit_score_skipped"] for r in skipped)
+    for name in ("threshold", "recorded"):
+        calls, records = runs[name]
+        assert calls == skipped_calls + 1, name  # one batched consistency forward, nothing else
+        assert answers(records) == answers(skipped) and not any(r.exited for r in records)
+        for with_pass, without in zip(records, skipped, strict=True):
+            assert 0 <= with_pass.consistency <= 1 and with_pass.exit_score is not None
+            assert "exit_score_skipped" not in with_pass.extra
+            paid = with_pass.extra["consistency_flops"]
+            assert paid > 0
+            assert with_pass.extra["guide_flops"] == without.extra["guide_flops"] + paid
+            assert with_pass.flops == pytest.approx(without.flops + paid, rel=1e-12)
+
+
+def test_record_exit_score_is_refused_without_a_guide_ranking():
+    with pytest.raises(ValueError, match="record_exit_score=true records the guide's exit score"):
+        SGLSettings(method="large_only", record_exit_score=True)
+    from lmms_sgl.lmms.args import parse_model_args
+
+    args = parse_model_args(pretrained="x", guide="g", record_exit_score="true")
+    assert args.settings.record_exit_score is True and args.settings.scores_exit
+    assert not parse_model_args(pretrained="x", guide="g").settings.scores_exit
+    with pytest.raises(ValueError, match="record_exit_score='maybe' must be true or false"):
+        parse_model_args(pretrained="x", guide="g", record_exit_score="maybe")
 
 
 def test_threshold_zero_exits_everything_without_calling_the_large_model(pair, monkeypatch):

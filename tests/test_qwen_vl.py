@@ -166,7 +166,8 @@ def test_batch_of_different_sizes_equals_each_alone(pair, monkeypatch):
     """Keep sets, answers and exit scores; K = 1 of 4 (inside Qwen3-VL's deepstack layers)."""
     guide, large = pair
     kept = kept_visual_sets(monkeypatch)
-    pipeline = SGLPipeline(large, guide, SGLSettings(method="sgl", prune_layer=0.25, keep_ratio=0.2))
+    settings = SGLSettings(method="sgl", prune_layer=0.25, keep_ratio=0.2, record_exit_score=True)
+    pipeline = SGLPipeline(large, guide, settings)
     together = pipeline.generate(samples(), GEN)
     kept_together = list(kept)
     kept.clear()

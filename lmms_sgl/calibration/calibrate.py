@@ -73,8 +73,22 @@ def pick_metric(scorer: TaskScorer, log: TaskLog, metric: str | None) -> str:
     return chosen
 
 
+def check_exit_scores(log: TaskLog) -> None:
+    """Refuse, before any scoring, a run whose guide skipped its consistency pass (no exit
+    threshold and no ``record_exit_score``): it has no exit score to replay."""
+    if any(s.can_exit for s in log.samples):
+        return
+    if any("exit_score_skipped" in (s.record.get("extra") or {}) for s in log.samples):
+        raise CalibrationError(
+            f"{log.path.name}: the run recorded no exit scores (no exit_threshold, so the guide's "
+            "consistency pass did not run); rerun without exit_threshold and with record_exit_score=true "
+            "in --model_args"
+        )
+
+
 def replay_samples(scorer: TaskScorer, log: TaskLog, metric: str, cache_dir: Path) -> list[ReplaySample]:
     """Our records joined with the task's metric values of both answers, in doc-id order."""
+    check_exit_scores(log)
     guide = guide_metrics(scorer, log, cache_dir)
     out = []
     for sample in log.samples:

@@ -48,8 +48,9 @@ def _fraction(value: str, name: str, low: float, high: float | None) -> float:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lmms-sgl-calibrate",
-        description="Choose SGL's exit_threshold per task from one lmms-eval run made with --log_samples "
-        "and no exit: every threshold is replayed from the logged guide answers, exit scores and costs.",
+        description="Choose SGL's exit_threshold per task from one lmms-eval run made with --log_samples, "
+        "no exit and record_exit_score=true: every threshold is replayed from the logged guide answers, "
+        "exit scores and costs.",
     )
     p.add_argument("output_dir", type=Path, help="lmms-eval --output_path of the run (or its *_results.json)")
     p.add_argument("--task", action="append", help="calibrate only this task (repeatable); default: all")

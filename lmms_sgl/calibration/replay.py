@@ -14,6 +14,11 @@ that; otherwise the large model's own answer length is used and the point says s
 
 A run that already exited cannot be replayed above its threshold: its exited samples have no large
 answer. :func:`replayable_ceiling` gives the highest threshold that can be.
+
+The logged run computed every exit score (``record_exit_score=true``), so its guide paid the
+consistency pass; a real run without a threshold skips it. "No exit" (``threshold=None``) therefore
+leaves out each record's ``extra["consistency_flops"]`` (older records without it: nothing to leave
+out, their runs always paid it).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ class ReplaySample:
     guide_flops: float
     flops_large_alone: float
     exit_flops_large_alone: float | None = None
+    consistency_flops: float = 0.0  # the guide's consistency pass, part of ``flops``
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,7 @@ def from_record(doc_id: int, record: dict, guide_value: Any, final_value: Any) -
         guide_flops=float(extra.get("guide_flops") or 0.0),
         flops_large_alone=float(record.get("flops_large_alone") or 0.0),
         exit_flops_large_alone=extra.get(EXIT_REFERENCE),
+        consistency_flops=float(extra.get("consistency_flops") or 0.0),
     )
 
 
@@ -120,7 +127,7 @@ def replay(
                 approximate = True
         else:
             values.append(sample.final_value)
-            flops += sample.flops
+            flops += sample.flops - (sample.consistency_flops if threshold is None else 0.0)
             alone += sample.flops_large_alone
             calls += int(sample.reached_large)
     n = len(samples)

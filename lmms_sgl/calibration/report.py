@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lmms_sgl.calibration.calibrate import TaskCalibration
 from lmms_sgl.calibration.replay import ReplayPoint
-from lmms_sgl.calibration.runs import Run, split_model_args, with_exit_threshold
+from lmms_sgl.calibration.runs import Run, with_exit_threshold
 
 
 def threshold_text(threshold: float | None) -> str:
@@ -77,9 +77,6 @@ def task_text(result: TaskCalibration, run: Run) -> str:
 
 
 def full_model_args(run: Run, point: ReplayPoint) -> str:
-    if point.threshold is None:
-        kept = split_model_args(run.model_args)
-        return ",".join(p for p in kept if p.partition("=")[0].strip() != "exit_threshold")
     return with_exit_threshold(run.model_args, point.threshold)
 
 

@@ -86,10 +86,20 @@ class Run:
         return float(value)
 
 
-def with_exit_threshold(model_args: str, threshold: float) -> str:
-    """The run's ``--model_args`` with ``exit_threshold`` set to ``threshold`` (exact float repr)."""
-    kept = [p for p in split_model_args(model_args) if p.partition("=")[0].strip() != "exit_threshold"]
-    return ",".join([*kept, f"exit_threshold={threshold!r}"])
+# Arguments of the calibrated run that a recommended run replaces or no longer needs (with a
+# threshold the exit score is computed anyway; without one nothing reads it).
+CALIBRATION_ARGS = ("exit_threshold", "record_exit_score")
+
+
+def without_calibration_args(model_args: str) -> list[str]:
+    return [p for p in split_model_args(model_args) if p.partition("=")[0].strip() not in CALIBRATION_ARGS]
+
+
+def with_exit_threshold(model_args: str, threshold: float | None) -> str:
+    """The run's ``--model_args`` with ``exit_threshold`` set to ``threshold`` (exact float repr;
+    ``None``: left out) and ``record_exit_score`` left out."""
+    kept = without_calibration_args(model_args)
+    return ",".join(kept if threshold is None else [*kept, f"exit_threshold={threshold!r}"])
 
 
 def _results_file(path: Path) -> Path:

@@ -1,11 +1,12 @@
 """The analytic cost of each method for one request, split into what a user pays for.
 
 Every number comes from ``lmms_sgl.method.cost`` with the accounting the pipeline records at run time
-(``lmms_sgl/pipeline/accounting.py``): the guide pays its vision tower, its greedy generation, the recording
-attention (prompt rows from the last visual token, every fed-back token) and the consistency pass;
-the large model pays its vision tower, its prefill with layers ``>= K`` on the kept tokens, and its
-decode steps; FastV adds its one recorded row. Assumption: the prompt's text follows the image (so
-every text token is a recorded guide row), as in single-image VQA prompts.
+(``lmms_sgl/pipeline/accounting.py``): the guide pays its vision tower, its greedy generation, the
+recording attention (prompt rows from the last visual token, every fed-back token) and, in the rows
+with an exit rate (the only runs that read the exit score), the consistency pass; the large model
+pays its vision tower, its prefill with layers ``>= K`` on the kept tokens, and its decode steps;
+FastV adds its one recorded row. Assumption: the prompt's text follows the image (so every text
+token is a recorded guide row), as in single-image VQA prompts.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class Side:
 class Workload:
     prompt_tokens: int  # text tokens of the prompt (chat template + question)
     answer_tokens: int  # generated tokens (the answer length)
-    consistency_ratio: float = 0.05  # the guide's consistency pass, as SGLSettings' default
+    consistency_ratio: float = 0.05  # the guide's consistency pass (exit rows), as SGLSettings' default
 
 
 @dataclass(frozen=True)
@@ -73,18 +74,21 @@ class Cost:
         return self.guide + self.large
 
 
-def guide_flops(guide: Side, work: Workload) -> int:
-    """What the pipeline records for the guide's run (``SGLPipeline._run_guide``)."""
+def guide_flops(guide: Side, work: Workload, consistency: bool) -> int:
+    """What the pipeline records for the guide's run (``SGLPipeline._run_guide``); ``consistency``:
+    with its consistency pass, which runs only when an exit threshold (or calibration) reads it."""
     shape, visual = guide.text, guide.layout.visual_tokens
     prompt, answer = work.prompt_tokens + visual, work.answer_tokens
-    consistency = prompt - visual + keep_count(visual, work.consistency_ratio) + answer
-    return (
+    generation = (
         guide.layout.vision_flops
         + prefill_flops(shape, prompt)
         + decode_flops(shape, prompt, answer)
         + recording_flops(shape, prompt, work.prompt_tokens + 1, max(answer - 1, 0))
-        + prefill_flops(shape, consistency, logits=consistency)
     )
+    if not consistency:
+        return generation
+    kept = prompt - visual + keep_count(visual, work.consistency_ratio) + answer
+    return generation + prefill_flops(shape, kept, logits=kept)
 
 
 def large_flops(
@@ -127,12 +131,13 @@ def selected_units(layout: ImageLayout, n: int, keep_global: bool) -> tuple[int,
 
 
 def guided_rows(
-    large: Side, guide: Side, work: Workload, options: Options
+    large: Side, guide: Side, work: Workload, options: Options, exits: bool
 ) -> list[tuple[str, str, int, tuple, str]]:
-    """(method, setting, guide FLOPs, large (vision, prefill, decode), units) of every guided point."""
+    """(method, setting, guide FLOPs, large (vision, prefill, decode), units) of every guided point;
+    ``exits``: with early exit, so the guide pays its consistency pass."""
     layers, layout = large.text.num_layers, large.layout
     visual, full_vision = layout.visual_tokens, layout.vision_flops
-    paid = guide_flops(guide, work)
+    paid = guide_flops(guide, work, consistency=exits)
     every = _units_text(len(layout.units), layout)
     rows = []
     for ratio, (prune_layer, keep_ratio) in sorted(PAPER_PRESETS.items(), reverse=True):
@@ -197,7 +202,7 @@ def method_costs(large: Side, guide: Side, work: Workload, options: Options) -> 
             Cost(
                 "guide only",
                 guide_layout_text(side),
-                guide_flops(side, work),
+                guide_flops(side, work, consistency=False),  # nothing reads an exit score
                 0,
                 0,
                 0,
@@ -228,7 +233,7 @@ def method_costs(large: Side, guide: Side, work: Workload, options: Options) -> 
     for side in guides:
         for exit_rate in exits:
             for method, setting, paid, (vision, prefill, decode), units in guided_rows(
-                large, side, work, options
+                large, side, work, options, exits=exit_rate is not None
             ):
                 suffix = f"; guide {guide_layout_text(side)}" if side is not guide else ""
                 stay = 1.0 if exit_rate is None else 1.0 - exit_rate

@@ -6,9 +6,25 @@ every position. It accepts the longest prefix with ``d_i = g_{i-1}``, then adds 
 (at the first mismatch, or after the last draft), so every forward yields ``a + 1`` tokens and the
 answer is exactly the large model's greedy answer. Rejected drafts leave its KV cache.
 
-Drafts come from the guide: first its own answer (already computed, free), and once that is used
-up or contradicted, the guide continues greedily from the large model's accepted text, its own KV
-cache cut back to the prefix it shares with that text.
+Drafts come from the guide: first its own answer when it has one (SGL's guide step, free), and once
+that is used up or contradicted, the guide continues greedily from the large model's accepted text,
+its own KV cache cut back to the prefix it shares with that text. It drafts only the tokens a round
+asks for.
+
+How many drafts a round asks for is each row's :class:`DraftSchedule` (the policy):
+
+* the draft length starts at ``min(START_DRAFT, most)`` (``most`` = ``draft_tokens``), grows by 2
+  after a round whose drafts were all accepted and shrinks by 1 (not below 1) after a rejection, never
+  above ``most``;
+* a round that accepts none of its drafts is a *miss*: it cost guide forwards and a wider
+  verification for the one token plain decoding would have given. After ``MISSES_TO_PAUSE``
+  consecutive misses drafting *pauses*: the large model decodes plain one-token steps (a forward with
+  no drafts, no guide work) for ``PAUSE_STEPS`` tokens, then retries one round of a single draft. A
+  retry that misses pauses again for twice as long (at most ``LONGEST_PAUSE`` tokens); one that
+  accepts resumes drafting from length 1 and resets the pause length.
+
+The policy only chooses what is verified, never what is accepted, so answers stay exactly the large
+model's greedy answers whatever it decides.
 
 Batches decode in lockstep: each forward carries one chunk per row, right-padded to the longest;
 padding and rejected entries stay in the cache but are masked out in the model-level 2-D
@@ -208,13 +224,83 @@ class GuideDrafter:
         return drafts
 
 
-@dataclass
-class DraftStats:
-    """Per row: tokens drafted, drafts accepted, large-model forwards after the prefill."""
+START_DRAFT = 4  # a row's first draft length (capped by draft_tokens)
+MISSES_TO_PAUSE = 2  # consecutive rounds that accept nothing before drafting pauses
+PAUSE_STEPS = 8  # plain decode steps of a first pause
+LONGEST_PAUSE = 64  # pauses double after a failed retry, up to this many steps
 
+
+@dataclass
+class DraftSchedule:
+    """One row's drafting policy (module docstring) and what it did.
+
+    ``length``: drafts the next round asks for; ``pause_left``: plain steps left in the current pause
+    (``0``: not paused); ``retrying``: the next round is the one-draft retry after a pause. Counted:
+    ``rounds`` (verifications with at least one draft), ``drafted``, ``accepted``, ``forwards`` (large
+    forwards after the prefill), ``pauses`` (times drafting paused), ``paused_steps`` (plain steps
+    taken while paused), ``longest`` (most drafts in one round).
+    """
+
+    most: int
+    length: int = 0
+    misses: int = 0
+    pause_left: int = 0
+    pause_length: int = PAUSE_STEPS
+    retrying: bool = False
+    rounds: int = 0
     drafted: int = 0
     accepted: int = 0
     forwards: int = 0
+    pauses: int = 0
+    paused_steps: int = 0
+    longest: int = 0
+
+    def __post_init__(self) -> None:
+        if self.most < 1:
+            raise ValueError(f"draft_tokens={self.most} must be >= 1")
+        if not self.length:
+            self.length = min(START_DRAFT, self.most)
+
+    @property
+    def wanted(self) -> int:
+        """Drafts the next forward should verify (0: a plain decode step)."""
+        if self.pause_left:
+            return 0
+        return 1 if self.retrying else self.length
+
+    def update(self, drafted: int, accepted: int) -> None:
+        """After a large forward that verified ``drafted`` drafts and accepted ``accepted``."""
+        self.forwards += 1
+        if drafted == 0:  # a plain step: paused, or no room left in the answer
+            if self.pause_left:
+                self.pause_left -= 1
+                self.paused_steps += 1
+                self.retrying = self.pause_left == 0
+            return
+        self.rounds += 1
+        self.drafted += drafted
+        self.accepted += accepted
+        self.longest = max(self.longest, drafted)
+        if accepted == drafted:
+            self.length = min(self.length + 2, self.most)
+        else:
+            self.length = max(self.length - 1, 1)
+        self.misses = self.misses + 1 if accepted == 0 else 0
+        if self.retrying:
+            self.retrying = False
+            if accepted == 0:
+                self.pause_length = min(2 * self.pause_length, LONGEST_PAUSE)
+                self._pause()
+            else:
+                self.pause_length = PAUSE_STEPS
+        elif self.misses >= MISSES_TO_PAUSE:
+            self._pause()
+
+    def _pause(self) -> None:
+        self.pauses += 1
+        self.pause_left = self.pause_length
+        self.length = 1  # a retry that succeeds resumes from here
+        self.misses = 0
 
 
 def speculative_decode(
@@ -228,17 +314,17 @@ def speculative_decode(
     stop_ids: Sequence[int],
     pad_id: int,
     stop_text: Callable[[list[int]], int | None] | None = None,
-) -> tuple[list[list[int]], list[DraftStats]]:
+) -> tuple[list[list[int]], list[DraftSchedule]]:
     """Greedy answers of ``model`` for a batch whose prompts are in ``state``'s cache and whose first
-    answer tokens (from the prefill) are ``first_tokens``; ``drafter`` proposes up to
-    ``draft_tokens`` tokens per row and forward. A row stops at a stop token, at
-    ``max_new_tokens``, or where ``stop_text(tokens)`` (a stop string) returns the answer's length.
-    Returns each row's answer tokens and its :class:`DraftStats`."""
+    answer tokens (from the prefill) are ``first_tokens``; per row and forward ``drafter`` proposes
+    the drafts its :class:`DraftSchedule` asks for (at most ``draft_tokens``; none while paused). A
+    row stops at a stop token, at ``max_new_tokens``, or where ``stop_text(tokens)`` (a stop string)
+    returns the answer's length. Returns each row's answer tokens and its schedule."""
     if draft_tokens < 1:
         raise ValueError(f"draft_tokens={draft_tokens} must be >= 1")
     stops = set(stop_ids)
     answers = [[int(t)] for t in first_tokens]
-    stats = [DraftStats() for _ in answers]
+    schedules = [DraftSchedule(draft_tokens) for _ in answers]
     done = [False] * len(answers)
 
     def finish(row: int) -> None:
@@ -261,7 +347,7 @@ def speculative_decode(
         finish(row)
     while not all(done):
         live = [b for b in range(len(answers)) if not done[b]]
-        wanted = {b: min(draft_tokens, max_new_tokens - len(answers[b]) - 1) for b in live}
+        wanted = {b: min(schedules[b].wanted, max_new_tokens - len(answers[b]) - 1) for b in live}
         drafts = drafter.propose({b: (answers[b], wanted[b]) for b in live})
         chunks = [[answers[b][-1], *drafts[b]] if b in drafts else [] for b in range(len(answers))]
         logits = state.forward(model, chunks, pad_id)
@@ -269,10 +355,8 @@ def speculative_decode(
             choices = logits[b].argmax(-1).tolist()
             draft = drafts[b]
             accepted = common_prefix(draft, choices)
-            stats[b].drafted += len(draft)
-            stats[b].accepted += accepted
-            stats[b].forwards += 1
+            schedules[b].update(len(draft), accepted)
             answers[b] += [*draft[:accepted], choices[accepted]]
             state.keep(b, len(answers[b]) - 1)  # the cache holds every accepted token but the newest
             finish(b)
-    return answers, stats
+    return answers, schedules

@@ -42,6 +42,9 @@ class SGLSettings:
         exit_threshold: exit when (confidence + consistency) / 2 >= threshold, in [0, 1];
             ``None`` never exits.
         consistency_ratio: visual tokens kept in the consistency pass, in (0, 1].
+        record_exit_score: compute and record the exit score (the guide's consistency pass) even
+            without ``exit_threshold``, for a run that ``lmms-sgl-calibrate`` replays. Without it a
+            run with no threshold skips the pass (nothing would read it) and records no score.
         seed: seed of the ``random`` baseline.
         importance_precision: ``fp32`` (default: fp32 probabilities summed in fp32) or ``model``
             (the official arithmetic: eager probabilities in the model dtype, summed in it per forward,
@@ -67,6 +70,7 @@ class SGLSettings:
     keep_ratio: float = 0.2
     exit_threshold: float | None = None
     consistency_ratio: float = 0.05
+    record_exit_score: bool = False
     seed: int = 0
     importance_precision: str = "fp32"
     skip_units: bool = True
@@ -132,6 +136,13 @@ class SGLSettings:
                 raise ValueError(
                     f"exit_threshold applies to {_named(_guided())} only, got method={self.method!r}"
                 )
+        if not isinstance(self.record_exit_score, bool):
+            raise ValueError(f"record_exit_score={self.record_exit_score!r} must be true or false")
+        if self.record_exit_score and not method.guided:
+            raise ValueError(
+                f"record_exit_score=true records the guide's exit score; it applies to "
+                f"{_named(_guided())} only, got method={self.method!r}"
+            )
         if method.layers == registry.BEFORE_LM and self.prune_layer != 0:
             raise ValueError(
                 f"method={self.method!r} prunes before the language model (K = 0); "
@@ -179,6 +190,12 @@ class SGLSettings:
     @property
     def uses_guide(self) -> bool:
         return self.keep_method.uses_guide
+
+    @property
+    def scores_exit(self) -> bool:
+        """The guide's consistency pass and exit score run: something reads them (an exit threshold,
+        or a run recorded for calibration)."""
+        return self.exit_threshold is not None or self.record_exit_score
 
     def skips_units(self, num_layers: int) -> bool:
         """Whether the large model's unkept tokens never reach its first layer, so unit skipping

@@ -35,18 +35,26 @@ def guide_flops(
     n_visual: int,
     answer: int,
     recorded_rows: int,
-    consistency_ratio: float,
+    consistency_ratio: float | None,
 ) -> float:
-    """The guide's generation with importance recording, plus its consistency pass (the prompt
-    with only ``consistency_ratio`` of its visual tokens, followed by the answer)."""
+    """The guide's generation with importance recording, plus its consistency pass when it ran
+    (``consistency_ratio`` not ``None``, :func:`consistency_flops`)."""
     shape = guide.text_shape
-    kept_for_consistency = prompt - n_visual + keep_count(n_visual, consistency_ratio)
-    return (
+    generation = (
         vision
         + cost.generation_flops(shape, prompt, answer)
         + cost.recording_flops(shape, prompt, recorded_rows, max(answer - 1, 0))
-        + cost.prefill_flops(shape, kept_for_consistency + answer, logits=kept_for_consistency + answer)
     )
+    if consistency_ratio is None:
+        return generation
+    return generation + consistency_flops(guide, prompt, n_visual, answer, consistency_ratio)
+
+
+def consistency_flops(guide: LoadedVLM, prompt: int, n_visual: int, answer: int, ratio: float) -> float:
+    """The guide's consistency pass: one forward over the prompt with only ``ratio`` of its visual
+    tokens, followed by the answer, logits at every position."""
+    kept = prompt - n_visual + keep_count(n_visual, ratio) + answer
+    return cost.prefill_flops(guide.text_shape, kept, logits=kept)
 
 
 def large_alone_flops(large: LoadedVLM, vision: float, prompt: int, answer: int) -> float:

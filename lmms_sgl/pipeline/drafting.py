@@ -2,7 +2,9 @@
 model's drafted generation, and what the records say about it.
 
 The guide's drafts come from its SGL run (its answer and KV cache, :func:`drafts_from_run`) or,
-with ``method=large_only``, from a plain greedy run that only drafts (:func:`draft_only_step`).
+with ``method=large_only``, from the guide's prefill alone (:func:`draft_only_step`): nothing reads
+a ``large_only`` guide's answer (no importance, no exit), so it writes no answer up front and drafts
+only the tokens each verification round asks for (none while drafting is paused).
 :func:`drafted_generate` runs the large model's prefill with ``generate`` (so its first token is
 exactly ``generate``'s, ``min_new_tokens=1`` included) and then the speculative loop of
 ``lmms_sgl.method.drafting``, all under the caller's pruning context.
@@ -21,16 +23,17 @@ from torch import nn
 
 from lmms_sgl.families.base import LoadedVLM
 from lmms_sgl.method import cost
-from lmms_sgl.method.drafting import DecodeState, DraftStats, GuideDrafter, speculative_decode
-from lmms_sgl.method.guide import GuideRun, _shortest_prefix_with_stop, answer_lengths
+from lmms_sgl.method.drafting import DecodeState, DraftSchedule, GuideDrafter, speculative_decode
+from lmms_sgl.method.guide import GuideRun, _shortest_prefix_with_stop
 from lmms_sgl.pipeline import accounting
 from lmms_sgl.pipeline.records import Sample, SampleRecord
 
 
 @dataclass
 class GuideDrafts:
-    """The guide's greedy answers for a batch and the decoding state holding them, shared by the
-    batch's samples; :meth:`rows` narrows it to the samples the large model answers."""
+    """The guide's greedy answers (or, drafting lazily, their first tokens) for a batch and the
+    decoding state holding them, shared by the batch's samples; :meth:`rows` narrows it to the
+    samples the large model answers."""
 
     guide: LoadedVLM
     state: DecodeState
@@ -119,46 +122,28 @@ def greedy_prefill(loaded: LoadedVLM, inputs: dict, max_new_tokens: int) -> tupl
     return first, state
 
 
-def draft_only_step(
-    guide: LoadedVLM, samples: list[Sample], records: list[SampleRecord], max_new_tokens: int, until
-) -> GuideDrafts:
-    """``method=large_only`` with ``draft=guide``: the guide answers greedily only to draft (no
-    importance, no consistency, no exit); its FLOPs are counted in the records."""
+def draft_only_step(guide: LoadedVLM, samples: list[Sample], records: list[SampleRecord]) -> GuideDrafts:
+    """``method=large_only`` with ``draft=guide``: the guide's prefill and first greedy token only (no
+    importance, no consistency, no exit); it drafts the rest on demand during verification. Its
+    vision tower and prefill FLOPs are counted in the records (its drafting forwards by
+    :func:`record_drafting`)."""
     start = time.perf_counter()
     inputs = guide.family.build_batch(guide, [s.prompt for s in samples])
-    extra = {"stop_strings": list(until), "tokenizer": guide.tokenizer} if until else {}
-    with captured_positions(guide.text_model) as captured, torch.no_grad():
-        out = guide.model.generate(
-            **inputs,
-            do_sample=False,
-            num_beams=1,
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=1,
-            return_dict_in_generate=True,
-            **extra,
-        )
-    prompt = inputs["input_ids"].shape[1]
-    generated = out.sequences[:, prompt:]
-    lengths = answer_lengths(generated, guide.stop_token_ids, guide.tokenizer, until).tolist()
-    cached = out.past_key_values.get_seq_length() - prompt
-    state = DecodeState.after_prefill(
-        out.past_key_values, inputs["attention_mask"], captured.get("positions"), cached
-    )
+    first, state = greedy_prefill(guide, inputs, 1)
     seconds = (time.perf_counter() - start) / len(samples)
     _, real, vision = accounting.layout(guide, inputs, samples)
     for b, record in enumerate(records):
-        flops = vision[b] + cost.generation_flops(guide.text_shape, real[b], lengths[b])
+        flops = vision[b] + cost.prefill_flops(guide.text_shape, real[b])
         record.flops += flops
         record.extra["guide_flops"] = flops
         record.guide_seconds = seconds
-    answers = [generated[b, : lengths[b]].tolist() for b in range(len(samples))]
-    return GuideDrafts(guide, state, answers)
+    return GuideDrafts(guide, state, [[int(t)] for t in first.tolist()])
 
 
 @dataclass
 class DraftedRun:
     sequences: torch.Tensor  # [B, P + S]: prompt then answer, padded with the pad id
-    stats: list[DraftStats]
+    stats: list[DraftSchedule]
     large: DecodeState
     guide: DecodeState
 
@@ -227,6 +212,12 @@ def record_drafting(
         "large_forwards": 1 + stats.forwards,
         "guide_forwards": len(run.guide.forwards[row]),
         "guide_drafting_flops": drafting,
+        # the adaptive policy (lmms_sgl.method.drafting.DraftSchedule)
+        "rounds": stats.rounds,
+        "longest_draft": stats.longest,
+        "draft_length": stats.length,
+        "pauses": stats.pauses,
+        "paused_steps": stats.paused_steps,
     }
     return vision + prefill + verify
 

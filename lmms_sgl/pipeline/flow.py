@@ -126,10 +126,8 @@ class SGLPipeline:
             drafts = None
             if drafting and importance is not None:  # exited samples need no verification
                 drafts = importance[0].drafts.rows(remaining)
-            elif drafting:  # large_only: the guide runs only to draft
-                drafts = draft_only_step(
-                    self.guide, chosen, [records[i] for i in remaining], gen.max_new_tokens, gen.until
-                )
+            elif drafting:  # large_only: the guide runs only to draft, on demand
+                drafts = draft_only_step(self.guide, chosen, [records[i] for i in remaining])
             self._run_large(
                 chosen, [records[i] for i in remaining], gen, scores, self.settings.prunes, drafts
             )

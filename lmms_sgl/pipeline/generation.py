@@ -1,9 +1,10 @@
 """Generation requests: the task's generation settings, the guide's step and the large model's step.
 
-The guide answers greedily while its attention to the visual tokens is recorded, then its
-consistency pass and exit score are computed; the large model answers with the keep plan armed (or
-unpruned). Each step fills the sample records it is given; which samples take which step is decided
-in :mod:`lmms_sgl.pipeline.flow`.
+The guide answers greedily while its attention to the visual tokens is recorded, then, when
+something reads them (an exit threshold, or ``record_exit_score`` for calibration), its consistency
+pass and exit score are computed; the large model answers with the keep plan armed (or unpruned).
+Each step fills the sample records it is given; which samples take which step is decided in
+:mod:`lmms_sgl.pipeline.flow`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ from lmms_sgl.pipeline.records import GuideScores, Sample, SampleRecord
 # ...). Its own HF models never stop there (``llava_hf``/``internvl_hf`` ignore ``until``;
 # ``qwen2_5_vl`` removes exactly this string), and MM-Vet's step-by-step answers contain blank lines.
 LMMS_EVAL_DEFAULT_STOP = "\n\n"
+
+# What a record says when the guide's consistency pass did not run (``exit_score`` stays ``None``).
+SKIPPED_EXIT_SCORE = {
+    True: "no exit_threshold: the consistency pass did not run (record_exit_score=true runs it)",
+    False: "the guide answers every request: no consistency pass, no exit score",
+}
 
 
 @dataclass(frozen=True)
@@ -117,10 +124,15 @@ def guide_step(
         guide.tokenizer,
         gen.until,
     )
-    consistency = consistency_pass(guide.model, guide.text_model, run, settings.consistency_ratio)
-    scores = exit_score(run.confidence.cpu(), consistency.cpu())
-    exited = should_exit(scores, settings.exit_threshold).tolist()
-    seconds = (time.perf_counter() - start) / len(samples)
+    consistency = scores = None
+    exited = [False] * len(samples)
+    consistency_start = time.perf_counter()
+    if settings.scores_exit:
+        consistency = consistency_pass(guide.model, guide.text_model, run, settings.consistency_ratio)
+        scores = exit_score(run.confidence.cpu(), consistency.cpu())
+        exited = should_exit(scores, settings.exit_threshold).tolist()
+    end = time.perf_counter()
+    seconds, consistency_seconds = (end - start) / len(samples), (end - consistency_start) / len(samples)
 
     n_visual, real, vision = accounting.layout(guide, inputs, samples)
     boxes = guide.family.visual_boxes(guide, inputs, [s.prompt for s in samples])
@@ -130,12 +142,18 @@ def guide_step(
         text = guide.tokenizer.decode(run.generated[b, :length], skip_special_tokens=True)
         record.guide_answer = truncate_at(text, gen.until)
         record.confidence = float(run.confidence[b])
-        record.consistency = float(consistency[b])
-        record.exit_score = float(scores[b])
         record.guide_seconds = seconds
-        flops = accounting.guide_flops(
-            guide, vision[b], real[b], n_visual[b], length, rows[b], settings.consistency_ratio
-        )
+        ratio = settings.consistency_ratio if settings.scores_exit else None
+        flops = accounting.guide_flops(guide, vision[b], real[b], n_visual[b], length, rows[b], ratio)
+        if scores is None:
+            record.extra["exit_score_skipped"] = SKIPPED_EXIT_SCORE[settings.keep_method.guided]
+        else:
+            record.consistency = float(consistency[b])
+            record.exit_score = float(scores[b])
+            record.extra["consistency_flops"] = accounting.consistency_flops(
+                guide, real[b], n_visual[b], length, ratio
+            )
+            record.extra["consistency_seconds"] = consistency_seconds  # part of guide_seconds
         record.flops += flops
         record.extra["guide_flops"] = flops
         record.extra["guide_layout"] = layout_text(boxes[b])

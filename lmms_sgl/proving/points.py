@@ -38,6 +38,8 @@ class Point:
     prune_layer: float | None = None
     keep_ratio: float | None = None
     exit_threshold: float | None = None
+    # the guide's exit score without a threshold (its consistency pass), for the exit sweep's replay
+    record_exit_score: bool = False
     target_ratio: float | None = None
     task: str = TASK
     schedule: str = "K=1"
@@ -62,6 +64,8 @@ class Point:
             parts.append(f"p{self.prune_layer:.4f}")
         if self.exit_threshold is not None:
             parts.append(f"exit{self.exit_threshold!r}")
+        if self.record_exit_score:
+            parts.append("scored")
         if self.guide_max_tiles is not None:
             parts.append(f"guide{self.guide_max_tiles}t")
         if self.max_tiles is not None:
@@ -87,6 +91,8 @@ class Point:
             args.append(
                 f"exit_threshold={self.exit_threshold!r}"
             )  # exact: the replay compares the same float
+        if self.record_exit_score:
+            args.append("record_exit_score=true")
         if self.guide_max_tiles is not None:
             args.append(f"guide_max_tiles={self.guide_max_tiles}")
         if self.max_tiles is not None:

@@ -393,9 +393,10 @@ def write_report(out_dir: Path, data: dict, command: str) -> Path:
         "",
         f"## Early exit (SEE) on top of SGP at {_pct(EXIT_SWEEP_RATIO, 0)} %",
         "",
-        "One SGL run per family without exits logs, per sample, the guide's answer, the exit score and the",
-        "pruned large model's answer and cost; each threshold below replays that run (a sample exits when",
-        "its score reaches the threshold and then costs the guide only).",
+        "One SGL run per family without exits (`record_exit_score=true`) logs, per sample, the guide's",
+        "answer, the exit score and the pruned large model's answer and cost; each threshold below replays",
+        "that run (a sample exits when its score reaches the threshold and then costs the guide only;",
+        "without exit the guide's consistency pass is not counted, as a run without a threshold skips it).",
         "",
         "| family | threshold | accuracy % | large-model calls % | FLOPs % of large |",
         "|---|---|---|---|---|",
@@ -446,8 +447,8 @@ def run_study(
             rows.append({**summary, "series": series(summary)})
         summaries[family] = rows
         prune_layer, keep = schedule(EXIT_SWEEP_RATIO, num_layers)
-        no_exit = run_point(
-            Point(family, "sgl", prune_layer, keep, target_ratio=EXIT_SWEEP_RATIO),
+        no_exit = run_point(  # with exit scores (and their consistency pass) for the replay
+            Point(family, "sgl", prune_layer, keep, record_exit_score=True, target_ratio=EXIT_SWEEP_RATIO),
             root,
             work_dir,
             limit,
