@@ -38,8 +38,6 @@ class Point:
     prune_layer: float | None = None
     keep_ratio: float | None = None
     exit_threshold: float | None = None
-    # the guide's exit score without a threshold (its consistency pass), for the exit sweep's replay
-    record_exit_score: bool = False
     target_ratio: float | None = None
     task: str = TASK
     schedule: str = "K=1"
@@ -54,6 +52,14 @@ class Point:
     spread_radius: int | None = None
 
     @property
+    def records_exit_score(self) -> bool:
+        """Every guided point without an exit threshold records the guide's exit score (its
+        consistency pass runs and is counted in its FLOPs), so that any of them can have its exit
+        thresholds replayed (the exit sweep, the spread study's frontiers). The points cached before
+        the pass became optional ran it too, so the key needs no mark for it."""
+        return method_named(self.method).guided and self.exit_threshold is None
+
+    @property
     def key(self) -> str:
         parts = [self.family, self.method] if self.task == TASK else [self.family, self.task, self.method]
         if self.schedule == "preset":
@@ -64,8 +70,6 @@ class Point:
             parts.append(f"p{self.prune_layer:.4f}")
         if self.exit_threshold is not None:
             parts.append(f"exit{self.exit_threshold!r}")
-        if self.record_exit_score:
-            parts.append("scored")
         if self.guide_max_tiles is not None:
             parts.append(f"guide{self.guide_max_tiles}t")
         if self.max_tiles is not None:
@@ -91,7 +95,7 @@ class Point:
             args.append(
                 f"exit_threshold={self.exit_threshold!r}"
             )  # exact: the replay compares the same float
-        if self.record_exit_score:
+        if self.records_exit_score:
             args.append("record_exit_score=true")
         if self.guide_max_tiles is not None:
             args.append(f"guide_max_tiles={self.guide_max_tiles}")

@@ -448,7 +448,7 @@ def run_study(
         summaries[family] = rows
         prune_layer, keep = schedule(EXIT_SWEEP_RATIO, num_layers)
         no_exit = run_point(  # with exit scores (and their consistency pass) for the replay
-            Point(family, "sgl", prune_layer, keep, record_exit_score=True, target_ratio=EXIT_SWEEP_RATIO),
+            Point(family, "sgl", prune_layer, keep, target_ratio=EXIT_SWEEP_RATIO),
             root,
             work_dir,
             limit,
