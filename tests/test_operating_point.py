@@ -26,18 +26,19 @@ def test_real_pairs_are_priced_at_one_unit_layouts():
 
 
 def test_guide_share_and_keep_ratio_one(pair):
-    guide = guide_flops(pair.guide, pair.work)
+    guide = guide_flops(pair.guide, pair.work, consistency=False)  # no exit threshold: no pass
     alone = point_flops(pair, OperatingPoint("large_only"))
     assert point_ratio(pair, OperatingPoint("guide_only")) == pytest.approx(guide / alone)
     assert point_ratio(pair, OperatingPoint("random", 1, 1.0)) == pytest.approx(1.0)
     assert point_flops(pair, OperatingPoint("sgl", 2, 1.0)) == pytest.approx(alone + guide)
 
 
-def test_exit_weights_only_the_large_model(pair):
-    guide = guide_flops(pair.guide, pair.work)
+def test_exit_weights_only_the_large_model_and_pays_the_consistency_pass(pair):
+    guide = guide_flops(pair.guide, pair.work, consistency=False)
     stay = point_flops(pair, OperatingPoint("sgl", 0, 0.09)) - guide
     priced = point_flops(pair, OperatingPoint("sgl", 0, 0.09, exit_rate=0.3))
-    assert priced == pytest.approx(guide + 0.7 * stay)
+    scored = guide_flops(pair.guide, pair.work, consistency=True)
+    assert scored > guide and priced == pytest.approx(scored + 0.7 * stay)
     assert point_ratio(pair, OperatingPoint("sgl", 0, 0.09)) < point_ratio(
         pair, OperatingPoint("sgl", 0, 0.35)
     )

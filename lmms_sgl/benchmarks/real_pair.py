@@ -77,10 +77,13 @@ def _shape(name: str) -> TransformerShape:
     return TransformerShape.from_text_config(_config(name).text_config)
 
 
-def point_flops(point: Point, prompt_text: int, answer: int, encoded_units: int | None = None) -> float:
+def point_flops(
+    point: Point, prompt_text: int, answer: int, encoded_units: int | None = None, exits: bool = False
+) -> float:
     """FLOPs of one request at ``point`` on the real pair; ``encoded_units``: the tiles the large
     model's tower encoded in the benchmark run (unit skipping depends on where the guide's kept
-    tokens fell; the same keep set is priced)."""
+    tokens fell; the same keep set is priced); ``exits``: an exit threshold is set, so the guide's
+    consistency pass runs."""
     large = _config(LARGE)
     layout = internvl_layout(large, point.large_tiles)
     n_visual, shape = layout.visual_tokens, _shape(LARGE)
@@ -103,7 +106,7 @@ def point_flops(point: Point, prompt_text: int, answer: int, encoded_units: int 
     if point.guide_tiles is not None:
         guide = _config(GUIDE)
         side = Side(GUIDE, _shape(GUIDE), internvl_layout(guide, point.guide_tiles))
-        flops += guide_flops(side, Workload(prompt_text, answer))
+        flops += guide_flops(side, Workload(prompt_text, answer), consistency=exits)
     return float(flops)
 
 
@@ -125,7 +128,7 @@ def ratio(
 ) -> float:
     """``point`` over the large model alone at ``reference_tiles`` on the real pair; with
     ``exit_rate``, the guide answers that share alone (the large model's part is weighted)."""
-    total = point_flops(point, prompt_text, answer, encoded_units)
+    total = point_flops(point, prompt_text, answer, encoded_units, exits=bool(exit_rate))
     if exit_rate:
         large = point_flops(replace(point, guide_tiles=None), prompt_text, answer, encoded_units)
         total = (total - large) + (1.0 - exit_rate) * large

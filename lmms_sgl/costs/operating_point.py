@@ -103,8 +103,9 @@ def point_flops(pair: PricedPair, point: OperatingPoint) -> float:
         + selection
     )
     if method.answers_with_guide:
-        return guide_flops(pair.guide, work)
-    paid = guide_flops(pair.guide, work) if method.uses_guide else 0.0
+        return guide_flops(pair.guide, work, consistency=False)
+    # the consistency pass runs only where an exit threshold reads its score
+    paid = guide_flops(pair.guide, work, consistency=point.exit_rate > 0) if method.uses_guide else 0.0
     return paid + (1.0 - point.exit_rate) * large_run
 
 
