@@ -37,9 +37,12 @@ def test_real_operating_point_keeps_budget_and_schedule():
     assert real_operating_point(summary("sgl", 0.35, "preset"), layers, 0.3) == OperatingPoint(
         "sgl", int(0.2 * layers), 0.2, 0.3
     )
-    # DivPrune prunes before the language model at the schedule's layer-averaged ratio
-    before = real_operating_point(summary("divprune", 0.35, "preset"), layers)
-    assert before == OperatingPoint("divprune", 0, token_ratio(int(0.2 * layers), layers, 0.2))
+    # VisionZip prunes before the language model at the schedule's layer-averaged ratio
+    before = real_operating_point(summary("visionzip", 0.35, "preset"), layers)
+    assert before == OperatingPoint("visionzip", 0, token_ratio(int(0.2 * layers), layers, 0.2))
+    # DivPrune moved to layer K keeps the schedule, like SGL
+    at_k = real_operating_point(summary("divprune", 0.35, "preset"), layers)
+    assert at_k == OperatingPoint("divprune", int(0.2 * layers), 0.2)
     assert real_operating_point({"method": "large_only", "prune_layer": None}, layers).method == "large_only"
 
 

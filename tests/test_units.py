@@ -142,8 +142,11 @@ class Spy:
 
 def run_planned(loaded, prompts, scores, skip: bool, keep_ratio: float):
     """Prefill logits (every position, use_cache off) and 3 greedy tokens with their logits, the
-    planner's keep plan applied from layer 0, with or without unit skipping."""
-    settings = SGLSettings(method="sgl", prune_layer=0.0, keep_ratio=keep_ratio, skip_units=skip)
+    planner's keep plan applied from layer 0, with or without unit skipping. Top-k selection: the
+    crafted scores decide exactly which units the kept tokens touch (spreading would reach them all)."""
+    settings = SGLSettings(
+        method="sgl", prune_layer=0.0, keep_ratio=keep_ratio, skip_units=skip, selection="topk"
+    )
     planner = KeepPlanner(loaded, settings)
     samples = [Sample("t", i, p) for i, p in enumerate(prompts)]
     inputs = loaded.family.build_batch(loaded, prompts)

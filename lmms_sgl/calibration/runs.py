@@ -102,7 +102,7 @@ def with_exit_threshold(model_args: str, threshold: float | None) -> str:
     return ",".join(kept if threshold is None else [*kept, f"exit_threshold={threshold!r}"])
 
 
-def _results_file(path: Path) -> Path:
+def results_file(path: Path) -> Path:
     if not path.exists():
         raise CalibrationError(f"OUTPUT_DIR={str(path)!r} does not exist")
     if path.is_file():
@@ -126,7 +126,7 @@ def _results_file(path: Path) -> Path:
     return found[-1]
 
 
-def _read_rows(path: Path) -> list[dict]:
+def read_rows(path: Path) -> list[dict]:
     rows = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():
@@ -139,7 +139,7 @@ def _read_rows(path: Path) -> list[dict]:
     return rows
 
 
-def _records(row: dict) -> list[dict | None]:
+def sample_records(row: dict) -> list[dict | None]:
     return [
         (entry or {}).get("sgl") if isinstance(entry, dict) else None
         for entry in row.get("token_counts") or []
@@ -149,8 +149,8 @@ def _records(row: dict) -> list[dict | None]:
 def load_task_log(task: str, path: Path) -> tuple[TaskLog | None, str | None]:
     """The task's logged samples, or ``(None, reason)`` when the task cannot exit at all."""
     by_doc: dict[int, LoggedSample] = {}
-    for row in _read_rows(path):
-        records = _records(row)
+    for row in read_rows(path):
+        records = sample_records(row)
         if not records or any(r is None for r in records):
             raise CalibrationError(
                 f"{path.name}: document {row.get('doc_id')} has no SGL record (token_counts[i]['sgl']); "
@@ -178,7 +178,7 @@ def row_is_loglikelihood(row: dict) -> bool:
 
 def load_run(path: Path, tasks: list[str] | None = None) -> Run:
     """The run under ``path``; ``tasks`` restricts it (each must have been logged)."""
-    results_path = _results_file(Path(path))
+    results_path = results_file(Path(path))
     try:
         results = json.loads(results_path.read_text())
     except json.JSONDecodeError as error:

@@ -16,6 +16,7 @@ from loguru import logger
 
 from lmms_sgl.method.cost import prune_layer_index
 from lmms_sgl.method.registry import method_named
+from lmms_sgl.reporting.paired import mean_stderr, paired_gap  # noqa: F401  (the study's modules read them here)
 
 TASK = "sgl_shapes"
 FAMILIES = {
@@ -244,25 +245,6 @@ def ratio_stderr(numerators: list[float], denominators: list[float]) -> float:
     mean = sum(denominators) / n
     residuals = sum((a - ratio * b) ** 2 for a, b in zip(numerators, denominators, strict=True))
     return math.sqrt(residuals / (n * (n - 1))) / mean
-
-
-def mean_stderr(values: list[float]) -> tuple[float, float]:
-    """Mean of ``values`` and its standard error."""
-    n = len(values)
-    if not n:
-        raise ValueError("no values: a mean needs at least one (no samples in common?)")
-    mean = sum(values) / n
-    if n < 2:
-        return mean, float("nan")
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
-
-
-def paired_gap(a: dict, b: dict) -> tuple[float, float, int]:
-    """Mean of ``a[k] - b[k]`` over the keys (samples) both hold, its standard error
-    (``sd(d) / sqrt(n)``) and ``n``."""
-    common = sorted(set(a) & set(b))
-    mean, err = mean_stderr([a[k] - b[k] for k in common])
-    return mean, err, len(common)
 
 
 def write_section(

@@ -7,6 +7,9 @@
   from the no-exit SGL point's records by :mod:`lmms_sgl.calibration`;
 * :mod:`.report`: rows per task, paired differences against SGL, the frontier, Markdown, JSON, plots;
 * :mod:`.cli`: the command.
+
+May import every lower package (method, reporting, costs, calibration, lmms and the frontier of
+:mod:`lmms_sgl.proving.frontier`); the proving study builds its grids on it.
 """
 
 

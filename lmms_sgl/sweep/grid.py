@@ -34,7 +34,16 @@ PRESETS = tuple(sorted(PAPER_PRESETS, reverse=True))  # 0.64, 0.35, 0.09
 LAYOUT_KEYS = ("max_tiles", "guide_max_tiles", "guide_max_crops", "min_pixels", "max_pixels")
 GRID_KEYS = ("methods", "ratios", "selection", "layouts", "exit_thresholds", "skip_refused")
 # what the grid sets: the user's --model_args must leave these to it
-GRID_ARGS = ("method", "token_ratio", "prune_layer", "keep_ratio", "selection", "exit_threshold")
+RECORD_EXIT_SCORE = "record_exit_score"
+GRID_ARGS = (
+    "method",
+    "token_ratio",
+    "prune_layer",
+    "keep_ratio",
+    "selection",
+    "exit_threshold",
+    RECORD_EXIT_SCORE,
+)
 DECILES = "deciles"
 
 NAMED: dict[str, dict] = {
@@ -76,6 +85,15 @@ class SweepPoint:
         if self.selection is not None:
             out["selection"] = self.selection
         return {**out, **dict(self.layout)}
+
+    @property
+    def evaluated_args(self) -> dict:
+        """``args`` as evaluated: a guided point without a threshold also records the guide's exit
+        score (``record_exit_score=true``), so any exit threshold, also one added to the grid later,
+        is replayed from its records instead of re-running the models."""
+        if self.guided and "exit_threshold" not in self.args:
+            return {**self.args, RECORD_EXIT_SCORE: "true"}
+        return self.args
 
     @property
     def ratio_label(self) -> str:
@@ -216,9 +234,11 @@ def check_point(model: str, model_args: str, batch_size: int) -> None:
     instance.check_arguments({**simple_parse_args_string(model_args), "batch_size": batch_size})
 
 
-def point_model_args(base: str, point: SweepPoint) -> str:
-    """The user's ``--model_args`` followed by the point's own entries."""
-    return ",".join([*split_model_args(base), *(f"{k}={v}" for k, v in point.args.items())])
+def point_model_args(base: str, point: SweepPoint, evaluated: bool = False) -> str:
+    """The user's ``--model_args`` followed by the point's own entries: those a user runs the point
+    with, or (``evaluated``) those the sweep evaluates it with (:attr:`SweepPoint.evaluated_args`)."""
+    args = point.evaluated_args if evaluated else point.args
+    return ",".join([*split_model_args(base), *(f"{k}={v}" for k, v in args.items())])
 
 
 def build(grid: str, model: str, model_args: str, batch_size: int) -> Grid:
@@ -244,7 +264,7 @@ def build(grid: str, model: str, model_args: str, batch_size: int) -> Grid:
     kept, skipped = [], []
     for point in points:
         try:
-            check_point(model, point_model_args(model_args, point), batch_size)
+            check_point(model, point_model_args(model_args, point, evaluated=True), batch_size)
         except (ValueError, TypeError, OSError) as error:  # the model's own refusals (CheckpointError too)
             if skip:
                 skipped.append((point.label, str(error)))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lmms_sgl.proving.points import paired_gap
+from lmms_sgl.reporting.paired import paired_gap
 from lmms_sgl.sweep.run import Row
 
 COLUMNS = (

@@ -27,9 +27,10 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from lmms_sgl.calibration.runs import _read_rows, _results_file
+from lmms_sgl.calibration.runs import read_rows, results_file, sample_records
 from lmms_sgl.lmms.args import split_model_args
-from lmms_sgl.proving.points import mean_stderr
+from lmms_sgl.reporting.paired import mean_stderr
+from lmms_sgl.reporting.stats import Totals
 from lmms_sgl.sweep import SweepError
 from lmms_sgl.sweep.grid import SweepPoint, point_model_args
 
@@ -84,19 +85,26 @@ class Evaluated:
     """A finished point: where lmms-eval wrote it, and its arguments."""
 
     point: SweepPoint
-    model_args: str
+    model_args: str  # as evaluated (:func:`point_model_args` with ``evaluated=True``)
     folder: Path
     seconds: float
     cached: bool
 
     @property
+    def user_model_args(self) -> str:
+        """The ``--model_args`` a user runs this point with (no ``record_exit_score``)."""
+        own = split_model_args(point_model_args("", self.point, evaluated=True))
+        shared = [e for e in split_model_args(self.model_args) if e not in own]
+        return ",".join([*shared, *split_model_args(point_model_args("", self.point))])
+
+    @property
     def results(self) -> dict:
-        return json.loads(_results_file(self.folder).read_text())
+        return json.loads(results_file(self.folder).read_text())
 
     def samples(self, task: str) -> list[dict]:
-        results_path = _results_file(self.folder)
+        results_path = results_file(self.folder)
         prefix = results_path.name[: -len("_results.json")]
-        return _read_rows(results_path.parent / f"{prefix}_samples_{task}.jsonl")
+        return read_rows(results_path.parent / f"{prefix}_samples_{task}.jsonl")
 
 
 @dataclass
@@ -151,7 +159,7 @@ def say(message: str) -> None:
 
 def run_point(settings: Settings, point: SweepPoint, place: str = "") -> Evaluated:
     """The point's evaluation: from its folder when finished, else evaluated now."""
-    model_args = point_model_args(settings.model_args, point)
+    model_args = point_model_args(settings.model_args, point, evaluated=True)
     key = point_key(
         settings.model, model_args, settings.tasks, settings.limit, settings.batch_size, settings.force_simple
     )
@@ -251,6 +259,32 @@ def per_doc(rows: list[dict], metric: str) -> dict[str, float]:
     return out
 
 
+def without_exit_scoring(logged: list[dict]) -> dict:
+    """``flops_ratio`` and ``guide_seconds`` of a task's records without the guide's consistency pass,
+    which the sweep runs only to record exit scores (``record_exit_score=true``) and a user's run
+    without an exit threshold skips; empty when no record ran it (the run's own figures stand)."""
+    records, seen = [], set()
+    for row in logged:
+        if row["doc_id"] in seen:  # logged once per filter
+            continue
+        seen.add(row["doc_id"])
+        records += [r for r in sample_records(row) if r is not None]
+    if not any((r.get("extra") or {}).get("consistency_flops") for r in records):
+        return {}
+    totals = Totals()
+    for record in records:
+        extra = record.get("extra") or {}
+        totals.add(
+            {
+                **record,
+                "flops": record["flops"] - (extra.get("consistency_flops") or 0.0),
+                "guide_seconds": record["guide_seconds"] - (extra.get("consistency_seconds") or 0.0),
+            }
+        )
+    summary = totals.summary()
+    return {"flops_ratio": summary["flops_ratio"], "guide_seconds": summary["guide_seconds"]}
+
+
 def measured_rows(evaluated: Evaluated, metric: str | None) -> list[Row]:
     """One row per task of a measured point: lmms-eval's value and standard error, the pipeline's
     statistics of that task (``results["throughput"]["avg_sgl.<task>.*"]``)."""
@@ -277,6 +311,7 @@ def measured_rows(evaluated: Evaluated, metric: str | None) -> list[Row]:
             for k, v in results.get("throughput", {}).items()
             if k.startswith(f"avg_sgl.{task}.")
         }
+        stats.update(without_exit_scoring(evaluated.samples(task)))
         seconds = (stats.get("guide_seconds") or 0.0) + (stats.get("large_seconds") or 0.0)
         point = evaluated.point
         out.append(
@@ -300,7 +335,7 @@ def measured_rows(evaluated: Evaluated, metric: str | None) -> list[Row]:
                 large_call_rate=stats.get("large_call_rate"),
                 flops_ratio=stats.get("flops_ratio"),
                 seconds=seconds if stats else None,
-                model_args=evaluated.model_args,
+                model_args=evaluated.user_model_args,
                 folder=str(evaluated.folder),
                 higher_is_better=bool(results.get("higher_is_better", {}).get(task, {}).get(name, True)),
                 scores=scores,
@@ -381,7 +416,7 @@ def exit_rows(
                         large_call_rate=replayed.large_call_rate,
                         flops_ratio=replayed.flops_ratio,
                         seconds=seconds,
-                        model_args=f"{evaluated.model_args},exit_threshold={threshold!r}",
+                        model_args=f"{evaluated.user_model_args},exit_threshold={threshold!r}",
                         folder=str(evaluated.folder),
                         higher_is_better=bool(higher),
                         scores=scores,
