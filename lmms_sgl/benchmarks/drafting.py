@@ -3,10 +3,11 @@
 The benchmark pair's large model answers 256 scripted tokens; its guide agrees with each next token
 with probability 0, 0.5 or 0.9 (``lmms_sgl.factory.scripted_pairs``; weights are scripted, compute
 is the full models'). ``method=large_only`` with and without ``draft=guide``, interleaved: large-model
-forwards per answer token, the large step's seconds (its decode, verification forwards and the
-guide's continued drafting) and the whole sample's (plus the guide's own answer), and whether the
-answers are identical. ``python -m lmms_sgl.benchmarks.drafting`` runs this row alone and merges it
-into an existing report.
+forwards per answer token, the drafting policy's rounds and pauses, the large step's seconds (its
+decode or verification forwards and the guide's drafting, on demand) and the whole sample's (plus
+the guide's prefill), and whether the answers are identical. Ratios are medians of the per-round
+ratios (plain and drafted run back to back in each round, so load drifts cancel).
+``python -m lmms_sgl.benchmarks.drafting`` runs this row alone and merges it into an existing report.
 """
 
 from __future__ import annotations
@@ -79,8 +80,9 @@ def bench_drafting(
         plain, drafted = (measured[name] for name in ("plain", "drafted"))
         record = drafted[-1][1]
         stats = record.extra["drafting"]
-        large_plain = statistics.median(r.large_seconds for _, r in plain)
-        large_drafted = statistics.median(r.large_seconds for _, r in drafted)
+        pairs = list(zip(plain, drafted, strict=True))  # (seconds, record) of each round, plain first
+        large_ratio = statistics.median(b.large_seconds / a.large_seconds for (_, a), (_, b) in pairs)
+        total_ratio = statistics.median(b / a for (a, _), (b, _) in pairs)
         rows.append(
             {
                 "rounds": rounds,
@@ -92,12 +94,16 @@ def bench_drafting(
                 "large_forwards_per_token_drafted": stats["large_forwards"] / record.output_tokens,
                 # the guide's drafting forwards inside the large step (after its own answer)
                 "guide_forwards_per_token": stats["guide_forwards"] / record.output_tokens,
-                "large_seconds_plain": large_plain,
-                "large_seconds_drafted": large_drafted,
-                "large_ratio": large_drafted / large_plain,
+                "draft_rounds": stats["rounds"],
+                "pauses": stats["pauses"],
+                "paused_steps": stats["paused_steps"],
+                "large_seconds_plain": statistics.median(r.large_seconds for _, r in plain),
+                "large_seconds_drafted": statistics.median(r.large_seconds for _, r in drafted),
+                "large_ratio": large_ratio,
                 "seconds_plain": statistics.median(t for t, _ in plain),
                 "seconds_drafted": statistics.median(t for t, _ in drafted),
-                "guide_answer_seconds": statistics.median(r.guide_seconds for _, r in drafted),
+                "total_ratio": total_ratio,
+                "guide_prefill_seconds": statistics.median(r.guide_seconds for _, r in drafted),
                 "identical_answers": all(
                     d.answer == p.answer and d.output_tokens == p.output_tokens
                     for (_, d), (_, p) in zip(drafted, plain, strict=True)
@@ -115,6 +121,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny models, 32 tokens, one round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="torch threads (1 on a machine shared with other jobs: two threads on a busy core stall "
+        "at every forward, which penalises whichever side makes more forwards)",
+    )
+    parser.add_argument(
         "--agreements",
         type=float,
         nargs="+",
@@ -126,14 +139,19 @@ def main(argv: list[str] | None = None) -> None:
     if any(not 0 <= a <= 1 for a in args.agreements):
         parser.error(f"--agreements {args.agreements}: each must lie in [0, 1]")
     setup = setup_from(parser, args)
-    torch.set_num_threads(2)
+    if args.threads < 1:
+        parser.error(f"--threads {args.threads}: must be >= 1")
+    torch.set_num_threads(args.threads)
     specs, tokens, rounds = (SMOKE, 32, 1) if args.smoke else (FULL, 256, args.rounds)
     specs = setup.specs(specs)
     raw = args.out.with_suffix(".json")
     results = json.loads(raw.read_text()) if raw.exists() else None
     if results is None:
         raise SystemExit(f"{raw} is missing: run lmms-sgl-benchmark first, then this row")
-    rows = bench_drafting(specs, tokens, rounds, agreements=tuple(args.agreements), setup=setup)
+    rows = [
+        {**row, "threads": args.threads}
+        for row in bench_drafting(specs, tokens, rounds, agreements=tuple(args.agreements), setup=setup)
+    ]
     kept = {row["agreement"]: row for row in results.get("drafting", [])}  # rows measured earlier
     kept.update({row["agreement"]: row for row in rows})
     rows = [kept[a] for a in sorted(kept)]
@@ -142,6 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         "python -m lmms_sgl.benchmarks.drafting"
         + (" --smoke" if args.smoke else f" --rounds {args.rounds}")
         + (f" {setup.arguments()}" if setup.arguments() else "")
+        + ("" if args.threads == 2 else f" --threads {args.threads}")
         + f" --agreements {' '.join(f'{a:g}' for a in args.agreements)} --out {args.out}"
     )
     results["drafting_command"] = command

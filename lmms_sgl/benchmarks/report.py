@@ -14,7 +14,9 @@ from lmms_sgl.benchmarks import real_pair
 from lmms_sgl.benchmarks.real_pair import Point
 
 EXIT_RATES = (0.0, 0.2, 0.4)
-DRAFT_GOAL_FAST, DRAFT_GOAL_SLOW = 0.4, 1.15  # large step at 90 % agreement / overhead at 0 %
+# draft=guide against plain decoding: the large step at 90 % agreement (issue 37 keeps the 0.60x
+# measured before the adaptive policy as the bar), the whole sample at 0 % agreement
+DRAFT_GOAL_FAST, DRAFT_GOAL_SLOW = 0.6, 1.10
 TILES = {256: 1, 1792: 6}  # the benchmark images' layouts: 1 tile; 6 tiles + thumbnail
 
 
@@ -207,6 +209,25 @@ def end_to_end_table(results: dict) -> list[str]:
     return lines
 
 
+def end_to_end_intro(results: dict) -> list[str]:
+    """What section 3 measured: results from before the consistency pass became exit-only counted it
+    in every column (their rows carry no ``consistency_flops``)."""
+    if any("consistency_flops" in row for row in results["end_to_end"]):
+        return [
+            "Whole pipeline per sample (vision towers, guide generation with recording, its consistency "
+            "pass with exits, pruned large model; 10 new tokens) against the large model alone, "
+            "configurations interleaved. Exit rates are composed from the measured parts: time = guide + "
+            "(1 - exit rate) x large, the guide's consistency pass (measured alongside) counted only with "
+            "exits, as a run without a threshold skips it."
+        ]
+    return [
+        "Whole pipeline per sample (vision towers, guide generation with recording, consistency pass, "
+        "pruned large model; 10 new tokens) against the large model alone, configurations interleaved. "
+        "Exit rates are composed from the measured parts: time = guide + (1 - exit rate) x large. "
+        "Measured when every SGL run paid the consistency pass; a run without a threshold now skips it."
+    ]
+
+
 def memory_table(results: dict) -> list[str]:
     lines = md_header(
         "visual tokens",
@@ -351,55 +372,76 @@ def drafting_section(rows: list[dict], command: str, note: str = "") -> list[str
         f"Reproduce: `{command}`{f' ({note})' if note else ''}. The large model answers "
         f"{rows[0]['new_tokens']} scripted tokens (EOS "
         "included); the guide agrees with each next token at the given rate. `method=large_only` with "
-        f"and without `draft=guide` (draft_tokens={rows[0]['draft_tokens']}), interleaved in one run. "
-        "*Large s* is the large step (prefill, decode or verification, and the guide's drafting after "
-        "its own answer runs out or is rejected); *total s* adds the guide's own answer. Goals: large "
-        f"step <= {DRAFT_GOAL_FAST}x plain at 90 % agreement, <= {DRAFT_GOAL_SLOW}x at 0 %, "
+        f"and without `draft=guide` (draft_tokens={rows[0]['draft_tokens']}: the most drafts per round; "
+        "the draft length adapts and drafting pauses while nothing is accepted, "
+        f"`lmms_sgl.method.drafting`), interleaved in one run, {rows[0].get('threads', 2)} torch "
+        "thread(s). *Large s* is the large step: prefill, "
+        "decode or verification, and the guide's drafting (on demand: a `large_only` guide writes no "
+        "answer up front); *total s* adds the guide's prefill. Ratios are medians of the per-round "
+        "ratios. *Rounds*: verification forwards with drafts; *pauses*: times drafting paused. Goals: "
+        f"total <= {DRAFT_GOAL_SLOW}x plain at 0 % agreement, large step <= {DRAFT_GOAL_FAST}x at 90 %, "
         "identical answers.",
         "",
         *md_header(
             "agreement",
             "acceptance",
-            "large fwd/token plain",
             "large fwd/token drafted",
+            "rounds",
+            "pauses",
             "large s plain",
             "large s drafted",
             "large ratio",
             "total s plain",
             "total s drafted",
+            "total ratio",
             "identical",
             "FLOPs ratio",
             f"{real_pair.LABEL} large step (decode-bound estimate)",
         ),
     ]
     for row in rows:
+        total = row.get("total_ratio", row["seconds_drafted"] / row["seconds_plain"])
         lines.append(
             md_row(
                 f"{row['agreement']:.0%}",
                 _f(row["acceptance_rate"]),
-                _f(row["large_forwards_per_token_plain"]),
                 _f(row["large_forwards_per_token_drafted"]),
+                row.get("draft_rounds", "-"),
+                row.get("pauses", "-"),
                 _f(row["large_seconds_plain"]),
                 _f(row["large_seconds_drafted"]),
                 _f(row["large_ratio"]),
                 _f(row["seconds_plain"]),
                 _f(row["seconds_drafted"]),
+                _f(total),
                 "yes" if row["identical_answers"] else "**no**",
                 _f(row["flops_ratio"]),
                 drafting_estimate_text(row),
             )
         )
     verdicts = []
-    for agreement, goal in ((0.9, DRAFT_GOAL_FAST), (0.0, DRAFT_GOAL_SLOW)):
+    for agreement, goal, measured in (
+        (0.9, DRAFT_GOAL_FAST, "large_ratio"),
+        (0.0, DRAFT_GOAL_SLOW, "total_ratio"),
+    ):
         row = next((r for r in rows if r["agreement"] == agreement), None)
-        if row is not None:
-            estimate, kind = drafting_estimate(row)
-            met = "met" if estimate <= goal else "not met"
-            if estimate > goal and kind == "bound":
-                met = "open (the bound is above the goal)"
+        if row is None:
+            continue
+        here = row.get(measured)
+        if here is not None:
+            what = "large step" if measured == "large_ratio" else "whole sample"
             verdicts.append(
-                f"{agreement:.0%} agreement: {drafting_estimate_text(row)} against {goal}x, {met}"
+                f"{agreement:.0%} agreement on this machine: {what} {here:.3f}x against {goal}x, "
+                + ("met" if here <= goal else "not met")
             )
+        estimate, kind = drafting_estimate(row)
+        met = "met" if estimate <= goal else "not met"
+        if estimate > goal and kind == "bound":
+            met = "open (the bound is above the goal)"
+        verdicts.append(
+            f"{agreement:.0%} agreement on {real_pair.LABEL}: {drafting_estimate_text(row)} "
+            f"against {goal}x, {met}"
+        )
     lines += [
         "",
         f"On {real_pair.LABEL} decode is bandwidth-bound: a forward of 5 tokens costs about one of 1, so the "
@@ -487,11 +529,7 @@ def write_report(results: dict, out: Path, command: str, notes: str = READING) -
         "",
         "## 3. End to end per sample",
         "",
-        "Whole pipeline per sample (vision towers, guide generation with recording, its consistency pass "
-        "with exits, pruned large model; 10 new tokens) against the large model alone, configurations "
-        "interleaved. "
-        "Exit rates are composed from the measured parts: time = guide + (1 - exit rate) x large, "
-        "the guide's consistency pass (measured alongside) counted only with exits.",
+        *end_to_end_intro(results),
         "",
         *end_to_end_table(results),
         "",
