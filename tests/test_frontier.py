@@ -16,6 +16,7 @@ from lmms_sgl.proving.frontier import (
     real_operating_point,
 )
 from lmms_sgl.proving.points import schedule
+from lmms_sgl.reporting.frontier import on_frontier
 
 
 def summary(method, ratio, name, exit_rate=0.0):
@@ -51,6 +52,12 @@ def row(label, accuracy, proving, real, offset=0, budget=0.09, guided=True):
     right = round(accuracy * 100)
     scores = {str(i): float(offset <= i < offset + right) for i in range(100)}
     return CostedRow(label, budget, guided, accuracy, 0.04, scores, proving, real)
+
+
+def test_on_frontier_keeps_the_best_of_equal_costs_and_refuses_unequal_lengths():
+    assert on_frontier([0.5, 0.5, 0.2, 1.0], [0.6, 0.7, 0.6, 0.65]) == [False, True, True, False]
+    with pytest.raises(ValueError, match="2 costs but 1 scores"):
+        on_frontier([0.1, 0.2], [0.5])
 
 
 def test_frontier_marks_points_no_cheaper_point_beats():

@@ -32,6 +32,7 @@ FORBIDDEN = {
     "checkpoints": {"families", "pipeline", "lmms", "reporting", "benchmarks", "proving", "calibration"},
     "reporting": {"lmms", "benchmarks", "proving", "calibration", "factory"},
     "factory": {"pipeline", "lmms", "reporting", "benchmarks", "proving", "calibration"},
+    "sweep": {"proving", "benchmarks"},  # the proving study is built on the sweep, not the reverse
 }
 
 

@@ -268,6 +268,19 @@ def no_evaluation(monkeypatch):
             None,
             ["exit threshold 1.5"],
         ),
+        ({"grids": [{"methods": ["sgl"], "colour": 1}]}, None, None, ["grids[0]: a mapping with keys among"]),
+        (
+            {"grids": [{"methods": ["sgl"], "ratios": [0.35]}], "methods": ["fastv"]},
+            None,
+            None,
+            ["grids: give"],
+        ),
+        (
+            {"grids": [{"methods": ["sgl"], "ratios": [0.35]}, {"methods": ["fastv"], "ratios": [0.09]}]},
+            None,
+            None,
+            ["'fastv 9 %'", "needs K >= 1"],
+        ),
     ],
 )
 def test_bad_grid_fails_before_any_model_loads(spec, model, args, said, tmp_path, capsys, no_evaluation):

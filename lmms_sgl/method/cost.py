@@ -40,6 +40,20 @@ def token_ratio(layer_k: int, num_layers: int, keep_ratio: float) -> float:
     return (layer_k + (num_layers - layer_k) * keep_ratio) / num_layers
 
 
+def shared_schedule(target: float, num_layers: int, layer_k: int = 1) -> tuple[float, float]:
+    """``(prune_layer, keep_ratio)`` reaching the layer-averaged ``target`` ratio with pruning from
+    layer ``layer_k`` on. Methods sharing one schedule differ only in which tokens they keep; K = 1 is
+    the earliest layer at which FastV can rank (it reads layer K-1's attention). ``prune_layer`` sits
+    mid-layer, so :func:`prune_layer_index` gives back ``layer_k``."""
+    keep = (target * num_layers - layer_k) / (num_layers - layer_k)
+    if not 0 < keep <= 1:
+        raise ValueError(f"target ratio {target} is out of reach with K={layer_k} of {num_layers} layers")
+    prune_layer = (layer_k + 0.5) / num_layers
+    if prune_layer_index(num_layers, prune_layer) != layer_k:
+        raise ValueError(f"K={layer_k} is not a layer of a {num_layers}-layer model")
+    return prune_layer, keep
+
+
 def measured_token_ratio(layer_k: int, num_layers: int, kept_visual: int, total_visual: int) -> float:
     """The same average for a concrete sample (``kept / total`` is floor-rounded r)."""
     if total_visual == 0:

@@ -21,6 +21,7 @@ from lmms_sgl.costs.operating_point import OperatingPoint, PricedPair, point_rat
 from lmms_sgl.method.cost import PAPER_PRESETS, prune_layer_index, token_ratio
 from lmms_sgl.method.registry import BEFORE_LM, method_named
 from lmms_sgl.proving.points import guide_exact_match, paired_gap, schedule
+from lmms_sgl.reporting.frontier import on_frontier
 
 SCHEDULE_K = {"K=0": 0, "K=1": 1}
 
@@ -123,11 +124,9 @@ def exit_rows(summary: dict, payload: dict, thresholds: list[float], label: str,
 def mark_frontiers(rows: list[CostedRow]) -> None:
     """Set ``on_proving`` / ``on_real``: no other row costs as little or less and scores higher."""
     for cost, flag in (("proving", "on_proving"), ("real", "on_real")):
-        best = -1.0
-        for row in sorted(rows, key=lambda r: (getattr(r, cost), -r.accuracy)):
-            if row.accuracy > best:
-                setattr(row, flag, True)
-                best = row.accuracy
+        marked = on_frontier([getattr(r, cost) for r in rows], [r.accuracy for r in rows])
+        for row, on in zip(rows, marked, strict=True):
+            setattr(row, flag, on)
 
 
 def gap_to_frontier(row: CostedRow, rows: list[CostedRow], cost: str) -> tuple[CostedRow, float, float]:

@@ -1,7 +1,8 @@
 """Proving-ground points: one lmms-eval run each (a method, its K and keep ratio), cached as JSON.
 
-The study (:mod:`.study`) and its resolution section (:mod:`.resolution`) both evaluate points
-through lmms-eval's own evaluator, as the CLI does, and summarise them the same way.
+The study (:mod:`.study`) and its sections evaluate every point with the sweep's engine
+(:func:`lmms_sgl.sweep.run.evaluate`: lmms-eval's own evaluator, as the CLI runs it, its samples log
+written beside the cached summary) and summarise them the same way.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from lmms_sgl.method.cost import prune_layer_index
+from lmms_sgl.method.cost import shared_schedule as schedule  # noqa: F401  (the study's name)
 from lmms_sgl.method.registry import method_named
 from lmms_sgl.reporting.paired import mean_stderr, paired_gap  # noqa: F401  (the study's modules read them here)
 
@@ -109,16 +110,10 @@ class Point:
         return ",".join(args)
 
 
-def schedule(target: float, num_layers: int, layer_k: int = 1) -> tuple[float, float]:
-    """``(prune_layer, keep_ratio)`` reaching the layer-averaged ``target`` ratio with pruning from
-    layer ``layer_k`` on. All methods share one schedule, so they differ only in which tokens they
-    keep; K = 1 is the earliest layer at which FastV can rank (it reads layer K-1's attention)."""
-    keep = (target * num_layers - layer_k) / (num_layers - layer_k)
-    if not 0 < keep <= 1:
-        raise ValueError(f"target ratio {target} is out of reach with K={layer_k} of {num_layers} layers")
-    prune_layer = (layer_k + 0.5) / num_layers
-    assert prune_layer_index(num_layers, prune_layer) == layer_k
-    return prune_layer, keep
+def text_layers(checkpoint: Path) -> int:
+    """The decoder layers of a checkpoint's language model (its ``config.json``)."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    return config["text_config"]["num_hidden_layers"]
 
 
 @functools.lru_cache
@@ -141,22 +136,21 @@ def run_point(point: Point, root: Path, work_dir: Path, limit: int | None, batch
     )
     if cache.exists():
         return json.loads(cache.read_text())
-    from lmms_eval.evaluator import simple_evaluate
-    from lmms_eval.tasks import TaskManager
+    from lmms_sgl.sweep.run import Settings, evaluate
 
     model, _, _ = FAMILIES[point.family]
     logger.info(f"study point {point.key}: {point.model_args(root)}")
-    results = simple_evaluate(
+    settings = Settings(
         model=model,
         model_args=point.model_args(root),
         tasks=[point.task],
-        batch_size=batch_size,
+        include_paths=[str(root / "tasks")],
         limit=limit,
-        log_samples=True,
-        bootstrap_iters=0,
-        task_manager=TaskManager("WARNING", include_path=str(root / "tasks"), include_defaults=False),
-        verbosity="WARNING",
+        batch_size=batch_size,
+        output_path=work_dir,
     )
+    # the sweep's engine: lmms-eval's evaluator, its samples log kept beside the summary
+    results = evaluate(settings, settings.model_args, work_dir / "lmms-eval" / cache.stem)
     rows = []
     for logged in results["samples"][point.task]:
         record = logged["token_counts"][0]["sgl"] if logged.get("token_counts") else {}

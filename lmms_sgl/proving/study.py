@@ -20,6 +20,8 @@ from loguru import logger
 
 from lmms_sgl.method.cost import PAPER_PRESETS, prune_layer_index, token_ratio
 from lmms_sgl.method.registry import methods_where
+from lmms_sgl.proving.grids import BASELINES_2025, PRUNING_METHODS, TARGET_RATIOS
+from lmms_sgl.proving.grids import study_points as points
 from lmms_sgl.proving.points import (
     FAMILIES,
     TASK,
@@ -31,13 +33,9 @@ from lmms_sgl.proving.points import (
     run_point,
     schedule,
     summarize,
+    text_layers,
 )
 
-TARGET_RATIOS = (0.64, 0.5, 0.35, 0.2, 0.09)
-PRUNING_METHODS = ("sgl", "fastv", "random")
-# The 2025 training-free methods beside them: DivPrune and VisionZip prune before the language model
-# (K = 0, keep ratio = the target ratio), PDrop in stages from the schedule's K.
-BASELINES_2025 = ("divprune", "visionzip", "pdrop")
 # How a point chooses K and the keep ratio for its target ratio:
 #   "K=1"     one schedule shared by every method: K = 1, keep ratio solved for the target;
 #   "K=0"     SGL pruning before the first layer (only a guide can rank there);
@@ -57,21 +55,6 @@ NEVER = 1.0 + 1e-9  # an exit threshold no score reaches (scores lie in [0, 1])
 PAPER_RETAINED = {("sgl", 0.09): 0.8958, ("fastv", 0.09): 0.4699}
 
 
-def preset_points(family: str, num_layers: int) -> list[Point]:
-    """Every method at the paper's presets (64 / 35 / 9 %), as a user passing ``prune_layer`` and
-    ``keep_ratio`` from the paper would run them; FastV only where K = int(L x prune_layer) >= 1."""
-    out = []
-    for ratio, (prune_layer, keep) in PAPER_PRESETS.items():
-        can_rank = prune_layer_index(num_layers, prune_layer) >= 1
-        out += [
-            Point(family, m, prune_layer, keep, target_ratio=ratio, schedule="preset")
-            for m in PRUNING_METHODS
-            if m != "fastv" or can_rank
-        ]
-        out += baseline_points(family, num_layers, ratio, prune_layer, keep, "preset")
-    return out
-
-
 def baseline_points(
     family: str, num_layers: int, ratio: float, prune_layer: float, keep: float, schedule_name: str
 ) -> list[Point]:
@@ -86,19 +69,6 @@ def baseline_points(
     if layer_k >= 1:
         out.append(Point(family, "pdrop", prune_layer, keep, target_ratio=ratio, schedule=schedule_name))
     return out
-
-
-def points(family: str, num_layers: int) -> list[Point]:
-    """References, the three methods on the shared K = 1 schedule, SGL pruning from layer 0 (which
-    only a guide makes possible: FastV needs one full layer to rank) and the paper's presets."""
-    out = [Point(family, "large_only"), Point(family, "guide_only")]
-    for ratio in TARGET_RATIOS:
-        prune_layer, keep = schedule(ratio, num_layers)
-        out += [Point(family, m, prune_layer, keep, target_ratio=ratio) for m in PRUNING_METHODS]
-        out += baseline_points(family, num_layers, ratio, prune_layer, keep, "K=1")
-        from_zero = schedule(ratio, num_layers, layer_k=0)
-        out.append(Point(family, "sgl", *from_zero, target_ratio=ratio, schedule="K=0"))
-    return out + preset_points(family, num_layers)
 
 
 def series(summary: dict) -> str:
@@ -497,8 +467,7 @@ def run_study(
 
 
 def _num_layers(path: Path) -> int:
-    config = json.loads((path / "config.json").read_text())
-    return config["text_config"]["num_hidden_layers"]
+    return text_layers(path)
 
 
 def main(argv: list[str] | None = None) -> None:

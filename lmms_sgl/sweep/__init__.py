@@ -8,8 +8,8 @@
 * :mod:`.report`: rows per task, paired differences against SGL, the frontier, Markdown, JSON, plots;
 * :mod:`.cli`: the command.
 
-May import every lower package (method, reporting, costs, calibration, lmms and the frontier of
-:mod:`lmms_sgl.proving.frontier`); the proving study builds its grids on it.
+May import every lower package (method, reporting, costs, calibration, lmms), never the proving
+ground: the proving study is built on it.
 """
 
 

@@ -4,9 +4,13 @@ A grid is a named grid (:data:`NAMED`) or a YAML file with the same keys::
 
     methods: [sgl, fastv, large_only, guide_only]    # method= names (lmms_sgl.method.registry)
     ratios: [0.64, 0.35, {prune_layer: 0.25, keep_ratio: 0.3}]   # presets (token_ratio=) or pairs
+    # or shared schedules: every method prunes from layer K, keeping what reaches the layer-averaged
+    # budget on the large model's depth (DivPrune, VisionZip: before the LM at that budget)
+    # ratios: [{budget: 0.35, layer_k: 1}, {budget: 0.09, layer_k: 0}]
     selection: [topk, spread]                        # optional; applies to guided methods (sgl)
     layouts: [{}, {max_tiles: 6, guide_max_tiles: 1}]  # optional; image layouts (InternVL tiles)
     exit_thresholds: [0.9, 0.8]                      # or "deciles"; replayed from each SGL point
+    # grids: [{methods: ..., ratios: ...}, ...]       # instead of the four keys above: a union of grids
     skip_refused: false                              # true: drop points the model refuses (noted)
 
 Methods that do not prune (``large_only``, ``guide_only``) run once per layout, ignoring ratios and
@@ -19,20 +23,21 @@ fails before the first evaluation, naming the point.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
 
 from lmms_sgl.lmms.args import reject_repeated_arguments, split_model_args
-from lmms_sgl.method.cost import PAPER_PRESETS
+from lmms_sgl.method.cost import PAPER_PRESETS, shared_schedule
 from lmms_sgl.method.registry import METHODS, method_named
 from lmms_sgl.method.spread import SELECTIONS
 from lmms_sgl.sweep import SweepError
 
 PRESETS = tuple(sorted(PAPER_PRESETS, reverse=True))  # 0.64, 0.35, 0.09
 LAYOUT_KEYS = ("max_tiles", "guide_max_tiles", "guide_max_crops", "min_pixels", "max_pixels")
-GRID_KEYS = ("methods", "ratios", "selection", "layouts", "exit_thresholds", "skip_refused")
+POINT_KEYS = ("methods", "ratios", "selection", "layouts")
+GRID_KEYS = (*POINT_KEYS, "grids", "exit_thresholds", "skip_refused")
 # what the grid sets: the user's --model_args must leave these to it
 RECORD_EXIT_SCORE = "record_exit_score"
 GRID_ARGS = (
@@ -78,6 +83,7 @@ class SweepPoint:
     ratio: tuple = ()  # (("token_ratio", 0.35),) or (("prune_layer", .25), ("keep_ratio", .3)); () unpruned
     selection: str | None = None
     layout: tuple = ()  # ((name, value), ...)
+    schedule: tuple = ()  # (("budget", 0.35), ("layer_k", 1)): a shared schedule, resolved into ``ratio``
 
     @property
     def args(self) -> dict:
@@ -97,6 +103,9 @@ class SweepPoint:
 
     @property
     def ratio_label(self) -> str:
+        if self.schedule:
+            shared = dict(self.schedule)
+            return f"{100 * shared['budget']:g} % K={shared['layer_k']}"
         ratio = dict(self.ratio)
         if "token_ratio" in ratio:
             return f"{100 * ratio['token_ratio']:g} %"
@@ -107,7 +116,7 @@ class SweepPoint:
     @property
     def label(self) -> str:
         parts = [self.method]
-        if self.ratio:
+        if self.ratio or self.schedule:
             parts.append(self.ratio_label)
         if self.selection is not None:
             parts.append(self.selection)
@@ -153,25 +162,48 @@ def _as_list(spec: dict, key: str, default: list) -> list:
     return value if isinstance(value, list) else [value]
 
 
+RATIO_FORMS = (
+    "a preset ({}), {{prune_layer: P, keep_ratio: R}} or a shared schedule {{budget: B, layer_k: K}}"
+)
+
+
 def _ratio(entry) -> tuple:
-    """A ratio entry as ``--model_args`` items: a number is a ``token_ratio`` preset."""
+    """A ratio entry as ``--model_args`` items (a number is a ``token_ratio`` preset), or a shared
+    schedule ``(("budget", B), ("layer_k", K))`` that :func:`resolve_schedules` turns into items."""
+    forms = RATIO_FORMS.format(", ".join(f"{p:g}" for p in PRESETS))
     if isinstance(entry, dict):
+        if set(entry) == {"budget", "layer_k"}:
+            budget, layer_k = entry["budget"], entry["layer_k"]
+            if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
+                raise SweepError(f"ratio {entry!r}: budget must be a number in (0, 1]")
+            if isinstance(layer_k, bool) or not isinstance(layer_k, int) or layer_k < 0:
+                raise SweepError(f"ratio {entry!r}: layer_k must be a layer index (an integer >= 0)")
+            return (("budget", float(budget)), ("layer_k", layer_k))
         if set(entry) != {"prune_layer", "keep_ratio"}:
-            raise SweepError(
-                f"ratio {entry!r}: give a preset ({', '.join(f'{p:g}' for p in PRESETS)}) or a mapping "
-                "with exactly prune_layer and keep_ratio"
-            )
+            raise SweepError(f"ratio {entry!r}: give {forms}")
         return (("prune_layer", entry["prune_layer"]), ("keep_ratio", entry["keep_ratio"]))
     if isinstance(entry, bool) or not isinstance(entry, (int, float)):
-        raise SweepError(
-            f"ratio {entry!r}: give a preset ({', '.join(f'{p:g}' for p in PRESETS)}) or "
-            "{prune_layer: P, keep_ratio: R}"
-        )
+        raise SweepError(f"ratio {entry!r}: give {forms}")
     return (("token_ratio", entry),)
 
 
 def expand(spec: dict) -> list[SweepPoint]:
-    """Every point of the grid, in order: methods, then ratios, selections, layouts."""
+    """Every point of the grid, in order: methods, then ratios, selections, layouts; a grid with
+    ``grids`` (a list of mappings of methods, ratios, selection, layouts) is their union, in order."""
+    if "grids" in spec:
+        subs = spec["grids"]
+        if set(spec) & set(POINT_KEYS) or not isinstance(subs, list) or not subs:
+            raise SweepError(
+                "grids: give a non-empty list of mappings, each with its own methods and ratios (and no "
+                "methods, ratios, selection or layouts beside it)"
+            )
+        out = []
+        for index, sub in enumerate(subs):
+            unknown = sorted(set(sub) - set(POINT_KEYS)) if isinstance(sub, dict) else None
+            if unknown is None or unknown:
+                raise SweepError(f"grids[{index}]: a mapping with keys among {', '.join(POINT_KEYS)}")
+            out += expand(sub)
+        return list(dict.fromkeys(out))
     methods = _as_list(spec, "methods", [])
     if not methods:
         raise SweepError(f"the grid has no methods; allowed: {', '.join(METHODS)}")
@@ -201,8 +233,9 @@ def expand(spec: dict) -> list[SweepPoint]:
             if not ratios:
                 raise SweepError(f"method {name!r} prunes: the grid needs ratios (e.g. {list(PRESETS)})")
             for ratio in ratios:
+                shared = ratio if ratio and ratio[0][0] == "budget" else ()
                 for selection in selections if method.guided else [None]:
-                    out.append(SweepPoint(name, ratio, selection, own))
+                    out.append(SweepPoint(name, () if shared else ratio, selection, own, shared))
     unique = list(dict.fromkeys(out))  # layouts differing only in the guide's collapse for large_only
     return unique
 
@@ -241,6 +274,41 @@ def point_model_args(base: str, point: SweepPoint, evaluated: bool = False) -> s
     return ",".join([*split_model_args(base), *(f"{k}={v}" for k, v in args.items())])
 
 
+def resolve_schedules(points: list[SweepPoint], num_layers: int) -> list[SweepPoint]:
+    """Shared schedules as ``prune_layer`` / ``keep_ratio`` on a large model of ``num_layers``
+    (:func:`lmms_sgl.method.cost.shared_schedule`). Methods that prune before the language model by
+    default (DivPrune, VisionZip: their authors' setting) keep the budget from layer 0 instead, as
+    the proving study runs them."""
+    out = []
+    for point in points:
+        if not point.schedule:
+            out.append(point)
+            continue
+        shared = dict(point.schedule)
+        if method_named(point.method).zero_by_default:
+            pair = (0.0, shared["budget"])
+        else:
+            try:
+                pair = shared_schedule(shared["budget"], num_layers, shared["layer_k"])
+            except ValueError as error:
+                raise SweepError(f"grid point {point.label!r}: {error}") from None
+        out.append(replace(point, ratio=(("prune_layer", pair[0]), ("keep_ratio", pair[1]))))
+    return out
+
+
+def large_layers(model: str, model_args: str, batch_size: int) -> int:
+    """The large model's decoder layers, read from its config as the model's own checks do."""
+    from lmms_eval.utils import simple_parse_args_string
+
+    from lmms_sgl.lmms.registry import MODELS
+
+    module, _, name = MODELS[model].rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    instance = cls.__new__(cls)
+    args = {**simple_parse_args_string(model_args), "method": "large_only", "batch_size": batch_size}
+    return instance.check_arguments(args)
+
+
 def build(grid: str, model: str, model_args: str, batch_size: int) -> Grid:
     """The validated grid; raises :class:`SweepError` naming the first bad point."""
     from lmms_sgl.lmms.registry import MODELS
@@ -256,6 +324,12 @@ def build(grid: str, model: str, model_args: str, batch_size: int) -> Grid:
             "(give the pair and shared arguments only: pretrained, guide, device, ...)"
         )
     points = expand(spec)
+    if any(p.schedule for p in points):
+        try:
+            layers = large_layers(model, model_args, batch_size)
+        except (ValueError, TypeError, OSError) as error:
+            raise SweepError(f"--model_args {model_args!r}: {error}") from None
+        points = resolve_schedules(points, layers)
     clash = sorted(given & {k for p in points for k, _ in p.layout})
     if clash:
         raise SweepError(f"--model_args sets {clash}, which the grid's layouts set per point; remove them")

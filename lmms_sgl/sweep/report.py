@@ -2,8 +2,8 @@
 frontier), a JSON with the same rows, PNG plots of the metric against token ratio and FLOPs, and
 optionally a W&B summary table.
 
-Paired differences use :func:`lmms_sgl.proving.points.paired_gap` (mean of per-question
-differences, ``sd(d) / sqrt(n)``); the frontier is :func:`lmms_sgl.proving.frontier.mark_frontiers`
+Paired differences use :func:`lmms_sgl.reporting.paired.paired_gap` (mean of per-question
+differences, ``sd(d) / sqrt(n)``); the frontier is :func:`lmms_sgl.reporting.frontier.on_frontier`
 (no point costs as little or less and scores better); a real pair's FLOPs come from
 :mod:`lmms_sgl.costs.operating_point`.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lmms_sgl.reporting.frontier import on_frontier
 from lmms_sgl.reporting.paired import paired_gap
 from lmms_sgl.sweep.run import Row
 
@@ -60,27 +61,16 @@ def price(rows: list[Row], family: str) -> str:
 
 def mark_frontier(rows: list[Row]) -> None:
     """Per task, ``on_frontier`` (recorded FLOPs) and ``on_real_frontier`` (priced FLOPs)."""
-    from lmms_sgl.proving.frontier import CostedRow, mark_frontiers
-
     for task in {r.task for r in rows}:
         mine = [r for r in rows if r.task == task and r.flops_ratio is not None]
-        costed = [
-            CostedRow(
-                r.label,
-                None,
-                False,
-                r.value if r.higher_is_better else -r.value,
-                r.stderr or 0.0,
-                r.scores,
-                r.flops_ratio,
-                r.real_flops_ratio if r.real_flops_ratio is not None else float("inf"),
-            )
-            for r in mine
-        ]
-        mark_frontiers(costed)
-        for row, c in zip(mine, costed, strict=True):
-            row.on_frontier = c.on_proving
-            row.on_real_frontier = c.on_real and row.real_flops_ratio is not None
+        scores = [r.value if r.higher_is_better else -r.value for r in mine]
+        recorded = on_frontier([r.flops_ratio for r in mine], scores)
+        priced = [i for i, r in enumerate(mine) if r.real_flops_ratio is not None]
+        real = on_frontier([mine[i].real_flops_ratio for i in priced], [scores[i] for i in priced])
+        for row, on in zip(mine, recorded, strict=True):
+            row.on_frontier = on
+        for index, on in zip(priced, real, strict=True):
+            mine[index].on_real_frontier = on
 
 
 # -- paired differences ------------------------------------------------------------------------------

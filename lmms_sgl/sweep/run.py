@@ -122,8 +122,10 @@ class Settings:
     force_simple: bool = False  # lmms-eval's --force_simple (multiple choice reaches simple models only)
 
 
-def evaluate(settings: Settings, model_args: str, folder: Path) -> None:
-    """One lmms-eval evaluation, written as ``lmms-eval --log_samples --output_path folder`` does."""
+def evaluate(settings: Settings, model_args: str, folder: Path) -> dict | None:
+    """One lmms-eval evaluation, written as ``lmms-eval --log_samples --output_path folder`` does;
+    returns lmms-eval's results with their ``samples`` (``None`` on ranks other than 0). The one
+    evaluation engine: the sweep's points and the proving study's (:mod:`lmms_sgl.proving.points`)."""
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.loggers import EvaluationTracker
     from lmms_eval.utils import get_datetime_str
@@ -145,11 +147,12 @@ def evaluate(settings: Settings, model_args: str, folder: Path) -> None:
         verbosity="WARNING",
     )
     if results is None:  # ranks other than 0
-        return
+        return None
     samples = results.pop("samples")
     tracker.save_results_aggregated(results=results, samples=samples, datetime_str=get_datetime_str())
     for task in results["configs"]:
         tracker.save_results_samples(task_name=task, samples=samples[task])
+    return {**results, "samples": samples}
 
 
 def say(message: str) -> None:

@@ -1,0 +1,123 @@
+"""The proving study's points come from sweep grids: the same points (so the cache and the report
+keep their figures) as the study's own rule written out here, and ``lmms-sgl-sweep`` validates the
+written grid files into the same model arguments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from lmms_eval.utils import simple_parse_args_string
+
+from lmms_sgl.method.cost import PAPER_PRESETS, prune_layer_index, token_ratio
+from lmms_sgl.proving.grids import study_points, write_grids
+from lmms_sgl.proving.points import FAMILIES, Point
+
+ROOT = Path(__file__).resolve().parent.parent
+BUDGETS = (0.64, 0.5, 0.35, 0.2, 0.09)
+
+
+def reference_points(family: str, layers: int) -> list[Point]:
+    """The study's rule, independently: references; per budget SGL, FastV and random at K = 1 (keep
+    solved for the budget), DivPrune and VisionZip from layer 0 at the budget, PDrop at K = 1, SGL at
+    K = 0; per paper preset every method that can rank there, DivPrune and VisionZip before the LM at
+    the preset's layer-averaged ratio."""
+    out = [Point(family, "large_only"), Point(family, "guide_only")]
+    for budget in BUDGETS:
+        k1 = ((1 + 0.5) / layers, (budget * layers - 1) / (layers - 1))
+        out += [Point(family, m, *k1, target_ratio=budget) for m in ("sgl", "fastv", "random")]
+        out += [Point(family, m, 0.0, budget, target_ratio=budget) for m in ("divprune", "visionzip")]
+        out.append(Point(family, "pdrop", *k1, target_ratio=budget))
+        out.append(Point(family, "sgl", 0.5 / layers, budget, target_ratio=budget, schedule="K=0"))
+    for budget, (prune_layer, keep) in PAPER_PRESETS.items():
+        layer_k = prune_layer_index(layers, prune_layer)
+        before = token_ratio(layer_k, layers, keep)
+        for method in ("sgl", "fastv", "random", "divprune", "visionzip", "pdrop"):
+            if method in ("divprune", "visionzip"):
+                out.append(Point(family, method, 0.0, before, target_ratio=budget, schedule="preset"))
+            elif layer_k >= 1 or method not in ("fastv", "pdrop"):
+                out.append(Point(family, method, prune_layer, keep, target_ratio=budget, schedule="preset"))
+    return out
+
+
+@pytest.mark.parametrize("layers", [12, 24, 48])
+def test_study_points_are_the_studys_rule(layers):
+    ours, reference = study_points("internvl", layers), reference_points("internvl", layers)
+    assert [p.key for p in ours] == [p.key for p in reference]  # the cache keys, in the report's order
+    for a, b in zip(ours, reference, strict=True):
+        assert a.model_args(ROOT) == b.model_args(ROOT), a.key  # what each evaluation runs
+        assert (a.target_ratio, a.schedule) == (pytest.approx(b.target_ratio), b.schedule)
+
+
+def test_written_grids_validate_into_the_study_points(tmp_path):
+    """``lmms-sgl-sweep --grid`` on the written files evaluates the study's points: the sweep's
+    validation (the model's own checks, shared schedules on the checkpoint's depth) gives the same
+    method, K and keep ratio as the study, point for point."""
+    from lmms_sgl.proving.points import text_layers
+    from lmms_sgl.sweep.grid import build
+
+    model, large, guide = FAMILIES["internvl"]
+    layers = text_layers(ROOT / large)
+    [path] = write_grids({"internvl": layers}, tmp_path)
+    assert path.name == "proving-internvl.yaml"
+    args = f"pretrained={ROOT / large},guide={ROOT / guide}"
+
+    def parsed(model_args: str) -> tuple:
+        values = simple_parse_args_string(model_args)
+        pair = tuple(round(float(values[k]), 6) for k in ("prune_layer", "keep_ratio") if k in values)
+        return values["method"], pair
+
+    swept = [
+        parsed(",".join(f"{k}={v}" for k, v in p.args.items()))
+        for p in build(str(path), model, args, 1).points
+    ]
+    study = [parsed(p.model_args(ROOT)) for p in study_points("internvl", layers)]
+    assert swept == sorted(set(swept), key=swept.index) and sorted(swept) == sorted(study)
+
+
+def test_shared_schedule_errors_name_the_point(tmp_path, capsys):
+    import yaml
+
+    from lmms_sgl.sweep.cli import main
+
+    large, guide = (ROOT / FAMILIES["internvl"][i] for i in (1, 2))
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"methods": ["sgl"], "ratios": [{"budget": 0.05, "layer_k": 1}]}))
+    code = main(
+        [
+            "--model",
+            "sgl_internvl2",
+            "--model_args",
+            f"pretrained={large},guide={guide}",
+            "--tasks",
+            "sgl_shapes",
+        ]
+        + ["--include_path", str(ROOT / "tasks"), "--output_path", str(tmp_path / "out"), "--grid", str(grid)]
+    )
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "'sgl 5 % K=1'" in error and "out of reach with K=1" in error
+    grid.write_text(yaml.safe_dump({"methods": ["sgl"], "ratios": [{"budget": 0.3, "layer_k": -1}]}))
+    assert (
+        main(
+            [
+                "--model",
+                "sgl_internvl2",
+                "--model_args",
+                f"pretrained={large},guide={guide}",
+                "--tasks",
+                "sgl_shapes",
+            ]
+            + [
+                "--include_path",
+                str(ROOT / "tasks"),
+                "--output_path",
+                str(tmp_path / "out"),
+                "--grid",
+                str(grid),
+            ]
+        )
+        == 2
+    )
+    assert "layer_k must be a layer index" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "points").exists()
