@@ -121,3 +121,44 @@ def test_shared_schedule_errors_name_the_point(tmp_path, capsys):
     )
     assert "layer_k must be a layer index" in capsys.readouterr().err
     assert not (tmp_path / "out" / "points").exists()
+
+
+def test_study_report_through_the_sweep_prices_and_marks_as_the_study(tmp_path):
+    """The study's points written by the sweep's report code: the rows hold the study's figures, the
+    real-pair FLOPs equal the study's own pricing (:func:`lmms_sgl.proving.frontier.costed`, an
+    independent mapping of the schedule to the real depth) and the frontier on recorded FLOPs equals
+    the study's marking."""
+    import json
+
+    from lmms_sgl.costs.operating_point import real_pair
+    from lmms_sgl.proving.as_sweep import write_sweep_report
+    from lmms_sgl.proving.frontier import costed, mark_frontiers
+
+    points = [p for p in study_points("internvl", 12) if p.schedule != "preset"][:12]
+    summaries = []
+    for index, point in enumerate(points):
+        right = 40 + 7 * index % 50
+        summaries.append(
+            {
+                **{k: getattr(point, k) for k in point.__dataclass_fields__},
+                "n": 100,
+                "accuracy": right / 100,
+                "stderr": 0.04,
+                "token_ratio": point.keep_ratio,
+                "flops_ratio": 0.3 + 0.05 * index,
+                "exit_rate": 0.0,
+                "scores": {str(i): float(i < right) for i in range(100)},
+            }
+        )
+    path = write_sweep_report("internvl", summaries, ROOT, tmp_path)
+    data = json.loads(path.with_suffix(".json").read_text())
+    rows = data["rows"]
+    assert [r["value"] for r in rows] == [s["accuracy"] for s in summaries]
+    pair = real_pair("internvl")
+    study = [costed(s, str(i), pair) for i, s in enumerate(summaries)]
+    assert [r["real_flops_ratio"] for r in rows] == pytest.approx([c.real for c in study], rel=1e-9)
+    mark_frontiers(study)
+    assert [r["on_frontier"] for r in rows] == [c.on_proving for c in study]
+    assert [r["on_real_frontier"] for r in rows] == [c.on_real for c in study]
+    assert "## sgl_shapes (exact_match, higher is better)" in path.read_text()
+    assert (path.parent / "sweep_sgl_shapes_flops.png").read_bytes()[:4] == b"\x89PNG"

@@ -20,6 +20,7 @@ from loguru import logger
 
 from lmms_sgl.method.cost import PAPER_PRESETS, prune_layer_index, token_ratio
 from lmms_sgl.method.registry import methods_where
+from lmms_sgl.proving.as_sweep import write_sweep_report
 from lmms_sgl.proving.grids import BASELINES_2025, PRUNING_METHODS, TARGET_RATIOS
 from lmms_sgl.proving.grids import study_points as points
 from lmms_sgl.proving.points import (
@@ -461,6 +462,8 @@ def run_study(
     plot_accuracy_vs_ratio(summaries, out_dir / "proving_ground_ratio.png")
     plot_accuracy_vs_flops(summaries, out_dir / "proving_ground_flops.png")
     plot_exit_sweep(sweeps, out_dir / "proving_ground_exit.png")
+    for family, rows in summaries.items():  # the same points through lmms-sgl-sweep's report
+        write_sweep_report(family, rows, root, out_dir)
     data = {"summaries": summaries, "sweeps": sweeps, "checks": checks, "wide": wide}
     (out_dir / "proving_ground.json").write_text(json.dumps(data, indent=1))
     return data

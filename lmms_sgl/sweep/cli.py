@@ -120,23 +120,18 @@ def sweep(args: argparse.Namespace, argv: list[str]) -> Path:
         logger.warning(f"grid point {label} skipped: {why}")
     logger.info(f"sweep: {len(grid.points)} points x {len(tasks)} task(s) in {args.output_path}")
     rows, notes, _ = run_sweep(settings, grid, args.metric)
-    pair_label = report.price(rows, args.price_at) if args.price_at else None
-    report.mark_frontier(rows)
-    data = {
+    header = {
         "command": command_text(argv),
         "grid": grid.name,
         "tasks": tasks,
         "model": args.model,
         "model_args": args.model_args,
         "limit": args.limit,
-        "priced_at": pair_label,
-        "rows": [r.as_dict() for r in rows],
-        "paired": report.paired(rows),
         "skipped": grid.skipped,
         "notes": notes,
         "points": [asdict(p) for p in grid.points],
     }
-    path = report.write(args.output_path, data)
+    path, data = report.finish(rows, args.output_path, header, args.price_at)
     if args.wandb_args:
         report.log_wandb(args.wandb_args, data)
     return path

@@ -32,13 +32,16 @@ COLUMNS = (
 # -- costs and frontier ------------------------------------------------------------------------------
 def price(rows: list[Row], family: str) -> str:
     """Set ``real_flops_ratio``: each row's operating point priced at the real pair of ``family``
-    (its method, K on the real model's depth from ``prune_layer``, keep ratio, exit rate); returns
-    the pair's label. A point the real pair's depth refuses (FastV at K = 0) stays ``None``."""
+    (its method, K, keep ratio and exit rate); returns the pair's label. K follows ``prune_layer`` as
+    a fraction of the real model's depth, except on a shared schedule, which keeps its K and its
+    budget (the keep ratio solved again on the real depth; from layer 0 for methods that prune
+    before the language model), as the proving study prices its points. A point the real pair's
+    depth refuses (FastV at K = 0) stays ``None``."""
     from lmms_eval.utils import simple_parse_args_string
 
     from lmms_sgl.costs.operating_point import OperatingPoint, point_ratio, real_pair
     from lmms_sgl.lmms.args import parse_model_args
-    from lmms_sgl.method.cost import prune_layer_index
+    from lmms_sgl.method.cost import prune_layer_index, shared_schedule
 
     pair = real_pair(family)
     layers = pair.large.text.num_layers
@@ -48,6 +51,14 @@ def price(rows: list[Row], family: str) -> str:
         exit_rate = (row.exit_rate or 0.0) if method.uses_guide else 0.0
         if not method.prunes:
             point = OperatingPoint(settings.method, exit_rate=exit_rate if method.guided else 0.0)
+        elif row.schedule:
+            budget, layer_k = row.schedule["budget"], row.schedule["layer_k"]
+            if settings.prune_layer == 0.0:  # pruned before the language model at the budget
+                point = OperatingPoint(settings.method, 0, budget, exit_rate)
+            else:
+                point = OperatingPoint(
+                    settings.method, layer_k, shared_schedule(budget, layers, layer_k)[1], exit_rate
+                )
         else:
             layer_k = prune_layer_index(layers, settings.prune_layer)
             try:
@@ -288,6 +299,24 @@ def write(out: Path, data: dict) -> Path:
     path = out / "sweep.md"
     path.write_text(markdown(data, plots))
     return path
+
+
+def finish(rows: list[Row], out: Path, header: dict, price_at: str | None = None) -> tuple[Path, dict]:
+    """The report of measured (and replayed) rows: priced at a real pair (``price_at``: a family),
+    frontiers marked, paired differences against SGL, then ``sweep.md``, ``sweep.json`` and plots in
+    ``out``. ``header`` holds the run's description (command, grid, tasks, ...). Returns the
+    report's path and its data."""
+    pair_label = price(rows, price_at) if price_at else None
+    mark_frontier(rows)
+    data = {
+        **header,
+        "priced_at": pair_label,
+        "rows": [r.as_dict() for r in rows],
+        "paired": paired(rows),
+        "skipped": header.get("skipped", []),
+        "notes": header.get("notes", []),
+    }
+    return write(out, data), data
 
 
 def log_wandb(wandb_args: str, data: dict) -> None:

@@ -223,6 +223,7 @@ class Row:
     on_frontier: bool = False
     on_real_frontier: bool = False
     scores: dict = field(default_factory=dict)  # doc id -> metric value (numeric metrics)
+    schedule: dict = field(default_factory=dict)  # {"budget": B, "layer_k": K} of a shared schedule
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -325,6 +326,7 @@ def measured_rows(evaluated: Evaluated, metric: str | None) -> list[Row]:
                 ratio=point.ratio_label,
                 selection=point.selection,
                 layout=dict(point.layout),
+                schedule=dict(point.schedule),
                 exit_threshold=None,
                 replayed=False,
                 metric=name,
@@ -408,6 +410,7 @@ def exit_rows(
                         ratio=point.ratio_label,
                         selection=point.selection,
                         layout=dict(point.layout),
+                        schedule=dict(point.schedule),
                         exit_threshold=threshold,
                         replayed=True,
                         metric=metric,
