@@ -185,6 +185,38 @@ def test_replayed_exit_equals_a_real_run(swept):
 
 
 @pytest.mark.slow
+def test_two_processes_equal_one(swept, tmp_path):
+    """The same sweep under ``accelerate launch`` with two gloo processes (lmms-eval shards the
+    documents; rank 0 writes the points and the report) gives the same rows, exit replay included."""
+    import os
+    import subprocess
+
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    launcher = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29534"]
+    out = tmp_path / "two"
+    command = [*launcher, "-m", "lmms_sgl.sweep.cli", "--model", "sgl_internvl2", "--model_args", ARGS]
+    command += ["--tasks", "sgl_shapes", "--include_path", str(ROOT / "tasks"), "--limit", str(LIMIT)]
+    command += ["--batch_size", str(BATCH), "--output_path", str(out), "--grid", str(swept["grid"])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "process 1 of 2" in done.stderr, "the launch did not use two processes"
+    two = json.loads((out / "sweep.json").read_text())["rows"]
+    one = swept["data"]["rows"]
+    assert [r["label"] for r in two] == [r["label"] for r in one]
+    for a, b in zip(two, one, strict=True):
+        assert (a["value"], a["n"], a["scores"], a["exit_rate"]) == (
+            b["value"],
+            b["n"],
+            b["scores"],
+            b["exit_rate"],
+        )
+        assert a["token_ratio"] == pytest.approx(b["token_ratio"]), a["label"]
+        assert a["flops_ratio"] == pytest.approx(b["flops_ratio"]), a["label"]
+    assert len(list(out.glob("points/*/point.json"))) == 4  # one marker per point, by rank 0
+
+
+@pytest.mark.slow
 def test_paired_standard_errors_equal_a_reference(swept):
     data = swept["data"]
 

@@ -83,11 +83,11 @@ def command_text(argv: list[str]) -> str:
     return "lmms-sgl-sweep " + " ".join(shlex.quote(a) for a in argv)
 
 
-def sweep(args: argparse.Namespace, argv: list[str]) -> Path:
+def sweep(args: argparse.Namespace, argv: list[str]) -> Path | None:
     from lmms_sgl.lmms.output_check import check_output_path
     from lmms_sgl.sweep import grid as grids
     from lmms_sgl.sweep import report
-    from lmms_sgl.sweep.run import Settings, check_tasks, run_sweep
+    from lmms_sgl.sweep.run import Settings, check_tasks, is_main_process, run_sweep, start_processes
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
@@ -119,7 +119,10 @@ def sweep(args: argparse.Namespace, argv: list[str]) -> Path:
     for label, why in grid.skipped:
         logger.warning(f"grid point {label} skipped: {why}")
     logger.info(f"sweep: {len(grid.points)} points x {len(tasks)} task(s) in {args.output_path}")
+    start_processes()  # under accelerate launch: the process group, as lmms-eval's CLI joins it
     rows, notes, _ = run_sweep(settings, grid, args.metric)
+    if not is_main_process():  # rank 0 writes the report
+        return None
     header = {
         "command": command_text(argv),
         "grid": grid.name,
@@ -149,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     except SweepError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"wrote {path}")
+    if path is not None:
+        print(f"wrote {path}")
     return 0
 
 

@@ -126,6 +126,7 @@ def evaluate(settings: Settings, model_args: str, folder: Path) -> dict | None:
     """One lmms-eval evaluation, written as ``lmms-eval --log_samples --output_path folder`` does;
     returns lmms-eval's results with their ``samples`` (``None`` on ranks other than 0). The one
     evaluation engine: the sweep's points and the proving study's (:mod:`lmms_sgl.proving.points`)."""
+    import torch
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.loggers import EvaluationTracker
     from lmms_eval.utils import get_datetime_str
@@ -133,6 +134,7 @@ def evaluate(settings: Settings, model_args: str, folder: Path) -> dict | None:
     from lmms_sgl.calibration.scoring import task_manager
 
     tracker = EvaluationTracker(output_path=str(folder))
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     results = simple_evaluate(
         model=settings.model,
         model_args=model_args,
@@ -145,14 +147,54 @@ def evaluate(settings: Settings, model_args: str, folder: Path) -> dict | None:
         task_manager=task_manager(settings.include_paths, settings.tasks, settings.model),
         evaluation_tracker=tracker,
         verbosity="WARNING",
+        distributed_executor_backend="torchrun" if distributed else "accelerate",  # as the CLI chooses
     )
     if results is None:  # ranks other than 0
         return None
     samples = results.pop("samples")
     tracker.save_results_aggregated(results=results, samples=samples, datetime_str=get_datetime_str())
-    for task in results["configs"]:
-        tracker.save_results_samples(task_name=task, samples=samples[task])
+    for task in results["configs"]:  # the tracker pops and rewrites keys: it gets copies
+        tracker.save_results_samples(task_name=task, samples=[dict(s) for s in samples[task]])
     return {**results, "samples": samples}
+
+
+def process_rank() -> tuple[int, int]:
+    """``(rank, world size)`` of this process under ``accelerate launch`` / ``torchrun`` (their
+    environment), ``(0, 1)`` otherwise. Every rank evaluates each point together (lmms-eval shards
+    the documents); only rank 0 writes a point's files and marker, and the report."""
+    import os
+
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return process_rank()[0] == 0
+
+
+def start_processes() -> None:
+    """Under ``accelerate launch``, join the process group before the first evaluation, as the
+    lmms-eval CLI does (its long timeout: a point can take hours), so every point runs lmms-eval's
+    ``torchrun`` path; nothing to do in a single process."""
+    import torch
+
+    if process_rank()[1] == 1 or (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    import datetime
+
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=60000))])
+    rank, world = process_rank()
+    say(f"process {rank} of {world}: evaluating every point together, rank 0 writes")
+
+
+def wait_for_everyone() -> None:
+    """A barrier across the launched processes (none in a single process)."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 def say(message: str) -> None:
@@ -168,14 +210,19 @@ def run_point(settings: Settings, point: SweepPoint, place: str = "") -> Evaluat
     )
     folder = settings.output_path / "points" / f"{_slug(point.label)}-{key}"
     marker = folder / "point.json"
+    # Every rank reads the same markers: a marker is written only after an evaluation that needs
+    # every rank, so all of them take the same branch.
     if marker.exists():
         done = json.loads(marker.read_text())
-        say(f"point {place}{point.label}: finished earlier ({folder})")
+        if is_main_process():
+            say(f"point {place}{point.label}: finished earlier ({folder})")
         return Evaluated(point, model_args, folder, done["seconds"], True)
-    if folder.exists():  # interrupted: lmms-eval's partial output is not reused
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    say(f"point {place}{point.label}: --model {settings.model} --model_args {model_args}")
+    main = is_main_process()
+    if main:
+        if folder.exists():  # interrupted: lmms-eval's partial output is not reused
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        say(f"point {place}{point.label}: --model {settings.model} --model_args {model_args}")
     start = time.perf_counter()
     evaluate(settings, model_args, folder)
     seconds = time.perf_counter() - start
@@ -187,10 +234,14 @@ def run_point(settings: Settings, point: SweepPoint, place: str = "") -> Evaluat
             torch.cuda.empty_cache()
     except ImportError:  # pragma: no cover
         pass
+    if not main:  # rank 0 writes the results and the marker
+        wait_for_everyone()
+        return Evaluated(point, model_args, folder, seconds, False)
     payload = {"label": point.label, "point": asdict(point), "model_args": model_args, "seconds": seconds}
     tmp = folder / "point.json.tmp"
     tmp.write_text(json.dumps(payload, indent=1))
     tmp.replace(marker)  # last: the point is finished
+    wait_for_everyone()  # every rank sees the marker before the next point
     return Evaluated(point, model_args, folder, seconds, False)
 
 
@@ -444,11 +495,17 @@ def check_tasks(settings: Settings) -> None:
 
 
 def run_sweep(settings: Settings, grid, metric: str | None) -> tuple[list[Row], list[str], list[Evaluated]]:
-    """Every point (resuming at the first unfinished one), then the exit replays."""
+    """Every point (resuming at the first unfinished one), then the exit replays. Under
+    ``accelerate launch`` every rank evaluates the points; only rank 0 returns rows (the others
+    return none)."""
     evaluated, rows = [], []
+    main = is_main_process()
     for number, point in enumerate(grid.points, 1):
         evaluated.append(run_point(settings, point, f"{number}/{len(grid.points)} "))
-        rows += measured_rows(evaluated[-1], metric)  # a bad --metric stops after the first point
+        if main:
+            rows += measured_rows(evaluated[-1], metric)  # a bad --metric stops after the first point
+    if not main:
+        return [], [], evaluated
     metrics = {r.task: r.metric for r in rows}
     notes: list[str] = []
     if grid.exit_thresholds:
