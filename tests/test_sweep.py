@@ -449,7 +449,8 @@ def test_paired_references_and_frontier():
 
 @pytest.mark.slow
 def test_killed_sweep_resumes_at_the_first_unfinished_point(tmp_path, monkeypatch):
-    """SIGKILL once the first point is cached; the rerun evaluates only the second."""
+    """SIGKILL once the first point is cached; the rerun evaluates only the second. With
+    ``--use_cache`` a point whose folder was lost is evaluated again from its response cache."""
     import os
     import signal
     import subprocess
@@ -459,7 +460,7 @@ def test_killed_sweep_resumes_at_the_first_unfinished_point(tmp_path, monkeypatc
     out = tmp_path / "out"
     args = ["--model", "sgl_internvl2", "--model_args", ARGS, "--tasks", "sgl_shapes"]
     args += ["--include_path", str(ROOT / "tasks"), "--limit", "2", "--batch_size", "2"]
-    args += ["--output_path", str(out), "--grid", str(grid)]
+    args += ["--output_path", str(out), "--grid", str(grid), "--use_cache", str(tmp_path / "cache")]
     process = subprocess.Popen(
         [sys.executable, "-m", "lmms_sgl.sweep.cli", *args],
         cwd=ROOT,
@@ -481,10 +482,18 @@ def test_killed_sweep_resumes_at_the_first_unfinished_point(tmp_path, monkeypatc
     spy = Spy(monkeypatch)
     assert main(args) == 0
     assert spy.calls == [f"{ARGS},method=fastv,token_ratio=0.35"]
-    assert [r["label"] for r in json.loads((out / "sweep.json").read_text())["rows"]] == [
-        "sgl 35 %",
-        "fastv 35 %",
-    ]
+    rows = json.loads((out / "sweep.json").read_text())["rows"]
+    assert [r["label"] for r in rows] == ["sgl 35 %", "fastv 35 %"]
+    # the SGL point's folder lost (as if killed before its marker): its answers come from the cache
+    [folder] = [p.parent for p in out.glob("points/sgl_35*/point.json")]
+    shutil.rmtree(folder)
+    spy.calls.clear()
+    assert main(args) == 0
+    assert len(spy.calls) == 1 and ",method=sgl," in spy.calls[0]
+    records = [s["token_counts"][0]["sgl"] for s in _samples(str(folder))]
+    assert len(records) == 2 and all(r["extra"].get("from_cache") for r in records)
+    again = json.loads((out / "sweep.json").read_text())["rows"]
+    assert [(r["value"], r["scores"]) for r in again] == [(r["value"], r["scores"]) for r in rows]
 
 
 @pytest.mark.slow

@@ -68,6 +68,14 @@ def parser() -> argparse.ArgumentParser:
         help="as lmms-eval's: the simple model interface (multiple-choice tasks need it)",
     )
     p.add_argument(
+        "--use_cache",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="as lmms-eval's --use_cache, one response cache per point under DIR: a point interrupted "
+        "midway resumes at its first unanswered batch",
+    )
+    p.add_argument(
         "--price-at",
         choices=PRICED,
         default=None,
@@ -109,6 +117,7 @@ def sweep(args: argparse.Namespace, argv: list[str]) -> Path | None:
         output_path=args.output_path,
         bootstrap_iters=args.bootstrap_iters,
         force_simple=args.force_simple,
+        use_cache=args.use_cache,
     )
     grid = grids.build(args.grid, args.model, args.model_args, args.batch_size)  # before any model loads
     check_tasks(settings)

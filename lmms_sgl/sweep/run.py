@@ -120,9 +120,10 @@ class Settings:
     output_path: Path
     bootstrap_iters: int = 0
     force_simple: bool = False  # lmms-eval's --force_simple (multiple choice reaches simple models only)
+    use_cache: Path | None = None  # one lmms-eval response cache per point under it (--use_cache)
 
 
-def evaluate(settings: Settings, model_args: str, folder: Path) -> dict | None:
+def evaluate(settings: Settings, model_args: str, folder: Path, cache: Path | None = None) -> dict | None:
     """One lmms-eval evaluation, written as ``lmms-eval --log_samples --output_path folder`` does;
     returns lmms-eval's results with their ``samples`` (``None`` on ranks other than 0). The one
     evaluation engine: the sweep's points and the proving study's (:mod:`lmms_sgl.proving.points`)."""
@@ -148,6 +149,7 @@ def evaluate(settings: Settings, model_args: str, folder: Path) -> dict | None:
         evaluation_tracker=tracker,
         verbosity="WARNING",
         distributed_executor_backend="torchrun" if distributed else "accelerate",  # as the CLI chooses
+        use_cache=None if cache is None else str(cache),
     )
     if results is None:  # ranks other than 0
         return None
@@ -223,8 +225,10 @@ def run_point(settings: Settings, point: SweepPoint, place: str = "") -> Evaluat
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
         say(f"point {place}{point.label}: --model {settings.model} --model_args {model_args}")
+    # the point's response cache lives outside its folder, which an interrupted point loses
+    cache = None if settings.use_cache is None else settings.use_cache / folder.name
     start = time.perf_counter()
-    evaluate(settings, model_args, folder)
+    evaluate(settings, model_args, folder, cache)
     seconds = time.perf_counter() - start
     gc.collect()
     try:
