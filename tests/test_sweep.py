@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import shutil
 import statistics
 import sys
@@ -364,32 +363,70 @@ def test_cache_key_follows_the_checkpoints(tmp_path):
     assert key != point_key("sgl_internvl2", args, ["sgl_shapes"], 4, 1)
 
 
-def test_wandb_summary_table(monkeypatch):
+def test_wandb_one_run_per_point_in_one_group_and_a_summary(monkeypatch, tmp_path):
     from lmms_sgl.sweep.report import log_wandb
 
-    logged = {}
+    runs = []
 
     class Run:
-        config = types.SimpleNamespace(update=lambda values: logged.update(config=values))
+        def __init__(self, kwargs):
+            self.kwargs, self.logged, self.finished = kwargs, {}, False
+            self.config = types.SimpleNamespace(update=lambda values: self.logged.update(config=values))
 
         def log(self, values):
-            logged.update(values)
+            self.logged.update(values)
 
         def finish(self):
-            logged["finished"] = True
+            self.finished = True
 
     def init(**kwargs):
-        logged["init"] = kwargs
-        return Run()
+        runs.append(Run(kwargs))
+        return runs[-1]
 
-    fake = types.SimpleNamespace(init=init, Table=lambda columns, data: (columns, data))
+    fake = types.SimpleNamespace(
+        init=init, Table=lambda columns, data: (columns, data), Image=lambda p: ("img", p)
+    )
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    row = {"task": "gqa", "label": "sgl 35 %", "value": 0.5, "on_frontier": True}
-    log_wandb("project=p,mode=offline", {"grid": "paper", "tasks": ["gqa"], "command": "c", "rows": [row]})
-    assert logged["init"] == {"project": "p", "mode": "offline"} and logged["finished"]
-    columns, data = logged["sweep/gqa"]
-    assert data == [[row.get(c) for c in columns]] and "label" in columns
-    assert re.search("label", " ".join(columns))
+    (tmp_path / "sweep_gqa_flops.png").write_bytes(b"\x89PNG")
+    common = {
+        "task": "gqa",
+        "metric": "exact_match",
+        "method": "sgl",
+        "exit_threshold": None,
+        "replayed": False,
+    }
+    rows = [
+        {**common, "label": "sgl 35 %", "model_args": "a,method=sgl", "value": 0.5, "on_frontier": True},
+        {
+            **common,
+            "label": "sgl 35 %, exit >= 0.9",
+            "model_args": "a,method=sgl,exit_threshold=0.9",
+            "value": 0.45,
+            "exit_rate": 0.2,
+            "replayed": True,
+            "exit_threshold": 0.9,
+        },
+    ]
+    data = {
+        "grid": "paper",
+        "tasks": ["gqa"],
+        "command": "c",
+        "rows": rows,
+        "plots": {"gqa": {"flops": "sweep_gqa_flops.png"}},
+    }
+    log_wandb("project=p,mode=offline", data, tmp_path)
+    assert [r.kwargs["name"] for r in runs] == ["sgl 35 %", "sgl 35 %, exit >= 0.9", "summary"]
+    assert all(r.finished and r.kwargs["project"] == "p" and r.kwargs["mode"] == "offline" for r in runs)
+    assert len({r.kwargs["group"] for r in runs}) == 1 and len({r.kwargs["id"] for r in runs}) == 3
+    assert runs[0].kwargs["config"]["model_args"] == "a,method=sgl"
+    assert runs[1].logged == {"gqa/exact_match": 0.45, "gqa/exit_rate": 0.2}
+    columns, table = runs[2].logged["sweep/gqa"]
+    assert table == [[row.get(c) for c in columns] for row in rows] and "label" in columns
+    assert runs[2].logged["sweep/gqa_flops"] == ("img", str(tmp_path / "sweep_gqa_flops.png"))
+    ids = [r.kwargs["id"] for r in runs]
+    runs.clear()
+    log_wandb("project=p,mode=offline", data, tmp_path)  # a resumed sweep updates the same runs
+    assert [r.kwargs["id"] for r in runs] == ids and all(r.kwargs["resume"] == "allow" for r in runs)
 
 
 def test_unwritable_output_path_fails_before_any_model_loads(tmp_path, capsys, no_evaluation):

@@ -145,7 +145,7 @@ def sweep(args: argparse.Namespace, argv: list[str]) -> Path | None:
     }
     path, data = report.finish(rows, args.output_path, header, args.price_at)
     if args.wandb_args:
-        report.log_wandb(args.wandb_args, data)
+        report.log_wandb(args.wandb_args, data, args.output_path)
     return path
 
 

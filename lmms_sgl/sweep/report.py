@@ -291,11 +291,12 @@ def plot_all(rows: list[Row], out: Path) -> dict[str, dict[str, str]]:
 
 # -- all outputs ---------------------------------------------------------------------------------
 def write(out: Path, data: dict) -> Path:
-    """``sweep.md``, ``sweep.json`` and the plots in ``out``; returns the report's path."""
+    """``sweep.md``, ``sweep.json`` and the plots in ``out`` (their names set in ``data["plots"]``);
+    returns the report's path."""
     out.mkdir(parents=True, exist_ok=True)
     rows = [Row(**r) for r in data["rows"]]
-    plots = plot_all(rows, out)
-    (out / "sweep.json").write_text(json.dumps({**data, "plots": plots}, indent=1))
+    data["plots"] = plots = plot_all(rows, out)
+    (out / "sweep.json").write_text(json.dumps(data, indent=1))
     path = out / "sweep.md"
     path.write_text(markdown(data, plots))
     return path
@@ -319,12 +320,59 @@ def finish(rows: list[Row], out: Path, header: dict, price_at: str | None = None
     return write(out, data), data
 
 
-def log_wandb(wandb_args: str, data: dict) -> None:
-    """One W&B run (``--wandb_args`` as lmms-eval's) with a table per task of the report's rows."""
+def log_wandb(wandb_args: str, data: dict, out: Path | None = None) -> None:
+    """W&B (``--wandb_args`` as lmms-eval's): one run per point (a measured point or a replayed exit
+    threshold: its arguments as config, each task's metric, standard error, token ratio, exit rate
+    and FLOPs as summary), all in one group, then a summary run with a table per task and the plots.
+    Run ids derive from the output path and the point's arguments, so a resumed sweep updates the
+    same runs instead of adding new ones."""
+    import hashlib
+
     import wandb
     from lmms_eval.utils import simple_parse_args_string
 
-    run = wandb.init(**simple_parse_args_string(wandb_args))
+    given = simple_parse_args_string(wandb_args)
+    where = str((out or Path(".")).resolve())
+    group = given.pop("group", None) or f"sweep-{Path(where).name}"
+
+    def run_id(text: str) -> str:
+        return hashlib.sha256(f"{where}|{text}".encode()).hexdigest()[:16]
+
+    points: dict[str, list[dict]] = {}
+    for row in data["rows"]:
+        points.setdefault(row["model_args"], []).append(row)
+    for model_args, rows in points.items():
+        first = rows[0]
+        config = {
+            "model": data.get("model"),
+            "model_args": model_args,
+            "label": first["label"],
+            "method": first["method"],
+            "replayed": first["replayed"],
+            "exit_threshold": first["exit_threshold"],
+            "grid": data["grid"],
+        }
+        run = wandb.init(
+            **given, group=group, name=first["label"], id=run_id(model_args), resume="allow", config=config
+        )
+        try:
+            values = {}
+            for row in rows:
+                for name in (
+                    "value",
+                    "stderr",
+                    "token_ratio",
+                    "exit_rate",
+                    "flops_ratio",
+                    "real_flops_ratio",
+                ):
+                    if row.get(name) is not None:
+                        key = row["metric"] if name == "value" else name
+                        values[f"{row['task']}/{key}"] = row[name]
+            run.log(values)
+        finally:
+            run.finish()
+    run = wandb.init(**given, group=group, name="summary", id=run_id("summary"), resume="allow")
     try:
         run.config.update({"grid": data["grid"], "tasks": data["tasks"], "command": data["command"]})
         for task in data["tasks"]:
@@ -332,5 +380,8 @@ def log_wandb(wandb_args: str, data: dict) -> None:
             columns = [*COLUMNS, "on_frontier"]
             table = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in mine])
             run.log({f"sweep/{task}": table})
+            for kind, name in ((data.get("plots") or {}).get(task) or {}).items():
+                if out is not None and (out / name).exists():
+                    run.log({f"sweep/{task}_{kind}": wandb.Image(str(out / name))})
     finally:
         run.finish()
