@@ -485,9 +485,10 @@ def test_paired_references_and_frontier():
 
 
 @pytest.mark.slow
-def test_killed_sweep_resumes_at_the_first_unfinished_point(tmp_path, monkeypatch):
-    """SIGKILL once the first point is cached; the rerun evaluates only the second. With
-    ``--use_cache`` a point whose folder was lost is evaluated again from its response cache."""
+def test_killed_sweep_resumes_at_the_first_unfinished_point(swept, tmp_path, monkeypatch):
+    """SIGKILL once the first point is cached; the rerun evaluates only the second and reports what
+    the uninterrupted module sweep reports for those points. With ``--use_cache`` a point whose
+    folder was lost is evaluated again from its response cache."""
     import os
     import signal
     import subprocess
@@ -496,7 +497,7 @@ def test_killed_sweep_resumes_at_the_first_unfinished_point(tmp_path, monkeypatc
     grid = _grid(tmp_path / "grid.yaml", {"methods": ["sgl", "fastv"], "ratios": [0.35]})
     out = tmp_path / "out"
     args = ["--model", "sgl_internvl2", "--model_args", ARGS, "--tasks", "sgl_shapes"]
-    args += ["--include_path", str(ROOT / "tasks"), "--limit", "2", "--batch_size", "2"]
+    args += ["--include_path", str(ROOT / "tasks"), "--limit", str(LIMIT), "--batch_size", str(BATCH)]
     args += ["--output_path", str(out), "--grid", str(grid), "--use_cache", str(tmp_path / "cache")]
     process = subprocess.Popen(
         [sys.executable, "-m", "lmms_sgl.sweep.cli", *args],
@@ -521,6 +522,11 @@ def test_killed_sweep_resumes_at_the_first_unfinished_point(tmp_path, monkeypatc
     assert spy.calls == [f"{ARGS},method=fastv,token_ratio=0.35"]
     rows = json.loads((out / "sweep.json").read_text())["rows"]
     assert [r["label"] for r in rows] == ["sgl 35 %", "fastv 35 %"]
+    figures = ("value", "stderr", "n", "scores", "token_ratio", "exit_rate", "flops_ratio")
+    uninterrupted = {r["label"]: r for r in swept["data"]["rows"]}
+    for row in rows:  # the same figures as the module's uninterrupted sweep of the same points
+        reference = uninterrupted[row["label"]]
+        assert {k: row[k] for k in figures} == {k: reference[k] for k in figures}, row["label"]
     # the SGL point's folder lost (as if killed before its marker): its answers come from the cache
     [folder] = [p.parent for p in out.glob("points/sgl_35*/point.json")]
     shutil.rmtree(folder)
@@ -528,7 +534,7 @@ def test_killed_sweep_resumes_at_the_first_unfinished_point(tmp_path, monkeypatc
     assert main(args) == 0
     assert len(spy.calls) == 1 and ",method=sgl," in spy.calls[0]
     records = [s["token_counts"][0]["sgl"] for s in _samples(str(folder))]
-    assert len(records) == 2 and all(r["extra"].get("from_cache") for r in records)
+    assert len(records) == LIMIT and all(r["extra"].get("from_cache") for r in records)
     again = json.loads((out / "sweep.json").read_text())["rows"]
     assert [(r["value"], r["scores"]) for r in again] == [(r["value"], r["scores"]) for r in rows]
 
