@@ -58,7 +58,7 @@ def test_written_grids_validate_into_the_study_points(tmp_path):
 
     model, large, guide = FAMILIES["internvl"]
     layers = text_layers(ROOT / large)
-    [path] = write_grids({"internvl": layers}, tmp_path)
+    path = write_grids({"internvl": layers}, tmp_path)[0]
     assert path.name == "proving-internvl.yaml"
     args = f"pretrained={ROOT / large},guide={ROOT / guide}"
 
@@ -162,3 +162,74 @@ def test_study_report_through_the_sweep_prices_and_marks_as_the_study(tmp_path):
     assert [r["on_real_frontier"] for r in rows] == [c.on_real for c in study]
     assert "## sgl_shapes (exact_match, higher is better)" in path.read_text()
     assert (path.parent / "sweep_sgl_shapes_flops.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def reference_unit_points(layers: int) -> list[tuple[str, str, Point]]:
+    """The unit study's runs, written out: references, unit selection with both guides, token
+    pruning with the one-tile guide, FastV and random at 35 % (K = 1)."""
+    sees = {1: "1 tile", None: "3 tiles + thumbnail"}
+
+    def at(method, *pair, **kwargs):
+        return Point("internvl", method, *pair, task="sgl_shapes_tiles", **kwargs)
+
+    out = [
+        ("large model, 3 tiles + thumbnail", "reference", at("large_only")),
+        ("large model downsampled to 1 tile", "downsampled", at("large_only", max_tiles=1)),
+        ("large model downsampled to 2 tiles + thumbnail", "downsampled", at("large_only", max_tiles=2)),
+        ("guide alone, 1 tile", "guide", at("guide_only", guide_max_tiles=1)),
+        ("guide alone, 3 tiles + thumbnail", "guide", at("guide_only")),
+    ]
+    choices = {
+        1: ((1, False), (1, True), (2, False), (2, True)),
+        None: ((1, False), (1, True), (2, True), (3, False)),
+    }
+    for guide, picks in choices.items():
+        for n, view in picks:
+            what = (
+                f"{n} tile{'s' if n > 1 else ''} + thumbnail"
+                if view
+                else f"best {n} of 4 (thumbnail competes)"
+            )
+            point = at("sgl", guide_max_tiles=guide, keep_units=n, keep_global_view=view)
+            out.append((f"units: {what}, guide at {sees[guide]}", "units", point))
+    for ratio, (p, k) in PAPER_PRESETS.items():
+        point = at(
+            "sgl", prune_layer=p, keep_ratio=k, target_ratio=ratio, schedule="preset", guide_max_tiles=1
+        )
+        out.append((f"SGL preset {100 * ratio:.0f} %, guide at 1 tile", "tokens", point))
+    point = at("sgl", 0.5 / layers, 0.35, target_ratio=0.35, schedule="K=0", guide_max_tiles=1)
+    out.append(("SGL from layer 0 at 35 %, guide at 1 tile", "tokens", point))
+    k1 = (1.5 / layers, (0.35 * layers - 1) / (layers - 1))
+    out += [
+        (f"{name} at 35 % (K = 1)", "tokens", at(m, *k1, target_ratio=0.35))
+        for m, name in (("fastv", "FastV"), ("random", "random"))
+    ]
+    return out
+
+
+def test_unit_study_points_come_from_its_sweep_grid(tmp_path):
+    from lmms_sgl.proving.unit_selection import operating_points
+    from lmms_sgl.sweep.grid import build
+
+    ours, reference = operating_points(12), reference_unit_points(12)
+    assert [(o.label, o.kind) for o in ours] == [(label, kind) for label, kind, _ in reference]
+    for op, (_, _, point) in zip(ours, reference, strict=True):
+        assert op.point.key == point.key and op.point.model_args(ROOT) == point.model_args(ROOT), op.label
+    # lmms-sgl-sweep validates the written file into the same runs (sgl_shapes_tiles, the shipped pair)
+    from lmms_sgl.proving.points import text_layers
+
+    model, large, guide = FAMILIES["internvl"]
+    paths = write_grids({"internvl": text_layers(ROOT / large)}, tmp_path)
+    assert [p.name for p in paths] == ["proving-internvl.yaml", "proving-internvl-units.yaml"]
+    swept = build(str(paths[1]), model, f"pretrained={ROOT / large},guide={ROOT / guide}", 1).points
+    expected = [simple_parse_args_string(op.point.model_args(ROOT)) for op in ours]
+    for point, args in zip(swept, expected, strict=True):
+        given = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in point.args.items()}
+        for key, value in given.items():
+            if key in ("prune_layer", "keep_ratio"):
+                assert float(value) == pytest.approx(float(args[key]), abs=1e-6), point.label
+            else:
+                assert str(args[key]).lower() == value.lower(), (point.label, key)
+        assert {k for k in args if k not in ("pretrained", "guide", "record_exit_score")} == set(given), (
+            point.label
+        )

@@ -301,6 +301,18 @@ def no_evaluation(monkeypatch):
         ),
         ({"grids": [{"methods": ["sgl"], "colour": 1}]}, None, None, ["grids[0]: a mapping with keys among"]),
         (
+            {"methods": ["sgl"], "units": [{"keep_units": 0}]},
+            None,
+            None,
+            ["keep_units must be a whole number"],
+        ),
+        (
+            {"methods": ["sgl"], "units": [None, {"keep_units": 1}]},
+            None,
+            None,
+            ["or units for unit selection"],
+        ),
+        (
             {"grids": [{"methods": ["sgl"], "ratios": [0.35]}], "methods": ["fastv"]},
             None,
             None,

@@ -129,20 +129,70 @@ def study_points(family: str, num_layers: int) -> list[Point]:
     return sorted(out, key=report_order)
 
 
+# The unit study's unit choices per guide layout (``guide_max_tiles``: None is the full layout):
+# (N, keep the thumbnail); 3 tiles + thumbnail would be everything.
+UNIT_CHOICES = {
+    1: ((1, False), (1, True), (2, False), (2, True)),
+    None: ((1, False), (1, True), (2, True), (3, False)),
+}
+
+
+def unit_grids() -> list[dict]:
+    """The unit study's grids (``sgl_shapes_tiles``, InternVL): the large model at its full layout
+    and downsampled, the guide alone at one tile and at the full layout, unit selection with either
+    guide, token pruning with the one-tile guide (the paper's presets, SGL from layer 0 at 35 %) and
+    FastV and random at 35 % on the shared schedule."""
+
+    def units(guide_tiles):
+        return [{"keep_units": n, "keep_global_view": view} for n, view in UNIT_CHOICES[guide_tiles]]
+
+    one_tile = [{"guide_max_tiles": 1}]
+    presets = sorted(PAPER_PRESETS.items(), reverse=True)
+    return [
+        {"methods": ["large_only"], "layouts": [{}, {"max_tiles": 1}, {"max_tiles": 2}]},
+        {"methods": ["guide_only"], "layouts": [*one_tile, {}]},
+        {"methods": ["sgl"], "selection": ["topk"], "layouts": one_tile, "units": units(1)},
+        {"methods": ["sgl"], "selection": ["topk"], "units": units(None)},
+        {
+            "methods": ["sgl"],
+            "selection": ["topk"],
+            "layouts": one_tile,
+            "ratios": [
+                *({"prune_layer": p, "keep_ratio": k} for _, (p, k) in presets),
+                {"budget": 0.35, "layer_k": 0},
+            ],
+        },
+        {"methods": ["fastv", "random"], "ratios": [{"budget": 0.35, "layer_k": 1}]},
+    ]
+
+
+def unit_sweep_points(num_layers: int) -> list[SweepPoint]:
+    """The unit study's points, expanded and resolved by the sweep's code, in the report's order."""
+    return resolve_schedules(expand({"grids": unit_grids()}), num_layers)
+
+
 def write_grids(num_layers: dict[str, int], out_dir: Path) -> list[Path]:
     """``proving-<family>.yaml``: one sweep grid per family (its large model's depth), the union of
-    :func:`study_grids` (its ``grids`` key)."""
+    :func:`study_grids` (its ``grids`` key); ``proving-internvl-units.yaml``: :func:`unit_grids`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for family, layers in num_layers.items():
         path = out_dir / f"proving-{family}.yaml"
         header = (
             f"# The proving study's comparison for the {family} pair ({layers} decoder layers), as one\n"
-            "# lmms-sgl-sweep grid; written by `python -m lmms_sgl.proving.grids`.\n"
+            "# lmms-sgl-sweep grid (--tasks sgl_shapes); written by `python -m lmms_sgl.proving.grids`.\n"
         )
         path.write_text(
             header + yaml.safe_dump({"grids": list(study_grids(layers).values())}, sort_keys=False)
         )
+        written.append(path)
+    if "internvl" in num_layers:
+        path = out_dir / "proving-internvl-units.yaml"
+        header = (
+            "# The unit study's points (InternVL pair, --tasks sgl_shapes_tiles), as one lmms-sgl-sweep\n"
+            "# grid; written by `python -m lmms_sgl.proving.grids`.\n"
+        )
+        path.write_text(header + yaml.safe_dump({"grids": unit_grids()}, sort_keys=False))
         written.append(path)
     return written
 

@@ -31,12 +31,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from loguru import logger
 
 from lmms_sgl.method.cost import PAPER_PRESETS
+from lmms_sgl.proving.grids import unit_sweep_points
 from lmms_sgl.proving.points import (
     TILES_TASK,
     Point,
@@ -44,7 +45,6 @@ from lmms_sgl.proving.points import (
     paired_gap,
     ratio_stderr,
     run_point,
-    schedule,
     write_section,
 )
 
@@ -55,11 +55,6 @@ EXIT_THRESHOLDS = (0.6, 0.7, 0.8, 0.9)
 EXIT_FROM = ("units: 1 tile + thumbnail, guide at 3 tiles + thumbnail", "SGL preset 35 %, guide at 1 tile")
 REFERENCE = "large model, 3 tiles + thumbnail"
 GUIDE_SEES = {1: "1 tile", None: "3 tiles + thumbnail"}  # guide_max_tiles -> what the guide sees
-# guide_max_tiles -> (N, keep the thumbnail) of the unit-selection runs
-UNIT_CHOICES = {
-    1: ((1, False), (1, True), (2, False), (2, True)),
-    None: ((1, False), (1, True), (2, True), (3, False)),
-}
 
 
 @dataclass(frozen=True)
@@ -71,48 +66,54 @@ class Operating:
     point: Point
 
 
+def _tiles(count: int) -> str:
+    return "1 tile" if count == 1 else f"{count} tiles + thumbnail"
+
+
 def operating_points(num_layers: int) -> list[Operating]:
-    """Every run of the study. Unit selection runs with both guides (one tile, the full layout);
-    token pruning with the one-tile guide, the cheaper of the two."""
-
-    def at(method: str, **kwargs) -> Point:
-        return Point(FAMILY, method, task=TILES_TASK, **kwargs)
-
-    out = [
-        Operating(REFERENCE, "reference", at("large_only")),
-        Operating("large model downsampled to 1 tile", "downsampled", at("large_only", max_tiles=1)),
-        Operating(
-            "large model downsampled to 2 tiles + thumbnail", "downsampled", at("large_only", max_tiles=2)
-        ),
-        Operating(f"guide alone, {GUIDE_SEES[1]}", "guide", at("guide_only", guide_max_tiles=1)),
-        Operating(f"guide alone, {GUIDE_SEES[None]}", "guide", at("guide_only")),
-    ]
-    for guide_tiles, choices in UNIT_CHOICES.items():
-        for units, global_view in choices:
-            chosen = (
+    """Every run of the study: its sweep grids (:func:`lmms_sgl.proving.grids.unit_grids`) expanded
+    by the sweep's code, each point named and kept as the study's cache knows it. Unit selection
+    runs with both guides (one tile, the full layout); token pruning with the one-tile guide, the
+    cheaper of the two."""
+    presets = {pair: ratio for ratio, pair in PAPER_PRESETS.items()}
+    out = []
+    for swept in unit_sweep_points(num_layers):
+        layout, chosen = dict(swept.layout), dict(swept.units)
+        ratio, shared = dict(swept.ratio), dict(swept.schedule)
+        guide_tiles, max_tiles = layout.get("guide_max_tiles"), layout.get("max_tiles")
+        at = {"task": TILES_TASK, "guide_max_tiles": guide_tiles, "max_tiles": max_tiles}
+        if swept.method == "large_only":
+            kind = "reference" if max_tiles is None else "downsampled"
+            label = REFERENCE if max_tiles is None else f"large model downsampled to {_tiles(max_tiles)}"
+            out.append(Operating(label, kind, Point(FAMILY, swept.method, **at)))
+        elif swept.method == "guide_only":
+            label = f"guide alone, {GUIDE_SEES[guide_tiles]}"
+            out.append(Operating(label, "guide", Point(FAMILY, swept.method, **at)))
+        elif chosen:
+            units, view = chosen["keep_units"], chosen["keep_global_view"]
+            what = (
                 f"{units} tile{'s' if units > 1 else ''} + thumbnail"
-                if global_view
+                if view
                 else f"best {units} of 4 (thumbnail competes)"
             )
-            label = f"units: {chosen}, guide at {GUIDE_SEES[guide_tiles]}"
-            point = at("sgl", guide_max_tiles=guide_tiles, keep_units=units, keep_global_view=global_view)
-            out.append(Operating(label, "units", point))
-    for ratio in PAPER_PRESETS:
-        prune_layer, keep = PAPER_PRESETS[ratio]
-        point = at("sgl", prune_layer=prune_layer, keep_ratio=keep, target_ratio=ratio, schedule="preset")
-        out.append(Operating(f"SGL preset {100 * ratio:.0f} %, guide at 1 tile", "tokens", _one_tile(point)))
-    prune_layer, keep = schedule(0.35, num_layers, layer_k=0)
-    point = at("sgl", prune_layer=prune_layer, keep_ratio=keep, target_ratio=0.35, schedule="K=0")
-    out.append(Operating("SGL from layer 0 at 35 %, guide at 1 tile", "tokens", _one_tile(point)))
-    prune_layer, keep = schedule(0.35, num_layers)
-    for method, name in (("fastv", "FastV"), ("random", "random")):
-        point = at(method, prune_layer=prune_layer, keep_ratio=keep, target_ratio=0.35)
-        out.append(Operating(f"{name} at 35 % (K = 1)", "tokens", point))
+            point = Point(FAMILY, "sgl", keep_units=units, keep_global_view=view, **at)
+            out.append(Operating(f"units: {what}, guide at {GUIDE_SEES[guide_tiles]}", "units", point))
+        else:
+            pair = (ratio["prune_layer"], ratio["keep_ratio"])
+            if shared:
+                target, schedule_name = shared["budget"], f"K={shared['layer_k']}"
+            else:
+                target, schedule_name = presets[pair], "preset"
+            point = Point(FAMILY, swept.method, *pair, target_ratio=target, schedule=schedule_name, **at)
+            if swept.method != "sgl":
+                name = "FastV" if swept.method == "fastv" else swept.method
+                label = f"{name} at {100 * target:.0f} % (K = 1)"
+            elif schedule_name == "preset":
+                label = f"SGL preset {100 * target:.0f} %, guide at {GUIDE_SEES[guide_tiles]}"
+            else:
+                label = f"SGL from layer 0 at {100 * target:.0f} %, guide at {GUIDE_SEES[guide_tiles]}"
+            out.append(Operating(label, "tokens", point))
     return out
-
-
-def _one_tile(point: Point) -> Point:
-    return replace(point, guide_max_tiles=1)
 
 
 def sample_table(payload: dict) -> dict[int, dict]:

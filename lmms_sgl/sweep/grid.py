@@ -10,7 +10,8 @@ A grid is a named grid (:data:`NAMED`) or a YAML file with the same keys::
     selection: [topk, spread]                        # optional; applies to guided methods (sgl)
     layouts: [{}, {max_tiles: 6, guide_max_tiles: 1}]  # optional; image layouts (InternVL tiles)
     exit_thresholds: [0.9, 0.8]                      # or "deciles"; replayed from each SGL point
-    # grids: [{methods: ..., ratios: ...}, ...]       # instead of the four keys above: a union of grids
+    units: [null, {keep_units: 2, keep_global_view: false}]  # optional; unit selection (guided methods)
+    # grids: [{methods: ..., ratios: ...}, ...]       # instead of the five keys above: a union of grids
     skip_refused: false                              # true: drop points the model refuses (noted)
 
 Methods that do not prune (``large_only``, ``guide_only``) run once per layout, ignoring ratios and
@@ -36,7 +37,7 @@ from lmms_sgl.sweep import SweepError
 
 PRESETS = tuple(sorted(PAPER_PRESETS, reverse=True))  # 0.64, 0.35, 0.09
 LAYOUT_KEYS = ("max_tiles", "guide_max_tiles", "guide_max_crops", "min_pixels", "max_pixels")
-POINT_KEYS = ("methods", "ratios", "selection", "layouts")
+POINT_KEYS = ("methods", "ratios", "selection", "layouts", "units")
 GRID_KEYS = (*POINT_KEYS, "grids", "exit_thresholds", "skip_refused")
 # what the grid sets: the user's --model_args must leave these to it
 RECORD_EXIT_SCORE = "record_exit_score"
@@ -84,12 +85,18 @@ class SweepPoint:
     selection: str | None = None
     layout: tuple = ()  # ((name, value), ...)
     schedule: tuple = ()  # (("budget", 0.35), ("layer_k", 1)): a shared schedule, resolved into ``ratio``
+    units: tuple = ()  # (("keep_units", 2), ("keep_global_view", False)): unit selection (guided methods)
 
     @property
     def args(self) -> dict:
         out = {"method": self.method, **dict(self.ratio)}
         if self.selection is not None:
             out["selection"] = self.selection
+        chosen = dict(self.units)
+        if chosen:
+            out["keep_units"] = chosen["keep_units"]
+            if not chosen.get("keep_global_view", True):
+                out["keep_global_view"] = "false"
         return {**out, **dict(self.layout)}
 
     @property
@@ -120,6 +127,10 @@ class SweepPoint:
             parts.append(self.ratio_label)
         if self.selection is not None:
             parts.append(self.selection)
+        chosen = dict(self.units)
+        if chosen:
+            view = " + global view" if chosen.get("keep_global_view", True) else ", global view competes"
+            parts.append(f"{chosen['keep_units']} unit(s){view}")
         parts += [f"{k}={v}" for k, v in self.layout]
         return " ".join(parts)
 
@@ -187,6 +198,26 @@ def _ratio(entry) -> tuple:
     return (("token_ratio", entry),)
 
 
+def _units(entry) -> tuple:
+    """A ``units`` entry: ``{keep_units: N, keep_global_view: bool}`` (unit selection), or ``none``."""
+    if entry is None:
+        return ()
+    if (
+        not isinstance(entry, dict)
+        or "keep_units" not in entry
+        or set(entry) - {"keep_units", "keep_global_view"}
+    ):
+        raise SweepError(
+            f"units {entry!r}: give {{keep_units: N}} (and keep_global_view: true/false), or none"
+        )
+    count, view = entry["keep_units"], entry.get("keep_global_view", True)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise SweepError(f"units {entry!r}: keep_units must be a whole number >= 1")
+    if not isinstance(view, bool):
+        raise SweepError(f"units {entry!r}: keep_global_view must be true or false")
+    return (("keep_units", count), ("keep_global_view", view))
+
+
 def expand(spec: dict) -> list[SweepPoint]:
     """Every point of the grid, in order: methods, then ratios, selections, layouts; a grid with
     ``grids`` (a list of mappings of methods, ratios, selection, layouts) is their union, in order."""
@@ -215,6 +246,7 @@ def expand(spec: dict) -> list[SweepPoint]:
     for selection in selections:
         if selection is not None and selection not in SELECTIONS:
             raise SweepError(f"selection {selection!r} in the grid is not one of {', '.join(SELECTIONS)}")
+    units = [_units(u) for u in _as_list(spec, "units", [None])]
     layouts = []
     for layout in _as_list(spec, "layouts", [{}]):
         if not isinstance(layout, dict) or set(layout) - set(LAYOUT_KEYS):
@@ -230,12 +262,17 @@ def expand(spec: dict) -> list[SweepPoint]:
             if not method.prunes:
                 out.append(SweepPoint(name, layout=own))
                 continue
-            if not ratios:
-                raise SweepError(f"method {name!r} prunes: the grid needs ratios (e.g. {list(PRESETS)})")
-            for ratio in ratios:
+            chosen_units = units if method.guided else [()]
+            if not ratios and (not method.guided or () in chosen_units):
+                raise SweepError(
+                    f"method {name!r} prunes: the grid needs ratios (e.g. {list(PRESETS)}), or units for "
+                    "unit selection alone"
+                )
+            for ratio in ratios or [()]:
                 shared = ratio if ratio and ratio[0][0] == "budget" else ()
                 for selection in selections if method.guided else [None]:
-                    out.append(SweepPoint(name, () if shared else ratio, selection, own, shared))
+                    for unit in chosen_units:
+                        out.append(SweepPoint(name, () if shared else ratio, selection, own, shared, unit))
     unique = list(dict.fromkeys(out))  # layouts differing only in the guide's collapse for large_only
     return unique
 
