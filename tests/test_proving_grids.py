@@ -82,43 +82,15 @@ def test_shared_schedule_errors_name_the_point(tmp_path, capsys):
 
     large, guide = (ROOT / FAMILIES["internvl"][i] for i in (1, 2))
     grid = tmp_path / "grid.yaml"
+    argv = ["--model", "sgl_internvl2", "--model_args", f"pretrained={large},guide={guide}"]
+    argv += ["--tasks", "sgl_shapes", "--include_path", str(ROOT / "tasks")]
+    argv += ["--output_path", str(tmp_path / "out"), "--grid", str(grid)]
     grid.write_text(yaml.safe_dump({"methods": ["sgl"], "ratios": [{"budget": 0.05, "layer_k": 1}]}))
-    code = main(
-        [
-            "--model",
-            "sgl_internvl2",
-            "--model_args",
-            f"pretrained={large},guide={guide}",
-            "--tasks",
-            "sgl_shapes",
-        ]
-        + ["--include_path", str(ROOT / "tasks"), "--output_path", str(tmp_path / "out"), "--grid", str(grid)]
-    )
-    assert code == 2
+    assert main(argv) == 2
     error = capsys.readouterr().err
     assert "'sgl 5 % K=1'" in error and "out of reach with K=1" in error
     grid.write_text(yaml.safe_dump({"methods": ["sgl"], "ratios": [{"budget": 0.3, "layer_k": -1}]}))
-    assert (
-        main(
-            [
-                "--model",
-                "sgl_internvl2",
-                "--model_args",
-                f"pretrained={large},guide={guide}",
-                "--tasks",
-                "sgl_shapes",
-            ]
-            + [
-                "--include_path",
-                str(ROOT / "tasks"),
-                "--output_path",
-                str(tmp_path / "out"),
-                "--grid",
-                str(grid),
-            ]
-        )
-        == 2
-    )
+    assert main(argv) == 2
     assert "layer_k must be a layer index" in capsys.readouterr().err
     assert not (tmp_path / "out" / "points").exists()
 

@@ -18,8 +18,9 @@ from pathlib import Path
 from loguru import logger
 
 from lmms_sgl.method.cost import PAPER_PRESETS
-from lmms_sgl.proving.points import FAMILIES, Point, paired_gap, run_point, schedule, summarize
+from lmms_sgl.proving.points import FAMILIES, Point, run_point, schedule, summarize
 from lmms_sgl.proving.study import BASELINES_2025, _num_layers, baseline_points
+from lmms_sgl.reporting.paired import paired_gap
 
 
 def paired_difference(a: dict, b: dict) -> tuple[float, float, int]:

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from lmms_sgl.costs.operating_point import OperatingPoint, PricedPair, point_ratio
 from lmms_sgl.method.cost import PAPER_PRESETS, prune_layer_index, token_ratio
 from lmms_sgl.method.registry import BEFORE_LM, method_named
-from lmms_sgl.proving.points import guide_exact_match, paired_gap, schedule
+from lmms_sgl.proving.points import guide_exact_match, schedule
 from lmms_sgl.reporting.frontier import on_frontier
+from lmms_sgl.reporting.paired import paired_gap
 
 SCHEDULE_K = {"K=0": 0, "K=1": 1}
 

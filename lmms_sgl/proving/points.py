@@ -17,7 +17,6 @@ from loguru import logger
 
 from lmms_sgl.method.cost import shared_schedule as schedule  # noqa: F401  (the study's name)
 from lmms_sgl.method.registry import method_named
-from lmms_sgl.reporting.paired import mean_stderr, paired_gap  # noqa: F401  (the study's modules read them here)
 
 TASK = "sgl_shapes"
 FAMILIES = {

@@ -23,13 +23,13 @@ from lmms_sgl.proving.points import (
     WIDE_RATIOS,
     WIDE_TASK,
     Point,
-    mean_stderr,
     ratio_stderr,
     run_point,
     schedule,
     summarize,
     write_section,
 )
+from lmms_sgl.reporting.paired import mean_stderr
 from lmms_sgl.reporting.sections import insert_marked_section
 
 START, END = "<!-- guidance-across-resolutions:start -->", "<!-- guidance-across-resolutions:end -->"

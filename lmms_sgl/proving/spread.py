@@ -29,8 +29,9 @@ from lmms_sgl.method.cost import PAPER_PRESETS, prune_layer_index
 from lmms_sgl.method.registry import method_named
 from lmms_sgl.method.spread import AUTO_SPREAD_MAX_KEEP, resolve_selection
 from lmms_sgl.proving.frontier import CostedRow, budget_goal, costed, exit_rows, mark_frontiers
-from lmms_sgl.proving.points import FAMILIES, TASK, Point, paired_gap, run_point, schedule, summarize
+from lmms_sgl.proving.points import FAMILIES, TASK, Point, run_point, schedule, summarize
 from lmms_sgl.proving.study import TARGET_RATIOS, _num_layers, baseline_points
+from lmms_sgl.reporting.paired import paired_gap
 
 VALIDATION_TASK = "sgl_shapes_val"
 VALIDATION_RATIOS = (0.35, 0.2, 0.09)

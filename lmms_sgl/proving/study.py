@@ -30,12 +30,12 @@ from lmms_sgl.proving.points import (
     WIDE_TASK,
     Point,
     guide_exact_match,
-    paired_gap,
     run_point,
     schedule,
     summarize,
     text_layers,
 )
+from lmms_sgl.reporting.paired import paired_gap
 
 # How a point chooses K and the keep ratio for its target ratio:
 #   "K=1"     one schedule shared by every method: K = 1, keep ratio solved for the target;

@@ -42,11 +42,11 @@ from lmms_sgl.proving.points import (
     TILES_TASK,
     Point,
     guide_exact_match,
-    paired_gap,
     ratio_stderr,
     run_point,
     write_section,
 )
+from lmms_sgl.reporting.paired import paired_gap
 
 START, END = "<!-- unit-selection:start -->", "<!-- unit-selection:end -->"
 FAMILY = "internvl"

@@ -291,8 +291,9 @@ def exit_thresholds(spec: dict) -> list[float] | str:
     return out
 
 
-def check_point(model: str, model_args: str, batch_size: int) -> None:
-    """What the SGL model checks before it loads weights (raises ``ValueError`` and friends)."""
+def check_point(model: str, model_args: str, batch_size: int) -> int:
+    """What the SGL model checks before it loads weights (raises ``ValueError`` and friends);
+    returns the large model's decoder layers, read from its config."""
     from lmms_eval.utils import simple_parse_args_string
 
     from lmms_sgl.lmms.registry import MODELS
@@ -301,7 +302,7 @@ def check_point(model: str, model_args: str, batch_size: int) -> None:
     module, _, name = MODELS[model].rpartition(".")
     cls = getattr(importlib.import_module(module), name)
     instance = cls.__new__(cls)  # __init__ would load the weights
-    instance.check_arguments({**simple_parse_args_string(model_args), "batch_size": batch_size})
+    return instance.check_arguments({**simple_parse_args_string(model_args), "batch_size": batch_size})
 
 
 def point_model_args(base: str, point: SweepPoint, evaluated: bool = False) -> str:
@@ -334,16 +335,9 @@ def resolve_schedules(points: list[SweepPoint], num_layers: int) -> list[SweepPo
 
 
 def large_layers(model: str, model_args: str, batch_size: int) -> int:
-    """The large model's decoder layers, read from its config as the model's own checks do."""
-    from lmms_eval.utils import simple_parse_args_string
-
-    from lmms_sgl.lmms.registry import MODELS
-
-    module, _, name = MODELS[model].rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
-    instance = cls.__new__(cls)
-    args = {**simple_parse_args_string(model_args), "method": "large_only", "batch_size": batch_size}
-    return instance.check_arguments(args)
+    """The large model's decoder layers, read from its config as the model's own checks do (the
+    shared arguments checked as a ``large_only`` point; the grid sets ``method``)."""
+    return check_point(model, ",".join([*split_model_args(model_args), "method=large_only"]), batch_size)
 
 
 def build(grid: str, model: str, model_args: str, batch_size: int) -> Grid:

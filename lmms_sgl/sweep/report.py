@@ -17,16 +17,9 @@ from lmms_sgl.reporting.frontier import on_frontier
 from lmms_sgl.reporting.paired import paired_gap
 from lmms_sgl.sweep.run import Row
 
-COLUMNS = (
-    "label",
-    "value",
-    "stderr",
-    "token_ratio",
-    "exit_rate",
-    "flops_ratio",
-    "real_flops_ratio",
-    "seconds",
-)
+# a point's figures on one task (``value`` is its metric), as logged per point and in the tables
+FIGURES = ("value", "stderr", "token_ratio", "exit_rate", "flops_ratio", "real_flops_ratio")
+COLUMNS = ("label", *FIGURES, "seconds")
 
 
 # -- costs and frontier ------------------------------------------------------------------------------
@@ -358,14 +351,7 @@ def log_wandb(wandb_args: str, data: dict, out: Path | None = None) -> None:
         try:
             values = {}
             for row in rows:
-                for name in (
-                    "value",
-                    "stderr",
-                    "token_ratio",
-                    "exit_rate",
-                    "flops_ratio",
-                    "real_flops_ratio",
-                ):
+                for name in FIGURES:
                     if row.get(name) is not None:
                         key = row["metric"] if name == "value" else name
                         values[f"{row['task']}/{key}"] = row[name]
